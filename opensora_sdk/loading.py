@@ -1,0 +1,341 @@
+"""Checkpoint files: the one place in the SDK that reads weights from disk or the hub.
+
+Sources a user may hand us, for any model:
+
+* a Hugging Face folder (``config.json`` + ``model.safetensors`` or a sharded index),
+* a single ``.safetensors`` file,
+* a ``.pth`` / ``.pt`` / ``.bin`` file, read only with ``torch.load(weights_only=True)``,
+* a hub repo id (``hpcai-tech/OpenSora-STDiT-v3``) resolved through huggingface_hub.
+
+Training checkpoints wrap the weights (``{"ema": ...}``, ``{"model": ...}``,
+``{"state_dict": ...}``) and DDP / torch.compile prefix the keys (``module.``, ``_orig_mod.``);
+both are unwrapped here. Models are built on the meta device and the tensors are assigned
+one by one in the target dtype and device, so no transient float32 copy of the whole model is
+made. Every load checks keys and shapes and reports missing, unexpected and mismatched keys.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+WEIGHT_FILE_NAMES = (
+    "model.safetensors",
+    "diffusion_pytorch_model.safetensors",
+    "model.safetensors.index.json",
+    "diffusion_pytorch_model.safetensors.index.json",
+    "ema.safetensors",
+    "pytorch_model.bin",
+    "ema.pt",
+    "model.pt",
+    "model.pth",
+)
+_TORCH_SUFFIXES = (".pth", ".pt", ".bin", ".ckpt")
+_WRAPPER_KEYS = ("ema", "model", "state_dict", "module", "model_state_dict")
+_KEY_PREFIXES = ("module.", "_orig_mod.")
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint could not be found, read, or does not fit the model."""
+
+
+# --------------------------------------------------------------------------------------------
+# Finding files
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class ResolvedCheckpoint:
+    """Where a model's files are: its weight files (one, or the shards) and its config.json."""
+
+    weight_files: list[Path]
+    config_file: Path | None = None
+    source: str = ""
+
+
+def _looks_like_repo_id(source: str) -> bool:
+    parts = source.split("/")
+    return (
+        len(parts) == 2
+        and all(parts)
+        and not source.startswith((".", "/", "~"))
+        and not Path(source).suffix in (".safetensors",) + _TORCH_SUFFIXES
+    )
+
+
+def _weights_in_folder(folder: Path) -> list[Path]:
+    for name in WEIGHT_FILE_NAMES:
+        path = folder / name
+        if path.is_file():
+            if name.endswith(".index.json"):
+                with open(path, encoding="utf-8") as f:
+                    shards = sorted(set(json.load(f)["weight_map"].values()))
+                return [folder / s for s in shards]
+            return [path]
+    candidates = sorted(folder.glob("*.safetensors")) or sorted(
+        p for p in folder.iterdir() if p.suffix in _TORCH_SUFFIXES
+    )
+    if len(candidates) == 1:
+        return candidates
+    raise CheckpointError(
+        f"no weights found in folder {str(folder)!r}: expected one of {list(WEIGHT_FILE_NAMES)}"
+        + (f", found several candidates {[c.name for c in candidates]}" if candidates else "")
+    )
+
+
+def resolve_checkpoint(
+    source: str | os.PathLike,
+    *,
+    subfolder: str | None = None,
+    local_files_only: bool | None = None,
+    cache_dir: str | os.PathLike | None = None,
+    allow_patterns: Iterable[str] = ("*.json", "*.safetensors"),
+) -> ResolvedCheckpoint:
+    """Find the weight files and config.json for `source` (folder, file or hub repo id).
+
+    Hub downloads honour ``HF_HUB_OFFLINE`` / `local_files_only`; when the files are neither
+    cached nor downloadable, the error names the local folder the user can pass instead.
+    """
+    text = os.fspath(source)
+    path = Path(text).expanduser()
+    if path.is_file():
+        config = path.parent / "config.json"
+        return ResolvedCheckpoint([path], config if config.is_file() else None, text)
+    if path.is_dir():
+        folder = path / subfolder if subfolder else path
+        if not folder.is_dir():
+            raise CheckpointError(f"subfolder {subfolder!r} not found in {str(path)!r}")
+        config = folder / "config.json"
+        return ResolvedCheckpoint(_weights_in_folder(folder), config if config.is_file() else None, text)
+    if not _looks_like_repo_id(text):
+        raise CheckpointError(
+            f"checkpoint {text!r} not found: expected an existing folder, a .safetensors/.pth file, "
+            "or a Hugging Face repo id like 'hpcai-tech/OpenSora-STDiT-v3'"
+        )
+    folder = _download(text, subfolder, local_files_only, cache_dir, list(allow_patterns))
+    return resolve_checkpoint(folder, subfolder=subfolder)
+
+
+def _download(repo_id, subfolder, local_files_only, cache_dir, allow_patterns) -> Path:
+    from huggingface_hub import snapshot_download
+
+    if local_files_only is None:
+        local_files_only = os.environ.get("HF_HUB_OFFLINE", "0") not in ("", "0", "false", "False")
+    patterns = [f"{subfolder}/{p}" for p in allow_patterns] if subfolder else allow_patterns
+    try:
+        return Path(
+            snapshot_download(
+                repo_id,
+                allow_patterns=patterns,
+                local_files_only=local_files_only,
+                cache_dir=cache_dir,
+            )
+        )
+    except Exception as err:  # huggingface_hub raises many types for "not reachable"
+        raise CheckpointError(
+            f"could not get {repo_id!r} from the Hugging Face hub ({type(err).__name__}: {err}). "
+            f"Offline? Download it on a connected machine with "
+            f"`huggingface-cli download {repo_id} --local-dir <folder>`, copy the folder here, "
+            f"and pass that folder's path instead of the repo id."
+        ) from err
+
+
+# --------------------------------------------------------------------------------------------
+# Reading tensors
+# --------------------------------------------------------------------------------------------
+
+
+def _unwrap(obj, prefer: str) -> dict:
+    """Peel training wrappers off a loaded .pth object until a flat tensor dict remains."""
+    order = (prefer,) + tuple(k for k in _WRAPPER_KEYS if k != prefer)
+    while isinstance(obj, dict) and not any(isinstance(v, torch.Tensor) for v in obj.values()):
+        for key in order:
+            if key in obj and isinstance(obj[key], dict):
+                obj = obj[key]
+                break
+        else:
+            raise CheckpointError(f"no tensors found; top-level keys are {sorted(obj)[:10]}")
+    if not isinstance(obj, dict):
+        raise CheckpointError(f"expected a state dict, found {type(obj).__name__}")
+    return obj
+
+
+def strip_key_prefixes(key: str) -> str:
+    changed = True
+    while changed:
+        changed = False
+        for prefix in _KEY_PREFIXES:
+            if key.startswith(prefix):
+                key, changed = key[len(prefix) :], True
+    return key
+
+
+def iter_tensors(files: Iterable[Path], *, prefer: str = "ema") -> Iterator[tuple[str, torch.Tensor]]:
+    """Yield (key, tensor) from checkpoint files, one tensor at a time where the format allows.
+
+    Safetensors are read lazily tensor by tensor; torch files are memory-mapped and loaded
+    with ``weights_only=True`` (never arbitrary pickles). `prefer` picks the EMA or the raw
+    weights of a training checkpoint that holds both.
+    """
+    for file in files:
+        file = Path(file)
+        if file.suffix == ".safetensors":
+            from safetensors import safe_open
+
+            with safe_open(str(file), framework="pt", device="cpu") as f:
+                for key in f.keys():
+                    yield strip_key_prefixes(key), f.get_tensor(key)
+        elif file.suffix in _TORCH_SUFFIXES:
+            for key, value in _unwrap(_torch_load_weights(file), prefer).items():
+                if isinstance(value, torch.Tensor):
+                    yield strip_key_prefixes(key), value
+        else:
+            raise CheckpointError(
+                f"unsupported checkpoint file {str(file)!r}: use .safetensors, .pth, .pt or .bin"
+            )
+
+
+def _torch_load_weights(file: Path):
+    """torch.load with weights_only=True (memory-mapped when the file format allows)."""
+    import zipfile
+
+    try:
+        return torch.load(file, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(file))
+    except Exception as err:
+        raise CheckpointError(
+            f"{str(file)!r} is not a plain tensor checkpoint ({type(err).__name__}); only weights "
+            "are loaded (torch.load weights_only=True). Convert it to .safetensors."
+        ) from err
+
+
+def read_state_dict(source: str | os.PathLike, *, prefer: str = "ema", **resolve_kw) -> dict[str, torch.Tensor]:
+    """Read a whole state dict from any supported source into CPU memory."""
+    resolved = resolve_checkpoint(source, **resolve_kw)
+    return dict(iter_tensors(resolved.weight_files, prefer=prefer))
+
+
+# --------------------------------------------------------------------------------------------
+# Loading into a model
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class LoadReport:
+    """What did not fit when a state dict met a model."""
+
+    missing: list[str] = field(default_factory=list)
+    unexpected: list[str] = field(default_factory=list)
+    mismatched: list[tuple[str, tuple, tuple]] = field(default_factory=list)  # key, ckpt, model
+
+    @property
+    def ok(self) -> bool:
+        return not (self.missing or self.unexpected or self.mismatched)
+
+    def __str__(self) -> str:
+        if self.ok:
+            return "all keys matched"
+
+        def block(title, items, limit=12):
+            shown = "\n".join(f"    {i}" for i in items[:limit])
+            more = f"\n    ... and {len(items) - limit} more" if len(items) > limit else ""
+            return f"  {title} ({len(items)}):\n{shown}{more}"
+
+        parts = []
+        if self.missing:
+            parts.append(block("missing from the checkpoint", self.missing))
+        if self.unexpected:
+            parts.append(block("unexpected in the checkpoint", self.unexpected))
+        if self.mismatched:
+            rows = [f"{k}: checkpoint {list(a)} vs model {list(b)}" for k, a, b in self.mismatched]
+            parts.append(block("shape mismatch", rows))
+        return "\n".join(parts)
+
+
+def load_tensors_into(
+    model: nn.Module,
+    tensors: Iterable[tuple[str, torch.Tensor]],
+    *,
+    strict: bool = True,
+    dtype: torch.dtype | None = None,
+    device: torch.device | str | None = None,
+    rename=None,
+    keep_float32: Iterable[str] = (),
+) -> LoadReport:
+    """Load (key, tensor) pairs into `model`, which may live on the meta device.
+
+    Each tensor is cast to `dtype` (floating tensors only; names in `keep_float32` stay fp32)
+    and moved to `device` as it arrives, then assigned in place of the model's tensor, so peak
+    memory is the model in its target dtype plus one checkpoint tensor. `rename(key)` maps a
+    checkpoint key to a model key, or to None to drop it. With `strict`, any missing,
+    unexpected or mismatched key raises `CheckpointError` with the full report and the model
+    is left untouched.
+    """
+    expected = {k: v for k, v in model.state_dict(keep_vars=True).items()}
+    keep_float32 = set(keep_float32)
+    report, ready = LoadReport(), {}
+    for key, tensor in tensors:
+        if rename is not None:
+            key = rename(key)
+            if key is None:
+                continue
+        if key not in expected:
+            report.unexpected.append(key)
+            continue
+        target = expected[key]
+        if tuple(tensor.shape) != tuple(target.shape):
+            report.mismatched.append((key, tuple(tensor.shape), tuple(target.shape)))
+            continue
+        if tensor.is_floating_point():
+            want = torch.float32 if key in keep_float32 else (dtype or target.dtype)
+        else:
+            want = target.dtype
+        ready[key] = tensor.to(device=device or _device_of(target), dtype=want)
+    report.missing = [k for k in expected if k not in ready and k not in {m[0] for m in report.mismatched}]
+    if strict and not report.ok:
+        raise CheckpointError(f"checkpoint does not fit {type(model).__name__}:\n{report}")
+    model.load_state_dict(ready, strict=False, assign=True)
+    leftover = [n for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t.is_meta]
+    if leftover:
+        raise CheckpointError(
+            f"{len(leftover)} tensors of {type(model).__name__} were not in the checkpoint and the "
+            f"model was built without weights (first: {leftover[:5]}); load with strict=True "
+            "from a complete checkpoint, or build the model with initialised weights first"
+        )
+    return report
+
+
+def _device_of(t: torch.Tensor) -> torch.device:
+    return torch.device("cpu") if t.is_meta else t.device
+
+
+def save_safetensors_atomic(tensors: dict[str, torch.Tensor], path: str | os.PathLike, metadata=None) -> None:
+    """Write a .safetensors file through a temporary file and a rename (never half-written)."""
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp), metadata=metadata)
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def write_json_atomic(data, path: str | os.PathLike) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        tmp.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()

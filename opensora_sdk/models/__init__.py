@@ -1,0 +1,7 @@
+"""The networks of Open-Sora v1.2: math only; files and devices are handled in loading.py."""
+
+# stdit3
+# vae
+# text_encoder
+
+__all__: list[str] = []

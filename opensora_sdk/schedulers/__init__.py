@@ -1,0 +1,3 @@
+"""Noise schedules and samplers: pure functions of tensors."""
+
+__all__: list[str] = []
