@@ -3,5 +3,3 @@
 # stdit3
 # vae
 # text_encoder
-
-__all__: list[str] = []
