@@ -1,5 +1,5 @@
 """The networks of Open-Sora v1.2: math only; files and devices are handled in loading.py."""
 
-# stdit3
+from opensora_sdk.models.stdit3 import STDiT3
 # vae
 # text_encoder

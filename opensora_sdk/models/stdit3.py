@@ -1,0 +1,488 @@
+"""STDiT3, the Open-Sora v1.2 diffusion transformer (spec section 2).
+
+Reads top-down: attention modules, the block (spatial | temporal), the model, then loading.
+
+Shapes: latents [B, C, T, H, W]; tokens [B, N, C] with N = T*S, frame-major, S = H_p*W_p
+spatial tokens per frame in row-major order; text [B, L, C]. Within the block stack S is the
+number of spatial tokens *this process holds*: with sequence parallelism (spec section 8,
+not implemented yet) each rank would hold S/P of them, and only `STDiT3Block.spatial_attention`
+would need collectives (all-to-all over heads); temporal attention, cross-attention and the
+MLP are token-wise or per spatial position and run on the shard unchanged.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+import warnings
+from pathlib import Path
+
+import torch
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from opensora_sdk.configs import STDiT3Config, config_from_dict, config_to_dict, read_config_json
+from opensora_sdk.loading import (
+    CheckpointError,
+    iter_tensors,
+    load_tensors_into,
+    resolve_checkpoint,
+    save_safetensors_atomic,
+    write_json_atomic,
+)
+from opensora_sdk.models.attention import attention, check_backend
+from opensora_sdk.models.layers import (
+    MLP,
+    CaptionEmbedder,
+    DropPath,
+    PatchEmbed3D,
+    PositionEmbedding2D,
+    RMSNorm,
+    RotaryEmbedding,
+    SizeEmbedder,
+    T2IFinalLayer,
+    TimestepEmbedder,
+    bf16_round,
+    t2i_modulate,
+)
+
+# Keyword arguments the official pipelines pass that the model does not use.
+IGNORED_FORWARD_KWARGS = frozenset({"num_frames", "ar"})
+
+
+class SelfAttention(nn.Module):
+    """Multi-head self-attention with RMS qk-norm (before RoPE). x [B', N', C] -> [B', N', C]."""
+
+    def __init__(self, dim: int, num_heads: int, qk_norm: bool):
+        super().__init__()
+        self.num_heads = num_heads
+        self.qkv = nn.Linear(dim, 3 * dim)  # output (3, H, D): [q | k | v], head-major
+        self.q_norm = RMSNorm(dim // num_heads) if qk_norm else nn.Identity()
+        self.k_norm = RMSNorm(dim // num_heads) if qk_norm else nn.Identity()
+        self.proj = nn.Linear(dim, dim)
+        self.attention_backend = "sdpa"
+
+    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+        B, N, C = x.shape
+        qkv = self.qkv(x).view(B, N, 3, self.num_heads, C // self.num_heads)  # [B, N, 3, H, D]
+        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each [B, H, N, D]
+        q, k = self.q_norm(q), self.k_norm(k)
+        if rope is not None:
+            q, k = RotaryEmbedding.rotate(q, *rope), RotaryEmbedding.rotate(k, *rope)
+        out = attention(q, k, v, backend=self.attention_backend)  # [B, H, N, D]
+        return self.proj(out.transpose(1, 2).reshape(B, N, C))
+
+
+class CrossAttention(nn.Module):
+    """Tokens x [B, N, C] attend to their own caption y [B, L, C] (keys where `y_valid`)."""
+
+    def __init__(self, dim: int, num_heads: int):
+        super().__init__()
+        self.num_heads = num_heads
+        self.q_linear = nn.Linear(dim, dim)
+        self.kv_linear = nn.Linear(dim, 2 * dim)  # output (2, H, D): [k | v]
+        self.proj = nn.Linear(dim, dim)
+        self.attention_backend = "sdpa"
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor, y_valid: torch.Tensor | None) -> torch.Tensor:
+        B, N, C = x.shape
+        H, D, L = self.num_heads, C // self.num_heads, y.shape[1]
+        q = self.q_linear(x).view(B, N, H, D).transpose(1, 2)  # [B, H, N, D]
+        k, v = self.kv_linear(y).view(B, L, 2, H, D).permute(2, 0, 3, 1, 4).unbind(0)  # [B, H, L, D]
+        out = attention(q, k, v, key_padding_mask=y_valid, backend=self.attention_backend)  # [B, H, N, D]
+        return self.proj(out.transpose(1, 2).reshape(B, N, C))
+
+
+class STDiT3Block(nn.Module):
+    """One spatial or temporal block, x [B, T*S, C] -> [B, T*S, C] (spec 2.4.7).
+
+    adaLN-single modulated self-attention (over S within a frame, or over T at a position
+    with RoPE), then un-normalised cross-attention to the text, then a modulated MLP. With
+    `x_mask` [B, T], frames marked False (conditioning frames) use the t=0 modulation.
+    """
+
+    def __init__(self, hidden_size, num_heads, mlp_ratio=4.0, drop_path=0.0, qk_norm=True, temporal=False):
+        super().__init__()
+        self.temporal = temporal
+        self.scale_shift_table = nn.Parameter(torch.randn(6, hidden_size) / hidden_size**0.5)
+        self.norm1 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
+        self.attn = SelfAttention(hidden_size, num_heads, qk_norm)
+        self.cross_attn = CrossAttention(hidden_size, num_heads)
+        self.norm2 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
+        self.mlp = MLP(hidden_size, int(hidden_size * mlp_ratio))
+        self.drop_path = DropPath(drop_path)
+
+    def forward(self, x, y, y_valid, t_mlp, T: int, S: int, x_mask=None, t0_mlp=None, rope=None):
+        B, N, C = x.shape
+        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.modulation(t_mlp, x_mask, t0_mlp)
+        h = t2i_modulate(self.norm1(x).view(B, T, S, C), shift_msa, scale_msa)  # [B, T, S, C]
+        a = self.temporal_attention(h, rope) if self.temporal else self.spatial_attention(h)  # [B, T, S, C]
+        x = x + self.drop_path((gate_msa * a).reshape(B, N, C))
+        x = x + self.cross_attn(x, y, y_valid)  # no norm, no modulation
+        h = t2i_modulate(self.norm2(x).view(B, T, S, C), shift_mlp, scale_mlp)  # [B, T, S, C]
+        return x + self.drop_path((gate_mlp * self.mlp(h)).reshape(B, N, C))
+
+    def modulation(self, t_mlp, x_mask=None, t0_mlp=None) -> tuple[torch.Tensor, ...]:
+        """Six [B, T or 1, 1, C] tensors: shift/scale/gate for attention, then for the MLP."""
+        B, C = t_mlp.shape[0], self.scale_shift_table.shape[1]
+        table = (self.scale_shift_table[None] + t_mlp.view(B, 6, C))[:, :, None, None]  # [B, 6, 1, 1, C]
+        if x_mask is not None:
+            table0 = (self.scale_shift_table[None] + t0_mlp.view(B, 6, C))[:, :, None, None]
+            table = torch.where(x_mask[:, None, :, None, None], table, table0)  # [B, 6, T, 1, C]
+        return table.unbind(1)
+
+    def spatial_attention(self, h: torch.Tensor) -> torch.Tensor:
+        """Attention over the S tokens of each frame: [B, T, S, C] -> [B, T, S, C].
+
+        The one place sequence parallelism must wrap (all-to-all from a token shard to a
+        head shard and back), e.g. with a later `sp_group` argument.
+        """
+        B, T, S, C = h.shape
+        return self.attn(h.reshape(B * T, S, C)).view(B, T, S, C)
+
+    def temporal_attention(self, h: torch.Tensor, rope) -> torch.Tensor:
+        """Attention over the T frames at each spatial position, with RoPE: [B, T, S, C] -> same."""
+        B, T, S, C = h.shape
+        out = self.attn(h.transpose(1, 2).reshape(B * S, T, C), rope)  # [B*S, T, C]
+        return out.view(B, S, T, C).transpose(1, 2)
+
+
+class STDiT3(nn.Module):
+    """The v1.2 diffusion transformer; state dict identical to the official checkpoints.
+
+    Run-time switches (not config fields): `set_attention_backend`, `gradient_checkpointing`
+    (see `enable_gradient_checkpointing`), and `official_bf16_quantization`. The latter, off
+    by default, reproduces the official bf16 runs bit for bit in their quantisation: the
+    timestep, fps, height and width are rounded to bfloat16 before use (985.96 -> 984, width
+    854 -> 856), and the RoPE and positional-embedding frequency tables are bfloat16. With it
+    off, all of these are used in float32 whatever the model dtype.
+    """
+
+    def __init__(self, config: STDiT3Config, *, official_bf16_quantization: bool = False):
+        super().__init__()
+        self.config = config
+        self.official_bf16_quantization = official_bf16_quantization
+        self.gradient_checkpointing = False
+        C, depth = config.hidden_size, config.depth
+        self.pos_embed = PositionEmbedding2D(C)
+        self.rope = RotaryEmbedding(config.head_dim)
+        self.x_embedder = PatchEmbed3D(config.patch_size, config.in_channels, C)
+        self.t_embedder = TimestepEmbedder(C)
+        self.fps_embedder = SizeEmbedder(C)
+        self.t_block = nn.Sequential(nn.SiLU(), nn.Linear(C, 6 * C))
+        self.y_embedder = CaptionEmbedder(
+            config.caption_channels, C, config.class_dropout_prob, config.model_max_length
+        )
+        drop = [config.drop_path * i / max(depth - 1, 1) for i in range(depth)]  # linear over depth
+        block = dict(hidden_size=C, num_heads=config.num_heads, mlp_ratio=config.mlp_ratio, qk_norm=config.qk_norm)
+        self.spatial_blocks = nn.ModuleList(STDiT3Block(**block, drop_path=drop[i]) for i in range(depth))
+        self.temporal_blocks = nn.ModuleList(
+            STDiT3Block(**block, drop_path=drop[i], temporal=True) for i in range(depth)
+        )
+        self.final_layer = T2IFinalLayer(C, math.prod(config.patch_size), config.out_channels)
+        if not self.rope.freqs.is_meta:
+            self.initialize_weights()
+        self._apply_training_switches()
+
+    # ---- run-time switches -------------------------------------------------------------------
+
+    def set_attention_backend(self, backend: str) -> None:
+        """"sdpa" (default), "flash" or "xformers"; an uninstalled backend is an error now."""
+        check_backend(backend)
+        for module in self.modules():
+            if isinstance(module, (SelfAttention, CrossAttention)):
+                module.attention_backend = backend
+
+    @property
+    def attention_backend(self) -> str:
+        return self.spatial_blocks[0].attn.attention_backend
+
+    def enable_gradient_checkpointing(self, enabled: bool = True) -> None:
+        """Recompute each block in backward (torch.utils.checkpoint, non-reentrant)."""
+        self.gradient_checkpointing = enabled
+
+    def _apply_training_switches(self) -> None:
+        if self.config.only_train_temporal:
+            self.requires_grad_(False)
+            self.temporal_blocks.requires_grad_(True)
+        if self.config.freeze_y_embedder:
+            self.y_embedder.requires_grad_(False)
+        self.rope.freqs.requires_grad_(False)
+
+    # ---- forward ----------------------------------------------------------------------------
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        timestep: torch.Tensor,
+        y: torch.Tensor,
+        mask: torch.Tensor | None = None,
+        x_mask: torch.Tensor | None = None,
+        fps: torch.Tensor | None = None,
+        height: torch.Tensor | float | None = None,
+        width: torch.Tensor | float | None = None,
+        *,
+        force_drop_ids: torch.Tensor | None = None,
+        generator: torch.Generator | None = None,
+        **kwargs,
+    ) -> torch.Tensor:
+        """Velocity (and the unused sigma head) for latents x [B, C_in, T, H, W].
+
+        timestep [B] (or a scalar) in [0, 1000]; y [B, 1, L, C_text] text features; mask
+        [B', L] text mask (nonzero = token), B' divides B and the rows are tiled (under CFG
+        the null half reuses the prompts' masks); x_mask [B, T_p] bool, False = clean
+        conditioning frame (t = 0); fps [b] with b dividing B; height, width: pixel sizes,
+        only element 0 is used (position-embedding scale). `force_drop_ids` [B] (1 = null
+        caption) and `generator` steer caption dropout. `num_frames` and `ar` are ignored.
+        Returns [B, 2*C_in (pred_sigma) or C_in, T, H, W] in float32.
+        """
+        unknown = set(kwargs) - IGNORED_FORWARD_KWARGS
+        if unknown:
+            raise TypeError(f"STDiT3.forward got unexpected keyword arguments {sorted(unknown)}")
+        cfg, dtype = self.config, self.x_embedder.proj.weight.dtype
+        timestep, fps, height, width = self._check_inputs(x, timestep, y, mask, x_mask, fps, height, width)
+        B, _, T0, H0, W0 = x.shape
+        pt, ph, pw = cfg.patch_size
+        T, Hp, Wp = -(-T0 // pt), -(-H0 // ph), -(-W0 // pw)
+        S = Hp * Wp
+        x, y = x.to(dtype), y.to(dtype)
+        if x_mask is not None:
+            x_mask = x_mask.to(device=x.device, dtype=torch.bool)
+
+        # conditioning vectors: t = t_embedder(timestep) + fps_embedder(fps)  [B, C]
+        f = self.fps_embedder(fps, B)
+        t = self.t_embedder(timestep, dtype) + f
+        t_mlp = self.t_block(t)  # [B, 6C]
+        t0 = t0_mlp = None
+        if x_mask is not None:
+            t0 = self.t_embedder(torch.zeros_like(timestep), dtype) + f
+            t0_mlp = self.t_block(t0)
+        y, y_valid = self.encode_text(y, mask, force_drop_ids=force_drop_ids, generator=generator)
+
+        # patches + 2D position embedding (same for every frame)
+        quant = self.official_bf16_quantization
+        scale = (height * width) ** 0.5 / cfg.input_sq_size
+        pos = self.pos_embed(
+            Hp, Wp, scale=scale, base_size=round(S**0.5), device=x.device, dtype=dtype, quantize_bf16=quant
+        )  # [1, S, C]
+        x = self.x_embedder(x)  # [B, N, C]
+        x = (x.view(B, T, S, -1) + pos[:, None]).flatten(1, 2)  # [B, N, C]
+
+        rope = self.rope.cos_sin(T, device=x.device, quantize_bf16=quant)  # 2 x [T, D]
+        x = self.run_blocks(x, y, y_valid, t_mlp, T, S, x_mask, t0_mlp, rope)
+        x = self.final_layer(x, t, x_mask, t0, T, S)  # [B, N, pt*ph*pw*C_out]
+        return self.unpatchify(x, T, Hp, Wp, (T0, H0, W0)).float()
+
+    def run_blocks(self, x, y, y_valid, t_mlp, T, S, x_mask=None, t0_mlp=None, rope=None):
+        """The block stack on tokens [B, T*S, C] (S may be a shard of the spatial tokens)."""
+        for spatial, temporal in zip(self.spatial_blocks, self.temporal_blocks):
+            x = self._call_block(spatial, x, y, y_valid, t_mlp, T, S, x_mask, t0_mlp, None)
+            x = self._call_block(temporal, x, y, y_valid, t_mlp, T, S, x_mask, t0_mlp, rope)
+        return x
+
+    def _call_block(self, block, *args):
+        if self.gradient_checkpointing and torch.is_grad_enabled():
+            return checkpoint(block, *args, use_reentrant=False)
+        return block(*args)
+
+    def encode_text(self, y, mask=None, *, force_drop_ids=None, generator=None):
+        """y [B, 1, L, C_text] -> (tokens [B, L', C], valid [B, L'] bool or None).
+
+        Only the valid tokens of each row are kept, moved to the front in their order, and
+        rows are padded to the longest one, L' = max valid count (not the full L); `valid`
+        marks real tokens for the attention key mask (None when every token is real).
+        """
+        B = y.shape[0]
+        if self.config.skip_y_embedder:  # y is already projected and packed, mask holds lengths
+            lens = torch.as_tensor(mask if mask is not None else [y.shape[-2] // B] * B).long().tolist()
+            rows = list(y.reshape(-1, y.shape[-1]).split(lens))
+            y = nn.utils.rnn.pad_sequence(rows, batch_first=True)  # [B, L', C]
+            valid = torch.arange(y.shape[1], device=y.device)[None] < torch.tensor(lens, device=y.device)[:, None]
+            return y, None if bool(valid.all()) else valid
+        y = self.y_embedder(y, train=self.training, force_drop_ids=force_drop_ids, generator=generator)
+        y = y.squeeze(1)  # [B, L, C]
+        if mask is None:
+            return y, None
+        valid = mask.to(y.device).repeat(B // mask.shape[0], 1) != 0  # [B, L]
+        lens = valid.sum(1)  # [B]
+        longest = int(lens.max())
+        order = torch.argsort((~valid).to(torch.int32), dim=1, stable=True)[:, :longest]  # valid first
+        y = y.gather(1, order[..., None].expand(-1, -1, y.shape[-1]))  # [B, L', C]
+        valid = torch.arange(longest, device=y.device)[None] < lens[:, None]  # [B, L']
+        return y, None if bool(valid.all()) else valid
+
+    def unpatchify(self, x, T, Hp, Wp, size):
+        """[B, N, (pt ph pw C_out)] -> [B, C_out, T, H, W], cropping the patch padding."""
+        pt, ph, pw = self.config.patch_size
+        B = x.shape[0]
+        x = x.view(B, T, Hp, Wp, pt, ph, pw, -1).permute(0, 7, 1, 4, 2, 5, 3, 6)
+        x = x.reshape(B, -1, T * pt, Hp * ph, Wp * pw)  # [B, C_out, T_p*pt, H_p*ph, W_p*pw]
+        return x[:, :, : size[0], : size[1], : size[2]]
+
+    def _check_inputs(self, x, timestep, y, mask, x_mask, fps, height, width):
+        """Validate shapes; return (timestep [B], fps [b], height, width) as float32 / floats."""
+        cfg = self.config
+        if not isinstance(x, torch.Tensor) or x.ndim != 5 or x.shape[1] != cfg.in_channels:
+            got = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
+            raise ValueError(f"x must be [B, {cfg.in_channels}, T, H, W] (in_channels={cfg.in_channels}), got {got}")
+        B, T = x.shape[0], -(-x.shape[2] // cfg.patch_size[0])
+        timestep = torch.as_tensor(timestep, device=x.device).float()
+        if timestep.ndim == 0 or timestep.shape == (1,):
+            timestep = timestep.reshape(1).expand(B)
+        if timestep.shape != (B,):
+            raise ValueError(f"timestep must be [B]=[{B}] or a scalar, got shape {tuple(timestep.shape)}")
+        if not bool(torch.isfinite(timestep).all()):
+            raise ValueError(f"timestep must be finite, got {timestep.tolist()}")
+        if not cfg.skip_y_embedder and (y.ndim != 4 or y.shape[0] != B or y.shape[-1] != cfg.caption_channels):
+            raise ValueError(
+                f"y must be [B, 1, L, caption_channels] = [{B}, 1, L, {cfg.caption_channels}] with the batch of x "
+                f"(under CFG concatenate the null rows to both), got {tuple(y.shape)}"
+            )
+        if mask is not None and not cfg.skip_y_embedder:
+            L = y.shape[2]
+            if mask.ndim != 2 or mask.shape[1] != L or mask.shape[0] == 0 or B % mask.shape[0]:
+                raise ValueError(
+                    f"mask must be [B', L] with L={L} text tokens and B' dividing B={B}, got {tuple(mask.shape)}"
+                )
+            empty = (mask.repeat(B // mask.shape[0], 1) != 0).sum(1) == 0
+            if bool(empty.any()):
+                raise ValueError(
+                    f"mask rows {empty.nonzero().flatten().tolist()} have no valid text token; every caption "
+                    "needs at least one (T5 always emits the end-of-sequence token)"
+                )
+        if x_mask is not None and tuple(x_mask.shape) != (B, T):
+            raise ValueError(f"x_mask must be [B, T_p] = [{B}, {T}] (one flag per latent frame), got {tuple(x_mask.shape)}")
+        for name, value in (("fps", fps), ("height", height), ("width", width)):
+            if value is None:
+                raise ValueError(f"{name} is required (official pipelines always pass it; e.g. fps=24, pixel height/width)")
+        fps = torch.as_tensor(fps, device=x.device).float().reshape(-1)
+        if fps.numel() == 0 or B % fps.numel():
+            raise ValueError(f"fps must be [b] with b dividing B={B}, got shape {tuple(fps.shape)}")
+        height = torch.as_tensor(height).float().reshape(-1)[0]
+        width = torch.as_tensor(width).float().reshape(-1)[0]
+        if self.official_bf16_quantization:
+            timestep, fps, height, width = (bf16_round(v) for v in (timestep, fps, height, width))
+        return timestep, fps, height.item(), width.item()
+
+    # ---- weights ----------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def initialize_weights(self) -> None:
+        """Initialisation for training from scratch (spec 2.4.10)."""
+        C = self.config.hidden_size
+        for module in self.modules():
+            if isinstance(module, nn.Linear):
+                nn.init.xavier_uniform_(module.weight)
+                nn.init.zeros_(module.bias)
+            elif isinstance(module, nn.Conv3d):
+                module.reset_parameters()
+            elif isinstance(module, RMSNorm):
+                nn.init.ones_(module.weight)
+        self.rope.reset_parameters()
+        self.y_embedder.y_embedding.normal_(std=self.config.caption_channels**-0.5)
+        for module in self.modules():
+            if isinstance(module, (STDiT3Block, T2IFinalLayer)):
+                module.scale_shift_table.normal_(std=C**-0.5)
+        nn.init.normal_(self.fps_embedder.mlp[0].weight, std=0.02)
+        nn.init.zeros_(self.fps_embedder.mlp[2].weight)
+        nn.init.zeros_(self.fps_embedder.mlp[2].bias)
+        for block in self.temporal_blocks:  # a new temporal block starts as the identity
+            nn.init.zeros_(block.attn.proj.weight)
+            nn.init.zeros_(block.cross_attn.proj.weight)
+            nn.init.zeros_(block.mlp.fc2.weight)
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        path_or_repo: str | os.PathLike,
+        *,
+        dtype: torch.dtype | None = None,
+        device: torch.device | str | None = None,
+        strict: bool = True,
+        prefer: str = "ema",
+        local_files_only: bool | None = None,
+        config: STDiT3Config | dict | None = None,
+        official_bf16_quantization: bool = False,
+    ) -> STDiT3:
+        """Load a checkpoint: HF folder or repo id, .safetensors, .pth/.pt (EMA preferred).
+
+        The config comes from `config`, else the folder's config.json, else the tensor shapes.
+        The model is built on the meta device and each tensor is assigned in `dtype`
+        (default float32) on `device` (default CPU); `rope.freqs` stays float32. With
+        `strict=False`, tensors absent from the checkpoint keep the from-scratch
+        initialisation and the mismatch report is issued as a warning. Returns eval mode.
+        """
+        resolved = resolve_checkpoint(path_or_repo, local_files_only=local_files_only)
+        if isinstance(config, dict):
+            config = config_from_dict(STDiT3Config, config)
+        elif config is None and resolved.config_file is not None:
+            config = read_config_json(STDiT3Config, resolved.config_file)
+        elif config is None:
+            shapes = {k: tuple(t.shape) for k, t in _renamed(iter_tensors(resolved.weight_files, prefer=prefer))}
+            config = infer_config(shapes)
+        with torch.device("meta"):
+            model = cls(config, official_bf16_quantization=official_bf16_quantization)
+        if not strict:
+            model.to_empty(device=device or "cpu").to(dtype or torch.float32)
+            model.initialize_weights()
+        report = load_tensors_into(
+            model,
+            _renamed(iter_tensors(resolved.weight_files, prefer=prefer)),
+            strict=strict,
+            dtype=dtype or torch.float32,
+            device=device,
+            keep_float32=("rope.freqs",),
+        )
+        if not report.ok:
+            warnings.warn(f"STDiT3 loaded non-strictly from {str(path_or_repo)!r}:\n{report}", stacklevel=2)
+        model._apply_training_switches()
+        return model.eval()
+
+    def save_pretrained(self, folder: str | os.PathLike) -> None:
+        """Write model.safetensors and config.json (official field names) atomically."""
+        folder = Path(folder)
+        dtype = str(self.x_embedder.proj.weight.dtype).removeprefix("torch.")
+        save_safetensors_atomic(self.state_dict(), folder / "model.safetensors", metadata={"format": "pt"})
+        config = {"architectures": ["STDiT3"], "model_type": "STDiT3", **config_to_dict(self.config)}
+        write_json_atomic({**config, "torch_dtype": dtype}, folder / "config.json")
+
+
+def _renamed(tensors):
+    """Drop the fixed sin-cos tables some older training checkpoints store (recomputed here)."""
+    for key, tensor in tensors:
+        if key not in ("pos_embed", "pos_embed_temporal"):
+            yield key, tensor
+
+
+def infer_config(shapes: dict[str, tuple]) -> STDiT3Config:
+    """STDiT3Config from a state dict's {key: shape} (for checkpoints without config.json)."""
+
+    def need(key):
+        if key not in shapes:
+            raise CheckpointError(
+                f"cannot infer the STDiT3 config: key {key!r} is missing from the checkpoint "
+                f"(is it an STDiT3 checkpoint?); pass config=STDiT3Config(...) explicitly"
+            )
+        return shapes[key]
+
+    hidden, in_channels, *patch = need("x_embedder.proj.weight")
+    depth = len({m.group(1) for k in shapes if (m := re.fullmatch(r"spatial_blocks\.(\d+)\.scale_shift_table", k))})
+    qk_norm = "spatial_blocks.0.attn.q_norm.weight" in shapes
+    head_dim = need("spatial_blocks.0.attn.q_norm.weight")[0] if qk_norm else 2 * need("rope.freqs")[0]
+    out_channels = need("final_layer.linear.weight")[0] // math.prod(patch)
+    if out_channels not in (in_channels, 2 * in_channels):
+        raise CheckpointError(f"final layer gives {out_channels} channels for in_channels={in_channels}")
+    caption_len, caption_channels = need("y_embedder.y_embedding")
+    return STDiT3Config(
+        in_channels=in_channels,
+        patch_size=tuple(patch),
+        hidden_size=hidden,
+        depth=depth,
+        num_heads=hidden // head_dim,
+        mlp_ratio=need("spatial_blocks.0.mlp.fc1.weight")[0] / hidden,
+        pred_sigma=out_channels == 2 * in_channels,
+        caption_channels=caption_channels,
+        model_max_length=caption_len,
+        qk_norm=qk_norm,
+    )
