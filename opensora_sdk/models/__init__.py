@@ -2,4 +2,4 @@
 
 from opensora_sdk.models.stdit3 import STDiT3
 # vae
-# text_encoder
+from opensora_sdk.models.text_encoder import T5TextEncoder

@@ -1,0 +1,543 @@
+"""The T5 text encoder of Open-Sora v1.2: prompts in, (y [B,1,L,C], mask [B,L]) out.
+
+A thin wrapper around transformers' `T5EncoderModel` and the T5 tokenizer that tokenises and
+encodes exactly as the official `T5Encoder` (spec section 4):
+
+    tokenizer(texts, max_length=L, padding="max_length", truncation=True,
+              return_attention_mask=True, add_special_tokens=True, return_tensors="pt")
+    y = T5EncoderModel(input_ids, attention_mask).last_hidden_state[:, None]  # [B,1,L,C]
+
+so ``</s>`` (id 1) ends every text, padding uses id 0, and a long text keeps its first L-1
+tokens plus the EOS. The prompts given to `encode` are used as they are: clean them first
+with `opensora_sdk.text.process_prompt`.
+
+Memory: the encoder runs in the dtype you choose (official inference: float32, ~19 GB for
+T5-XXL; training used bfloat16). With `offload_after_encode=True` the weights leave the
+accelerator as soon as a batch is encoded and come back on the next encode that needs them.
+An `EmbeddingCache` (in-memory LRU, optionally backed by a folder of .safetensors files)
+skips T5 entirely for prompts it has already seen.
+
+The unconditional rows of classifier-free guidance are not computed by T5: `null` repeats the
+diffusion model's `y_embedder.y_embedding` buffer; the prompt's own mask goes with them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections import OrderedDict
+from pathlib import Path
+from typing import NamedTuple
+
+import torch
+
+from opensora_sdk.loading import CheckpointError, resolve_checkpoint, save_safetensors_atomic
+
+DEFAULT_REPO = "DeepFloyd/t5-v1_1-xxl"
+TINY_TOKENIZER_DIR = Path(__file__).resolve().parents[1] / "builtin" / "tokenizer"
+_DTYPES = {
+    "fp32": torch.float32,
+    "float32": torch.float32,
+    "bf16": torch.bfloat16,
+    "bfloat16": torch.bfloat16,
+    "fp16": torch.float16,
+    "float16": torch.float16,
+}
+_HUB_FILES = ("*.json", "*.safetensors", "*.model")  # config, weights, tokenizer (spiece.model)
+
+
+def resolve_dtype(dtype: torch.dtype | str) -> torch.dtype:
+    """torch.float32 / bfloat16 / float16, given as a dtype or a name ("fp32", "bf16", ...)."""
+    if isinstance(dtype, torch.dtype) and dtype in _DTYPES.values():
+        return dtype
+    if isinstance(dtype, str) and dtype.lower() in _DTYPES:
+        return _DTYPES[dtype.lower()]
+    raise ValueError(
+        f"dtype={dtype!r} is not allowed for the text encoder: choose torch.float32, torch.bfloat16, "
+        f"torch.float16 or one of {sorted(_DTYPES)}"
+    )
+
+
+def load_tiny_tokenizer(model_max_length: int | None = None):
+    """The small T5-style tokenizer shipped with the package (see training/build_tiny_tokenizer.py).
+
+    Same special ids as T5 (pad 0, ``</s>`` 1, unk 2), EOS appended, right padding.
+    """
+    from transformers import AutoTokenizer
+
+    kwargs = {} if model_max_length is None else {"model_max_length": model_max_length}
+    return AutoTokenizer.from_pretrained(str(TINY_TOKENIZER_DIR), **kwargs)
+
+
+def tiny_t5_config(vocab_size: int | None = None, **overrides):
+    """A `T5Config` with the T5 v1.1 layout (gated-GELU, untied) and tiny widths.
+
+    `vocab_size` defaults to the size of the built-in tiny tokenizer. Override any field, e.g.
+    ``tiny_t5_config(d_model=512, num_layers=8, num_heads=8, d_kv=64, d_ff=1024)``.
+    """
+    from transformers import T5Config
+
+    if vocab_size is None:
+        vocab_size = len(load_tiny_tokenizer())
+    fields = dict(
+        vocab_size=vocab_size,
+        d_model=32,
+        d_kv=8,
+        d_ff=64,
+        num_layers=2,
+        num_heads=4,
+        relative_attention_num_buckets=32,
+        relative_attention_max_distance=128,
+        dropout_rate=0.0,
+        layer_norm_epsilon=1e-6,
+        feed_forward_proj="gated-gelu",
+        tie_word_embeddings=False,
+        is_encoder_decoder=False,
+        use_cache=False,
+        pad_token_id=0,
+        eos_token_id=1,
+        decoder_start_token_id=0,
+    )
+    fields.update(overrides)
+    return T5Config(**fields)
+
+
+class TextEmbedding(NamedTuple):
+    """What `T5TextEncoder.encode` returns; unpacks as ``y, mask = encoder.encode(prompts)``.
+
+    y: [B, 1, L, C] in the encoder's dtype; mask: [B, L] int64 (1 = token incl. EOS, 0 = pad).
+    """
+
+    y: torch.Tensor
+    mask: torch.Tensor
+
+
+# --------------------------------------------------------------------------------------------
+# Embedding cache
+# --------------------------------------------------------------------------------------------
+
+
+class EmbeddingCache:
+    """Per-prompt T5 outputs, keyed by (processed text, encoder identity, dtype, max length).
+
+    An in-memory LRU of `max_items` rows (each row is L x C values: 4.9 MB for T5-XXL at 300
+    tokens in float32; `max_items=0` keeps nothing in memory) and, when `folder` is given, one
+    ``<key>.safetensors`` file per prompt there, written atomically, so a later run reuses it.
+    Rows are kept on the CPU. `hits` and `misses` count lookups.
+    """
+
+    def __init__(self, max_items: int = 64, folder: str | os.PathLike | None = None):
+        if isinstance(max_items, bool) or not isinstance(max_items, int) or max_items < 0:
+            raise ValueError(f"max_items={max_items!r} is not allowed: expected an integer >= 0")
+        self.max_items = max_items
+        self.folder = Path(folder) if folder is not None else None
+        self._rows: OrderedDict[str, tuple[torch.Tensor, torch.Tensor]] = OrderedDict()
+        self.hits = 0
+        self.misses = 0
+
+    def __len__(self) -> int:
+        return len(self._rows)
+
+    def _file(self, key: str) -> Path:
+        return self.folder / f"{key}.safetensors"
+
+    def get(self, key: str) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """(y_row [L,C], mask_row [L]) on the CPU, or None."""
+        row = self._rows.get(key)
+        if row is not None:
+            self._rows.move_to_end(key)
+        elif self.folder is not None and self._file(key).is_file():
+            row = self._read(key)
+            if row is not None:
+                self._remember(key, row)
+        if row is None:
+            self.misses += 1
+        else:
+            self.hits += 1
+        return row
+
+    def put(self, key: str, y_row: torch.Tensor, mask_row: torch.Tensor, metadata: dict | None = None) -> None:
+        row = (y_row.detach().to("cpu", copy=True), mask_row.detach().to("cpu", copy=True))
+        self._remember(key, row)
+        if self.folder is not None:
+            meta = {k: str(v) for k, v in (metadata or {}).items()}
+            save_safetensors_atomic({"y": row[0], "mask": row[1]}, self._file(key), metadata=meta)
+
+    def clear(self) -> None:
+        """Forget the in-memory rows (files in `folder` stay)."""
+        self._rows.clear()
+
+    def _remember(self, key, row) -> None:
+        if self.max_items == 0:
+            return
+        self._rows[key] = row
+        self._rows.move_to_end(key)
+        while len(self._rows) > self.max_items:
+            self._rows.popitem(last=False)
+
+    def _read(self, key: str):
+        from safetensors.torch import load_file
+
+        try:
+            data = load_file(str(self._file(key)))
+            return data["y"], data["mask"]
+        except Exception:  # unreadable or foreign file: treat as a miss, it is rewritten
+            return None
+
+
+def _as_cache(cache) -> EmbeddingCache | None:
+    if cache is None or cache is False:
+        return None
+    if cache is True:
+        return EmbeddingCache()
+    if isinstance(cache, EmbeddingCache):
+        return cache
+    if isinstance(cache, (str, os.PathLike)):
+        return EmbeddingCache(folder=cache)
+    raise ValueError(
+        f"cache={cache!r} is not allowed: expected None, True (in-memory), a folder path, or an EmbeddingCache"
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# The encoder
+# --------------------------------------------------------------------------------------------
+
+
+def _sha(*parts) -> str:
+    h = hashlib.sha256()
+    for part in parts:
+        h.update(part if isinstance(part, bytes) else str(part).encode("utf-8"))
+        h.update(b"\0")
+    return h.hexdigest()
+
+
+_ARCH_FIELDS = (
+    "vocab_size", "d_model", "d_kv", "d_ff", "num_layers", "num_heads", "feed_forward_proj",
+    "relative_attention_num_buckets", "relative_attention_max_distance", "layer_norm_epsilon",
+)
+
+
+class T5TextEncoder:
+    """T5 encoder + tokenizer with the official tokenisation, dtype/device choice, offloading
+    and an optional embedding cache.
+
+    Build it with `from_pretrained` (a local folder or a hub id) or `from_config` (random
+    weights, e.g. a tiny config for tests). `device` is where T5 runs and where `encode`
+    returns its tensors; `offload_device` is where the weights wait between encodes when
+    `offload_after_encode` is set (or after an explicit `offload()`).
+    """
+
+    def __init__(
+        self,
+        model,
+        tokenizer,
+        *,
+        model_max_length: int = 300,
+        device: torch.device | str = "cpu",
+        cache=None,
+        offload_after_encode: bool = False,
+        offload_device: torch.device | str = "cpu",
+        name: str = "",
+    ):
+        if isinstance(model_max_length, bool) or not isinstance(model_max_length, int) or model_max_length < 2:
+            raise ValueError(f"model_max_length={model_max_length!r} is not allowed: expected an integer >= 2")
+        if len(tokenizer) > model.config.vocab_size:
+            raise ValueError(
+                f"tokenizer has {len(tokenizer)} tokens but the model's vocab_size is "
+                f"{model.config.vocab_size}: use a T5 config with vocab_size >= {len(tokenizer)}"
+            )
+        self.model = model.eval().requires_grad_(False)
+        self.tokenizer = tokenizer
+        self.model_max_length = model_max_length
+        self.device = torch.device(device)
+        self.offload_device = torch.device(offload_device)
+        self.offload_after_encode = offload_after_encode
+        self.cache = _as_cache(cache)
+        self.name = name
+        self.offload_count = 0  # how many times the weights left `device`
+        self._offloaded = False
+        self._identity: str | None = None
+
+    # ---- construction ------------------------------------------------------------------
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        path_or_repo: str | os.PathLike = DEFAULT_REPO,
+        model_max_length: int = 300,
+        dtype: torch.dtype | str = torch.float32,
+        device: torch.device | str = "cpu",
+        local_files_only: bool | None = None,
+        cache=None,
+        *,
+        cache_dir: str | os.PathLike | None = None,
+        offload_after_encode: bool = False,
+        offload_device: torch.device | str = "cpu",
+    ) -> "T5TextEncoder":
+        """Load T5 and its tokenizer from a Hugging Face folder or hub repo id.
+
+        The folder holds config.json, the weights (*.safetensors, sharded or not) and the
+        tokenizer files (spiece.model or tokenizer.json, tokenizer_config.json). A repo id is
+        downloaded through huggingface_hub (`local_files_only`, `HF_HUB_OFFLINE` and
+        `cache_dir` apply); when that is impossible, the CheckpointError says which folder to
+        pass instead. Weights are loaded straight in `dtype` on `device`.
+        """
+        from transformers import AutoTokenizer, T5EncoderModel
+
+        dtype = resolve_dtype(dtype)
+        device = torch.device(device)
+        folder = _find_folder(path_or_repo, local_files_only, cache_dir)
+        kwargs = {"dtype": dtype} if _transformers_major() >= 5 else {"torch_dtype": dtype}
+        if device.type != "cpu":
+            kwargs["device_map"] = {"": str(device)}
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(str(folder))
+            model = T5EncoderModel.from_pretrained(str(folder), **kwargs)
+        except (OSError, ValueError) as err:
+            raise CheckpointError(
+                f"could not load a T5 encoder and tokenizer from {str(folder)!r} "
+                f"({type(err).__name__}: {err}); the folder needs config.json, *.safetensors "
+                "weights and the tokenizer files (spiece.model or tokenizer.json)"
+            ) from err
+        return cls(
+            model.to(device),
+            tokenizer,
+            model_max_length=model_max_length,
+            device=device,
+            cache=cache,
+            offload_after_encode=offload_after_encode,
+            offload_device=offload_device,
+            name=str(path_or_repo),
+        )
+
+    @classmethod
+    def from_config(
+        cls,
+        t5_config,
+        tokenizer=None,
+        *,
+        model_max_length: int = 300,
+        dtype: torch.dtype | str = torch.float32,
+        device: torch.device | str = "cpu",
+        cache=None,
+        offload_after_encode: bool = False,
+        offload_device: torch.device | str = "cpu",
+    ) -> "T5TextEncoder":
+        """A T5 encoder with freshly initialised weights (seed torch first for reproducibility).
+
+        `t5_config` is a transformers `T5Config` (see `tiny_t5_config`) or a dict of its
+        fields; `tokenizer` is a tokenizer object, a folder to load one from, or None for the
+        built-in tiny tokenizer.
+        """
+        from transformers import AutoTokenizer, T5Config, T5EncoderModel
+
+        if isinstance(t5_config, dict):
+            t5_config = T5Config(**t5_config)
+        if tokenizer is None:
+            tokenizer = load_tiny_tokenizer()
+        elif isinstance(tokenizer, (str, os.PathLike)):
+            tokenizer = AutoTokenizer.from_pretrained(str(tokenizer))
+        model = T5EncoderModel(t5_config).to(device=torch.device(device), dtype=resolve_dtype(dtype))
+        return cls(
+            model,
+            tokenizer,
+            model_max_length=model_max_length,
+            device=device,
+            cache=cache,
+            offload_after_encode=offload_after_encode,
+            offload_device=offload_device,
+            name="config",
+        )
+
+    # ---- facts -------------------------------------------------------------------------
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.model.parameters()).dtype
+
+    @property
+    def output_dim(self) -> int:
+        """C, the width of y (4096 for T5-XXL); STDiT3's `caption_channels` must equal it."""
+        return self.model.config.d_model
+
+    @property
+    def is_offloaded(self) -> bool:
+        return self._offloaded
+
+    @property
+    def identity(self) -> str:
+        """A stable id of this encoder: name + hash of architecture, weights sample, tokenizer.
+
+        The weight part hashes the first and last 32 values of every tensor (cheap even for
+        T5-XXL), so two encoders with different weights do not share cache entries.
+        """
+        if self._identity is None:
+            config = self.model.config
+            arch = json.dumps({k: getattr(config, k, None) for k in _ARCH_FIELDS}, sort_keys=True)
+            h = hashlib.sha256(arch.encode())
+            for key, tensor in self.model.state_dict().items():
+                flat = tensor.detach().reshape(-1)
+                sample = torch.cat([flat[:32], flat[-32:]]).float().cpu()
+                h.update(f"{key}{tuple(tensor.shape)}".encode())
+                h.update(sample.numpy().tobytes())
+            vocab = sorted(self.tokenizer.get_vocab().items())
+            h.update(json.dumps(vocab, ensure_ascii=False).encode("utf-8"))
+            self._identity = f"{self.name}#{h.hexdigest()[:20]}"
+        return self._identity
+
+    def cache_key(self, text: str) -> str:
+        """The cache key of one (already processed) prompt for this encoder."""
+        return _sha(self.identity, self.dtype, self.model_max_length, text)
+
+    # ---- memory ------------------------------------------------------------------------
+
+    def offload(self) -> None:
+        """Move the weights to `offload_device` (and release the accelerator's cached blocks)."""
+        if self._offloaded:
+            return
+        self.model.to(self.offload_device)
+        self._offloaded = True
+        self.offload_count += 1
+        if self.device.type == "cuda" and torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
+    def onload(self) -> None:
+        """Bring the weights back to `device` (a no-op when they are there)."""
+        if self._offloaded:
+            self.model.to(self.device)
+            self._offloaded = False
+
+    # ---- encoding ----------------------------------------------------------------------
+
+    def tokenize(self, prompts: list[str]):
+        """The official tokenizer call: max_length padding, truncation, EOS, attention mask."""
+        return self.tokenizer(
+            list(prompts),
+            max_length=self.model_max_length,
+            padding="max_length",
+            truncation=True,
+            return_attention_mask=True,
+            add_special_tokens=True,
+            return_tensors="pt",
+        )
+
+    def _run_model(self, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        self.onload()
+        tokens = self.tokenize(texts)
+        input_ids = tokens["input_ids"].to(self.device)  # [b, L]
+        mask = tokens["attention_mask"].to(self.device, torch.int64)  # [b, L]
+        with torch.no_grad():
+            y = self.model(input_ids=input_ids, attention_mask=mask)["last_hidden_state"]  # [b, L, C]
+        return y, mask
+
+    def encode(self, prompts: str | list[str]) -> TextEmbedding:
+        """Encode processed prompts -> TextEmbedding(y [B,1,L,C], mask [B,L] int64) on `device`.
+
+        Prompts found in the cache skip T5; the others (each distinct text once) run as one
+        batch. With `offload_after_encode`, T5 leaves `device` right after that batch.
+        """
+        texts = _as_text_list(prompts)
+        rows: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        if self.cache is not None:
+            for text in dict.fromkeys(texts):
+                hit = self.cache.get(self.cache_key(text))
+                if hit is not None:
+                    rows[text] = hit
+        todo = [t for t in dict.fromkeys(texts) if t not in rows]
+        if todo:
+            y_new, mask_new = self._run_model(todo)
+            if self.offload_after_encode:
+                self.offload()
+            for j, text in enumerate(todo):
+                rows[text] = (y_new[j], mask_new[j])
+                if self.cache is not None:
+                    meta = {"text": text, "encoder": self.identity, "dtype": self.dtype, "max_length": self.model_max_length}
+                    self.cache.put(self.cache_key(text), y_new[j], mask_new[j], meta)
+        y = torch.stack([rows[t][0].to(self.device) for t in texts])[:, None]  # [B, 1, L, C]
+        mask = torch.stack([rows[t][1].to(self.device) for t in texts])  # [B, L]
+        return TextEmbedding(y, mask)
+
+    __call__ = encode
+
+    def encode_negative(self, negative_prompt: str, n: int) -> TextEmbedding:
+        """The negative prompt's embedding repeated to n rows: [n,1,L,C], mask [n,L].
+
+        In classifier-free guidance these rows replace the null rows of the unconditional
+        half, and they go with their own mask (not the prompt's).
+        """
+        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+            raise ValueError(f"n={n!r} is not allowed: expected an integer >= 1")
+        if not isinstance(negative_prompt, str):
+            raise ValueError(f"negative_prompt={negative_prompt!r} is not allowed: expected a string")
+        y, mask = self.encode([negative_prompt])
+        return TextEmbedding(y.repeat(n, 1, 1, 1), mask.repeat(n, 1))
+
+    def null(self, n: int, y_embedding) -> torch.Tensor:
+        """Unconditional rows [n,1,L,C] from STDiT3's `y_embedder.y_embedding` buffer [L,C].
+
+        Accepts the buffer or the `y_embedder` module. As in the official pipeline, the caller
+        masks these rows with the prompt's own mask. Returned on `device`, in the buffer's dtype.
+        """
+        table = getattr(y_embedding, "y_embedding", y_embedding)
+        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+            raise ValueError(f"n={n!r} is not allowed: expected an integer >= 1")
+        expected = (self.model_max_length, self.output_dim)
+        if not isinstance(table, torch.Tensor) or tuple(table.shape) != expected:
+            shape = tuple(table.shape) if isinstance(table, torch.Tensor) else type(table).__name__
+            raise ValueError(
+                f"y_embedding has shape {shape}, expected {list(expected)} (model_max_length, "
+                "output_dim of this text encoder): pass the diffusion model's y_embedder.y_embedding"
+            )
+        return table.to(self.device)[None].repeat(n, 1, 1)[:, None]  # [n, 1, L, C]
+
+    def __repr__(self) -> str:
+        return (
+            f"T5TextEncoder(name={self.name!r}, d_model={self.output_dim}, max_length={self.model_max_length}, "
+            f"dtype={self.dtype}, device={self.device}, offloaded={self._offloaded}, "
+            f"cache={'on' if self.cache is not None else 'off'})"
+        )
+
+
+def _as_text_list(prompts) -> list[str]:
+    if isinstance(prompts, str):
+        prompts = [prompts]
+    if not isinstance(prompts, (list, tuple)) or not prompts or not all(isinstance(p, str) for p in prompts):
+        raise ValueError(f"prompts={prompts!r} is not allowed: expected a string or a non-empty list of strings")
+    return list(prompts)
+
+
+def _transformers_major() -> int:
+    import transformers
+
+    return int(transformers.__version__.split(".")[0])
+
+
+def _find_folder(source, local_files_only, cache_dir) -> Path:
+    """The local folder holding the T5 files, downloading a hub repo id if allowed."""
+    text = os.fspath(source)
+    path = Path(text).expanduser()
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise CheckpointError(
+                f"text encoder folder {text!r} has no config.json: expected a Hugging Face T5 folder "
+                "with config.json, *.safetensors weights and tokenizer files (spiece.model or tokenizer.json)"
+            )
+        return path
+    if path.is_file():
+        raise CheckpointError(
+            f"text encoder {text!r} is a file: pass the folder that holds it together with "
+            "config.json and the tokenizer files"
+        )
+    try:
+        resolved = resolve_checkpoint(
+            text, local_files_only=local_files_only, cache_dir=cache_dir, allow_patterns=_HUB_FILES
+        )
+    except CheckpointError as err:
+        raise CheckpointError(
+            f"text encoder {text!r} is not available here. {err}\nPut the T5 files (config.json, "
+            "*.safetensors, spiece.model, tokenizer_config.json) in a folder such as "
+            f"models/{Path(text).name or 't5'} and pass it: T5TextEncoder.from_pretrained('models/{Path(text).name or 't5'}')"
+        ) from err
+    return resolved.config_file.parent if resolved.config_file else resolved.weight_files[0].parent
