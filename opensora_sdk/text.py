@@ -179,7 +179,9 @@ def check_camera_motion(camera_motion: str) -> str:
     return motion
 
 
-def append_score_suffixes(prompt: str, aes: float | None = 6.5, flow: float | None = None, camera_motion: str | None = None) -> str:
+def append_score_suffixes(
+    prompt: str, aes: float | None = 6.5, flow: float | None = None, camera_motion: str | None = None
+) -> str:
     """Append the conditioning phrases the v1.2 model was trained with, in the official order.
 
     `` aesthetic score: {aes:.1f}.``, `` motion score: {flow:.1f}.``,

@@ -368,10 +368,11 @@ class T5TextEncoder:
 
     @property
     def identity(self) -> str:
-        """A stable id of this encoder: name + hash of architecture, weights sample, tokenizer.
+        """A stable id of this encoder: a hash of its architecture, weights sample and tokenizer.
 
         The weight part hashes the first and last 32 values of every tensor (cheap even for
-        T5-XXL), so two encoders with different weights do not share cache entries.
+        T5-XXL), so two encoders with different weights do not share cache entries, while the
+        same weights loaded from a folder or a hub id do.
         """
         if self._identity is None:
             config = self.model.config
@@ -384,7 +385,7 @@ class T5TextEncoder:
                 h.update(sample.numpy().tobytes())
             vocab = sorted(self.tokenizer.get_vocab().items())
             h.update(json.dumps(vocab, ensure_ascii=False).encode("utf-8"))
-            self._identity = f"{self.name}#{h.hexdigest()[:20]}"
+            self._identity = h.hexdigest()[:32]
         return self._identity
 
     def cache_key(self, text: str) -> str:
@@ -453,7 +454,8 @@ class T5TextEncoder:
             for j, text in enumerate(todo):
                 rows[text] = (y_new[j], mask_new[j])
                 if self.cache is not None:
-                    meta = {"text": text, "encoder": self.identity, "dtype": self.dtype, "max_length": self.model_max_length}
+                    meta = {"text": text, "encoder": self.identity, "name": self.name,
+                            "dtype": self.dtype, "max_length": self.model_max_length}
                     self.cache.put(self.cache_key(text), y_new[j], mask_new[j], meta)
         y = torch.stack([rows[t][0].to(self.device) for t in texts])[:, None]  # [B, 1, L, C]
         mask = torch.stack([rows[t][1].to(self.device) for t in texts])  # [B, L]
@@ -535,9 +537,10 @@ def _find_folder(source, local_files_only, cache_dir) -> Path:
             text, local_files_only=local_files_only, cache_dir=cache_dir, allow_patterns=_HUB_FILES
         )
     except CheckpointError as err:
+        folder = f"models/{Path(text).name or 't5'}"
         raise CheckpointError(
             f"text encoder {text!r} is not available here. {err}\nPut the T5 files (config.json, "
-            "*.safetensors, spiece.model, tokenizer_config.json) in a folder such as "
-            f"models/{Path(text).name or 't5'} and pass it: T5TextEncoder.from_pretrained('models/{Path(text).name or 't5'}')"
+            f"*.safetensors, spiece.model, tokenizer_config.json) in a folder such as {folder} "
+            f"and pass it: T5TextEncoder.from_pretrained({folder!r})"
         ) from err
     return resolved.config_file.parent if resolved.config_file else resolved.weight_files[0].parent

@@ -1,0 +1,307 @@
+"""T5TextEncoder on a tiny T5 with the built-in tokenizer: tokenisation, shapes, cache, offload."""
+
+import importlib.util
+import inspect
+from pathlib import Path
+
+import pytest
+import torch
+
+from opensora_sdk.configs import TEXT_ENCODER_PRESETS
+from opensora_sdk.loading import CheckpointError
+from opensora_sdk.models import T5TextEncoder
+from opensora_sdk.models.text_encoder import (
+    TINY_TOKENIZER_DIR,
+    EmbeddingCache,
+    TextEmbedding,
+    load_tiny_tokenizer,
+    resolve_dtype,
+    tiny_t5_config,
+)
+from opensora_sdk.text import process_prompt
+
+CAPTION = (
+    "a red circle moving left on a blue background, aesthetic score: 6.5. motion score: 5.0. "
+    "camera motion: pan left."
+)
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return load_tiny_tokenizer()
+
+
+def make_encoder(tokenizer, **kw):
+    torch.manual_seed(0)
+    kw.setdefault("model_max_length", 300)
+    return T5TextEncoder.from_config(tiny_t5_config(vocab_size=len(tokenizer)), tokenizer, **kw)
+
+
+def count_forward(encoder):
+    """Replace the model's forward with a counting wrapper; returns the list of batch sizes."""
+    calls, forward = [], encoder.model.forward
+
+    def spy(*args, **kwargs):
+        calls.append(kwargs["input_ids"].shape[0])
+        return forward(*args, **kwargs)
+
+    encoder.model.forward = spy
+    return calls
+
+
+# ---- the built-in tokenizer -------------------------------------------------------------------
+
+
+def test_tiny_tokenizer_has_t5_special_ids_and_covers_captions(tokenizer):
+    assert (tokenizer.pad_token_id, tokenizer.eos_token_id, tokenizer.unk_token_id) == (0, 1, 2)
+    assert tokenizer.convert_ids_to_tokens([0, 1, 2]) == ["<pad>", "</s>", "<unk>"]
+    ids = tokenizer(CAPTION)["input_ids"]
+    assert ids[-1] == 1 and 2 not in ids and 0 not in ids
+    assert tokenizer.decode(ids, skip_special_tokens=True) == CAPTION
+
+
+def test_tiny_tokenizer_files_are_small_and_reproducible(tmp_path):
+    files = sorted(p.name for p in TINY_TOKENIZER_DIR.iterdir())
+    assert files == ["special_tokens_map.json", "tokenizer.json", "tokenizer_config.json"]
+    assert sum(p.stat().st_size for p in TINY_TOKENIZER_DIR.iterdir()) < 1_000_000
+    script = ROOT / "training" / "build_tiny_tokenizer.py"
+    spec = importlib.util.spec_from_file_location("build_tiny_tokenizer", script)
+    builder = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(builder)
+    builder.write_tiny_tokenizer(tmp_path)
+    for name in files:
+        assert (tmp_path / name).read_bytes() == (TINY_TOKENIZER_DIR / name).read_bytes(), name
+
+
+# ---- tokenisation as official -----------------------------------------------------------------
+
+
+def test_tokenize_pads_with_zero_and_appends_eos(tokenizer):
+    enc = make_encoder(tokenizer)
+    tokens = enc.tokenize(["a red circle", CAPTION])
+    ids, mask = tokens["input_ids"], tokens["attention_mask"]
+    assert ids.shape == mask.shape == (2, 300) and mask.dtype == torch.int64
+    n = int(mask[0].sum())
+    assert n == 4  # three words + </s>
+    assert ids[0, n - 1] == 1 and (ids[0, n:] == 0).all() and (mask[0, n:] == 0).all()
+    assert torch.equal(mask, (ids != 0).long())
+
+
+def test_truncation_keeps_first_299_tokens_plus_eos(tokenizer):
+    enc = make_encoder(tokenizer)
+    words = ("red blue green circle square " * 80).strip()  # 400 words
+    full = tokenizer(words)["input_ids"]
+    assert len(full) == 401
+    ids = enc.tokenize([words])["input_ids"][0]
+    assert ids.shape == (300,)
+    assert ids[:299].tolist() == full[:299] and ids[299] == 1
+    assert enc.encode(words).mask.sum() == 300
+
+
+# ---- encode -----------------------------------------------------------------------------------
+
+
+def test_encode_shapes_and_values_match_the_model(tokenizer):
+    enc = make_encoder(tokenizer)
+    prompts = ["a red circle", CAPTION, "a cat"]
+    out = enc.encode(prompts)
+    assert isinstance(out, TextEmbedding)
+    y, mask = out  # unpacks as a pair
+    assert y.shape == (3, 1, 300, 32) and y.dtype == torch.float32
+    assert mask.shape == (3, 300) and mask.dtype == torch.int64
+    tokens = enc.tokenize(prompts)
+    with torch.no_grad():
+        ref = enc.model(input_ids=tokens["input_ids"], attention_mask=tokens["attention_mask"]).last_hidden_state
+    torch.testing.assert_close(y[:, 0], ref)
+    assert torch.equal(mask, tokens["attention_mask"])
+    assert enc.encode("a cat").y.shape == (1, 1, 300, 32)
+    assert not y.requires_grad
+
+
+@pytest.mark.parametrize("bad", [[], None, ["a", 3], 5])
+def test_encode_rejects_bad_input(tokenizer, bad):
+    enc = make_encoder(tokenizer)
+    with pytest.raises(ValueError, match="prompts"):
+        enc.encode(bad)
+
+
+@pytest.mark.parametrize(
+    "dtype, expected", [("fp32", torch.float32), ("bf16", torch.bfloat16), (torch.float16, torch.float16)]
+)
+def test_dtype_choices(tokenizer, dtype, expected):
+    enc = make_encoder(tokenizer, model_max_length=16, dtype=dtype)
+    assert enc.dtype == expected
+    y = enc.encode("a red circle").y
+    assert y.dtype == expected and torch.isfinite(y.float()).all()
+
+
+def test_bad_dtype_and_vocab_errors(tokenizer):
+    with pytest.raises(ValueError, match="int8"):
+        resolve_dtype("int8")
+    with pytest.raises(ValueError, match="vocab_size"):
+        T5TextEncoder.from_config(tiny_t5_config(vocab_size=10), tokenizer)
+
+
+def test_defaults_match_the_v1_2_preset():
+    repo, max_length = TEXT_ENCODER_PRESETS["v1.2"]
+    params = inspect.signature(T5TextEncoder.from_pretrained).parameters
+    assert params["path_or_repo"].default == repo
+    assert params["model_max_length"].default == max_length
+    assert params["dtype"].default == torch.float32
+
+
+# ---- null and negative prompts ----------------------------------------------------------------
+
+
+def test_null_repeats_the_y_embedding_buffer(tokenizer):
+    enc = make_encoder(tokenizer, model_max_length=16)
+    table = torch.randn(16, 32)
+    null = enc.null(3, table)
+    assert null.shape == (3, 1, 16, 32)
+    assert all(torch.equal(null[i, 0], table) for i in range(3))
+    holder = torch.nn.Module()
+    holder.register_buffer("y_embedding", table)
+    assert torch.equal(enc.null(2, holder), null[:2])
+    with pytest.raises(ValueError, match=r"y_embedding has shape \(300, 32\)"):
+        enc.null(1, torch.randn(300, 32))
+
+
+def test_negative_prompt_rows_have_their_own_mask(tokenizer):
+    enc = make_encoder(tokenizer, model_max_length=16)
+    neg = enc.encode_negative("blurry, low quality", 2)
+    single = enc.encode("blurry, low quality")
+    assert neg.y.shape == (2, 1, 16, 32) and neg.mask.shape == (2, 16)
+    assert torch.equal(neg.y[1], single.y[0]) and torch.equal(neg.mask[0], single.mask[0])
+    assert neg.mask[0].sum() != enc.encode("a cat").mask[0].sum()
+    with pytest.raises(ValueError, match="n=0"):
+        enc.encode_negative("x", 0)
+
+
+# ---- cache ------------------------------------------------------------------------------------
+
+
+def test_cached_prompts_skip_the_model(tokenizer):
+    enc = make_encoder(tokenizer, cache=True)
+    calls = count_forward(enc)
+    first = enc.encode(["a red circle", "a blue square", "a red circle"])
+    assert calls == [2]  # one batch, each distinct text once
+    again = enc.encode(["a red circle", "a blue square"])
+    assert calls == [2]  # all hits: T5 not called
+    torch.testing.assert_close(again.y, first.y[:2])
+    assert torch.equal(again.mask, first.mask[:2])
+    enc.encode(["a blue square", "a green star"])
+    assert calls == [2, 1]  # only the new prompt runs
+    assert enc.cache.hits == 3 and enc.cache.misses == 3
+
+
+def test_lru_evicts_oldest(tokenizer):
+    enc = make_encoder(tokenizer, model_max_length=16, cache=EmbeddingCache(max_items=2))
+    calls = count_forward(enc)
+    for p in ("a cat", "a dog", "a bird"):
+        enc.encode(p)
+    assert len(enc.cache) == 2 and calls == [1, 1, 1]
+    enc.encode("a bird")
+    enc.encode("a cat")
+    assert calls == [1, 1, 1, 1]
+
+
+def test_disk_cache_reused_by_a_new_encoder(tokenizer, tmp_path):
+    enc = make_encoder(tokenizer, model_max_length=16, cache=tmp_path / "emb")
+    first = enc.encode(["a cat", "a dog"])
+    files = sorted((tmp_path / "emb").iterdir())
+    assert len(files) == 2 and all(f.suffix == ".safetensors" and not f.name.startswith(".") for f in files)
+    # same weights, fresh process-like state: only the folder is shared
+    other = T5TextEncoder(enc.model, tokenizer, model_max_length=16, cache=EmbeddingCache(folder=tmp_path / "emb"))
+    calls = count_forward(other)
+    second = other.encode(["a dog", "a cat"])
+    assert calls == []
+    assert torch.equal(second.y[0], first.y[1]) and torch.equal(second.mask[1], first.mask[0])
+
+
+def test_cache_key_depends_on_encoder_dtype_and_length(tokenizer):
+    a = make_encoder(tokenizer, model_max_length=16)
+    same = T5TextEncoder(a.model, tokenizer, model_max_length=16)
+    assert a.cache_key("a cat") == same.cache_key("a cat")
+    assert a.cache_key("a cat") != a.cache_key("a dog")
+    assert T5TextEncoder(a.model, tokenizer, model_max_length=20).cache_key("a cat") != a.cache_key("a cat")
+    torch.manual_seed(1)
+    config = tiny_t5_config(vocab_size=len(tokenizer))
+    other_weights = T5TextEncoder.from_config(config, tokenizer, model_max_length=16)
+    assert other_weights.identity != a.identity
+    half = T5TextEncoder(a.model.to(torch.bfloat16), tokenizer, model_max_length=16)
+    assert half.cache_key("a cat") != same.cache_key("a cat")
+
+
+def test_bad_cache_argument(tokenizer):
+    with pytest.raises(ValueError, match="cache=3"):
+        make_encoder(tokenizer, cache=3)
+
+
+# ---- offloading -------------------------------------------------------------------------------
+
+
+def record_moves(encoder):
+    """Record the model's .to() targets without moving (stands in for a GPU on CPU machines)."""
+    moves = []
+
+    def fake_to(*args, **kwargs):
+        moves.append(str(torch.device(args[0] if args else kwargs["device"])))
+        return encoder.model
+
+    encoder.model.to = fake_to
+    return moves
+
+
+def test_offload_after_encode_moves_off_and_back(tokenizer):
+    enc = make_encoder(tokenizer, model_max_length=16, offload_after_encode=True, offload_device="meta", cache=True)
+    moves = record_moves(enc)
+    enc.encode("a cat")
+    assert moves == ["meta"] and enc.is_offloaded and enc.offload_count == 1
+    enc.encode("a cat")  # a cache hit needs no T5: nothing moves
+    assert moves == ["meta"]
+    enc.encode("a dog")  # back to the compute device, encode, off again
+    assert moves == ["meta", "cpu", "meta"] and enc.offload_count == 2
+
+
+def test_explicit_offload_is_idempotent_and_real_moves_work(tokenizer):
+    enc = make_encoder(tokenizer, model_max_length=16)
+    before = enc.encode("a cat").y
+    enc.offload()
+    enc.offload()
+    assert enc.is_offloaded and enc.offload_count == 1
+    enc.onload()
+    assert not enc.is_offloaded
+    assert torch.equal(enc.encode("a cat").y, before)
+
+
+# ---- loading from a folder, offline errors ----------------------------------------------------
+
+
+def test_from_pretrained_local_folder(tokenizer, tmp_path):
+    enc = make_encoder(tokenizer, model_max_length=16)
+    enc.model.save_pretrained(tmp_path / "t5")
+    tokenizer.save_pretrained(tmp_path / "t5")
+    loaded = T5TextEncoder.from_pretrained(tmp_path / "t5", model_max_length=16)
+    torch.testing.assert_close(loaded.encode("a red circle").y, enc.encode("a red circle").y)
+    half = T5TextEncoder.from_pretrained(str(tmp_path / "t5"), model_max_length=16, dtype="bf16")
+    assert half.encode("a cat").y.dtype == torch.bfloat16
+
+
+def test_from_pretrained_errors_name_the_folder(tmp_path):
+    with pytest.raises(CheckpointError, match="no config.json"):
+        T5TextEncoder.from_pretrained(tmp_path)
+    (tmp_path / "w.safetensors").write_bytes(b"")
+    with pytest.raises(CheckpointError, match="pass the folder"):
+        T5TextEncoder.from_pretrained(tmp_path / "w.safetensors")
+    with pytest.raises(CheckpointError) as err:
+        T5TextEncoder.from_pretrained("DeepFloyd/t5-v1_1-xxl", local_files_only=True, cache_dir=tmp_path / "hub")
+    assert "DeepFloyd/t5-v1_1-xxl" in str(err.value) and "models/t5-v1_1-xxl" in str(err.value)
+
+
+def test_processed_prompt_encodes_without_unknown_tokens(tokenizer):
+    enc = make_encoder(tokenizer, model_max_length=64)
+    text = process_prompt("A red circle moving left on a blue background", flow=5, camera_motion="pan left").text
+    assert text == CAPTION.replace("background,", "background")
+    ids = enc.tokenize([text])["input_ids"][0]
+    assert 2 not in ids.tolist()
