@@ -169,7 +169,9 @@ def apply_mask_strategy(
         outside the reference or the latent, or a reference of the wrong shape.
     """
     if len(strategies) != z.shape[0]:
-        raise ValueError(f"strategies has {len(strategies)} entries; z has batch {z.shape[0]} (one string per sample)")
+        raise ValueError(
+            f"strategies has {len(strategies)} entries; z has batch {z.shape[0]} (one string per sample)"
+        )
     if len(refs) not in (0, z.shape[0]):
         raise ValueError(f"refs has {len(refs)} entries; z has batch {z.shape[0]} (one list per sample)")
     z = z.clone()
@@ -314,8 +316,11 @@ def condition_pixels(
         if isinstance(img, Tensor):
             x = img.unsqueeze(1) if img.dim() == 3 else img
             if x.dim() != 4 or x.shape[1] != 1:
-                raise ValueError(f"ImageCondition.image: expected [3, H, W] or [3, 1, H, W], got {tuple(img.shape)}")
-            return _resize_crop_tensor(_check_pixels(x, "ImageCondition.image").float(), height, width, "bicubic").clamp(-1, 1)
+                raise ValueError(
+                    f"ImageCondition.image: expected [3, H, W] or [3, 1, H, W], got {tuple(img.shape)}"
+                )
+            x = _check_pixels(x, "ImageCondition.image").float()
+            return _resize_crop_tensor(x, height, width, "bicubic").clamp(-1, 1)
         from PIL import Image
 
         if isinstance(img, (str, os.PathLike)):
@@ -419,7 +424,9 @@ def concat_loop_videos(videos: Sequence[Tensor], condition_frame_length: int = 5
     overlap = condition_pixel_frames(condition_frame_length)
     for i, v in enumerate(videos[1:], start=1):
         if v.shape[time_dim] <= overlap:
-            raise ValueError(f"videos[{i}] has {v.shape[time_dim]} frames; more than the {overlap} overlap frames needed")
+            raise ValueError(
+                f"videos[{i}] has {v.shape[time_dim]} frames; it needs more than the {overlap} overlap frames"
+            )
     parts = [videos[0]] + [v.narrow(time_dim, overlap, v.shape[time_dim] - overlap) for v in videos[1:]]
     return torch.cat(parts, dim=time_dim)
 

@@ -148,7 +148,9 @@ def mean_flat(x: Tensor, mask: Tensor | None = None) -> Tensor:
     if mask is None:
         return x.mean(dim=list(range(1, x.dim())))
     if x.dim() != 5 or mask.shape != (x.shape[0], x.shape[2]):
-        raise ValueError(f"mask must be [B, T] = [{x.shape[0]}, {x.shape[2]}] for x {tuple(x.shape)}, got {tuple(mask.shape)}")
+        raise ValueError(
+            f"mask must be [B, T] = [{x.shape[0]}, {x.shape[2]}] for x {tuple(x.shape)}, got {tuple(mask.shape)}"
+        )
     per_frame = x.transpose(1, 2).flatten(2)  # [B, T, C*H*W]
     denom = mask.sum(dim=1) * per_frame.shape[-1]  # [B]
     return (per_frame * mask.unsqueeze(2)).sum(dim=1).sum(dim=1) / denom
