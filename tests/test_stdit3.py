@@ -82,8 +82,8 @@ def golden_model(bundle) -> STDiT3:
     return model.eval()
 
 
-def golden_call(model, bundle, **extra):
-    inp = bundle.with_prefix("in.")
+def golden_call(model, bundle, device="cpu", **extra):
+    inp = {k: v.to(device) for k, v in bundle.with_prefix("in.").items()}
     kw = dict(mask=inp.get("mask"), x_mask=inp.get("x_mask"), fps=inp["fps"], height=inp["height"], width=inp["width"])
     return model(inp["x"], inp["timestep"], inp["y"], **{**kw, **extra})
 
@@ -98,20 +98,30 @@ def record_hooks(model):
     return seen
 
 
+CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=CUDA)])
 @pytest.mark.parametrize("name", ["stdit3_a", "stdit3_b"])
-def test_golden_forward_and_intermediates(golden, name):
+def test_golden_forward_and_intermediates(golden, name, device):
     bundle = golden(name)
-    model = golden_model(bundle)
+    model = golden_model(bundle).to(device)
     seen = record_hooks(model)
-    with torch.no_grad():
-        out = golden_call(model, bundle, num_frames=torch.tensor([17.0, 17.0]), ar=torch.tensor([0.56, 0.56]))
+    extra = dict(num_frames=torch.tensor([17.0, 17.0]), ar=torch.tensor([0.56, 0.56]))
+    precision = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("highest")  # no TF32 on GPUs
+    try:
+        with torch.no_grad(), torch.backends.cudnn.flags(enabled=True, allow_tf32=False):
+            out = golden_call(model, bundle, device=device, **extra)
+    finally:
+        torch.set_float32_matmul_precision(precision)
     assert out.dtype == torch.float32 and out.shape == bundle["out"].shape
-    torch.testing.assert_close(out, bundle["out"], atol=TOL, rtol=0)
+    torch.testing.assert_close(out.cpu(), bundle["out"], atol=TOL, rtol=0)
     mids = [k for k in bundle.tensors if k.startswith("mid.")]
     assert len(mids) >= 11
     for key in mids:
         name, _, call = key[4:].partition(".call")
-        got = seen[name][int(call or 0)]
+        got = seen[name][int(call or 0)].cpu()
         torch.testing.assert_close(got, bundle[key], atol=TOL, rtol=0, msg=lambda m: f"{key}: {m}")
 
 
