@@ -140,9 +140,10 @@ def sample(
         kwargs["y"] = y
         kwargs["mask"] = y_mask
 
-    if noise_sampler is None:
-        def noise_sampler(step: int, like: Tensor) -> Tensor:
-            return torch.randn(like.shape, generator=generator, dtype=like.dtype, device=like.device)
+    def draw(step: int, like: Tensor) -> Tensor:
+        if noise_sampler is not None:
+            return noise_sampler(step, like)
+        return torch.randn(like.shape, generator=generator, dtype=like.dtype, device=like.device)
 
     noise_added = None if frame_mask is None else frame_mask == 1  # [B, T] bool
     total = len(timesteps)
@@ -151,7 +152,7 @@ def sample(
         if frame_mask is not None:
             mask_t = frame_mask * num_timesteps
             x0 = z.clone()
-            x_noise = add_noise(x0, noise_sampler(i, x0), t, num_timesteps)
+            x_noise = add_noise(x0, draw(i, x0), t, num_timesteps)
             upper = mask_t >= t.unsqueeze(1)  # [B, T]
             z = torch.where(_bcast(upper & ~noise_added, 5), x_noise, x0)
             noise_added = upper
