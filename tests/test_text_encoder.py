@@ -241,38 +241,49 @@ def test_bad_cache_argument(tokenizer):
 # ---- offloading -------------------------------------------------------------------------------
 
 
-def record_moves(encoder):
-    """Record the model's .to() targets without moving (stands in for a GPU on CPU machines)."""
-    moves = []
+# On CPU-only machines "cpu:0" stands in for a second device: it differs from "cpu" as a
+# torch.device, so the offload path copies and swaps the weights exactly as with a GPU.
 
-    def fake_to(*args, **kwargs):
-        moves.append(str(torch.device(args[0] if args else kwargs["device"])))
-        return encoder.model
 
-    encoder.model.to = fake_to
-    return moves
+def weight_ptrs(encoder):
+    return [t.data_ptr() for _, t in encoder._weights()]
 
 
 def test_offload_after_encode_moves_off_and_back(tokenizer):
-    enc = make_encoder(tokenizer, model_max_length=16, offload_after_encode=True, offload_device="meta", cache=True)
-    moves = record_moves(enc)
-    enc.encode("a cat")
-    assert moves == ["meta"] and enc.is_offloaded and enc.offload_count == 1
+    enc = make_encoder(tokenizer, model_max_length=16, offload_after_encode=True, offload_device="cpu:0", cache=True)
+    resident = weight_ptrs(enc)
+    first = enc.encode("a cat")
+    assert enc.is_offloaded and (enc.offload_count, enc.onload_count) == (1, 0)
+    host = weight_ptrs(enc)
+    assert all(a != b for a, b in zip(host, resident))  # weights now live in the host copy
     enc.encode("a cat")  # a cache hit needs no T5: nothing moves
-    assert moves == ["meta"]
-    enc.encode("a dog")  # back to the compute device, encode, off again
-    assert moves == ["meta", "cpu", "meta"] and enc.offload_count == 2
+    assert (enc.offload_count, enc.onload_count) == (1, 0)
+    calls = count_forward(enc)
+    second = enc.encode(["a dog", "a cat"])  # back to the compute device, encode, off again
+    assert calls == [1] and (enc.offload_count, enc.onload_count) == (2, 1) and enc.is_offloaded
+    assert weight_ptrs(enc) == host  # the host copy is made once and reused
+    assert torch.equal(second.y[1], first.y[0])
 
 
-def test_explicit_offload_is_idempotent_and_real_moves_work(tokenizer):
-    enc = make_encoder(tokenizer, model_max_length=16)
+def test_explicit_offload_is_idempotent_and_values_survive(tokenizer):
+    enc = make_encoder(tokenizer, model_max_length=16, offload_device="cpu:0")
     before = enc.encode("a cat").y
+    state = {k: v.clone() for k, v in enc.model.state_dict().items()}
     enc.offload()
     enc.offload()
     assert enc.is_offloaded and enc.offload_count == 1
     enc.onload()
-    assert not enc.is_offloaded
+    enc.onload()
+    assert not enc.is_offloaded and enc.onload_count == 1
+    assert all(torch.equal(v, state[k]) for k, v in enc.model.state_dict().items())
     assert torch.equal(enc.encode("a cat").y, before)
+
+
+def test_offload_to_the_compute_device_is_bookkeeping_only(tokenizer):
+    enc = make_encoder(tokenizer, model_max_length=16, offload_after_encode=True)
+    resident = weight_ptrs(enc)
+    enc.encode("a cat")
+    assert enc.is_offloaded and weight_ptrs(enc) == resident
 
 
 # ---- loading from a folder, offline errors ----------------------------------------------------

@@ -257,7 +257,9 @@ class T5TextEncoder:
         self.cache = _as_cache(cache)
         self.name = name
         self.offload_count = 0  # how many times the weights left `device`
+        self.onload_count = 0  # how many times they came back
         self._offloaded = False
+        self._host_copy: dict[str, torch.Tensor] | None = None
         self._identity: str | None = None
 
     # ---- construction ------------------------------------------------------------------
@@ -394,21 +396,49 @@ class T5TextEncoder:
 
     # ---- memory ------------------------------------------------------------------------
 
+    def _weights(self) -> list[tuple[str, torch.Tensor]]:
+        # named_* skip repeats, so the tied shared / embed_tokens table appears once
+        return list(self.model.named_parameters()) + list(self.model.named_buffers())
+
     def offload(self) -> None:
-        """Move the weights to `offload_device` (and release the accelerator's cached blocks)."""
+        """Free the weights on `device`; they wait in a host copy on `offload_device`.
+
+        T5 is frozen, so the host copy is made once (pinned when the accelerator is CUDA)
+        and kept: later offloads only drop the accelerator's tensors (no transfer), and
+        `onload` copies them back. The price is host memory for one copy of the weights
+        while T5 is resident too. Offloading to the device T5 runs on changes nothing.
+        """
         if self._offloaded:
             return
-        self.model.to(self.offload_device)
+        if self.offload_device != self.device:
+            if self._host_copy is None:
+                self._host_copy = {name: self._to_host(t) for name, t in self._weights()}
+            for name, tensor in self._weights():
+                tensor.data = self._host_copy[name]
+            if self.device.type == "cuda" and torch.cuda.is_available():
+                torch.cuda.empty_cache()
         self._offloaded = True
         self.offload_count += 1
-        if self.device.type == "cuda" and torch.cuda.is_available():
-            torch.cuda.empty_cache()
 
     def onload(self) -> None:
         """Bring the weights back to `device` (a no-op when they are there)."""
-        if self._offloaded:
-            self.model.to(self.device)
-            self._offloaded = False
+        if not self._offloaded:
+            return
+        if self.offload_device != self.device:
+            pinned = self._host_copy is not None and self.device.type == "cuda"
+            for _, tensor in self._weights():
+                tensor.data = tensor.data.to(self.device, non_blocking=pinned)
+        self._offloaded = False
+        self.onload_count += 1
+
+    def _to_host(self, tensor: torch.Tensor) -> torch.Tensor:
+        pin = self.device.type == "cuda" and self.offload_device.type == "cpu"
+        if pin:
+            try:
+                return torch.empty_like(tensor, device="cpu", pin_memory=True).copy_(tensor)
+            except RuntimeError:  # page-locked memory refused: a plain copy moves slower
+                pass
+        return tensor.detach().to(self.offload_device, copy=True)
 
     # ---- encoding ----------------------------------------------------------------------
 
