@@ -13,7 +13,9 @@ with `opensora_sdk.text.process_prompt`.
 
 Memory: the encoder runs in the dtype you choose (official inference: float32, ~19 GB for
 T5-XXL; training used bfloat16). With `offload_after_encode=True` the weights leave the
-accelerator as soon as a batch is encoded and come back on the next encode that needs them.
+accelerator as soon as a batch is encoded and come back on the next encode that needs them;
+the first offload keeps a (pinned) host copy of the frozen weights, so later offloads need no
+transfer and each return is one host-to-device copy.
 An `EmbeddingCache` (in-memory LRU, optionally backed by a folder of .safetensors files)
 skips T5 entirely for prompts it has already seen.
 
