@@ -15,6 +15,12 @@ from opensora_sdk.models.attention import attention, available_backends
 from opensora_sdk.models.layers import RotaryEmbedding
 
 TOL = 1e-5
+# Golden tolerances. The output holds to 1e-5 on CPUs (2e-6 on the reference CPU, 9e-6 on
+# another Xeon with torch 2.11); float32 GEMMs on a GPU (TF32 off) accumulate in another order
+# and reach 1.6e-5. The intermediate activations are for localising a mismatch; the residual
+# stream grows across blocks, so they get a looser bound.
+GOLDEN_OUT_TOL = {"cpu": 1e-5, "cuda": 5e-5}
+GOLDEN_MID_TOL = 5e-5
 
 
 def tiny(**overrides) -> STDiT3Config:
@@ -116,13 +122,13 @@ def test_golden_forward_and_intermediates(golden, name, device):
     finally:
         torch.set_float32_matmul_precision(precision)
     assert out.dtype == torch.float32 and out.shape == bundle["out"].shape
-    torch.testing.assert_close(out.cpu(), bundle["out"], atol=TOL, rtol=0)
+    torch.testing.assert_close(out.cpu(), bundle["out"], atol=GOLDEN_OUT_TOL[device], rtol=0)
     mids = [k for k in bundle.tensors if k.startswith("mid.")]
     assert len(mids) >= 11
     for key in mids:
         name, _, call = key[4:].partition(".call")
         got = seen[name][int(call or 0)].cpu()
-        torch.testing.assert_close(got, bundle[key], atol=TOL, rtol=0, msg=lambda m: f"{key}: {m}")
+        torch.testing.assert_close(got, bundle[key], atol=GOLDEN_MID_TOL, rtol=0, msg=lambda m: f"{key}: {m}")
 
 
 def test_golden_b_uses_condition_frames(golden):
