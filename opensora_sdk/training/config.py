@@ -1,0 +1,204 @@
+"""The training config: inert YAML read into dataclasses, every key checked.
+
+Each section below is one YAML mapping; a key that is not a field is an error naming the
+section, the key and the allowed keys. Defaults are the official v1.2 settings where one
+exists (spec 7.5, 7.6). `--set a.b=value` overrides (value parsed as YAML) are applied before
+checking, so they are validated the same way.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+PRECISIONS = (None, "no", "fp16", "bf16")
+
+
+@dataclass
+class ModelSection:
+    preset: str | None = "STDiT3-XL/2"  # a name of STDIT3_PRESETS, used when from_pretrained is null
+    from_pretrained: str | None = None  # folder, file or hub id of STDiT3 weights
+    config_overrides: dict = field(default_factory=dict)  # STDiT3Config fields, e.g. freeze_y_embedder
+    gradient_checkpointing: bool = False
+    attention_backend: str = "sdpa"
+    official_bf16_quantization: bool = False
+
+
+@dataclass
+class VAESection:
+    preset: str | None = "OpenSoraVAE_V1_2"  # VAE_PRESETS name (random weights) when from_pretrained is null
+    from_pretrained: str | None = None  # e.g. hpcai-tech/OpenSora-VAE-v1.2
+    dtype: str = "bf16"
+    micro_batch_size: int | None = None  # frames per spatial encode call (None: the config's)
+
+
+@dataclass
+class TextEncoderSection:
+    from_pretrained: str | None = None  # folder or hub id of a T5 encoder, e.g. DeepFloyd/t5-v1_1-xxl
+    tiny_t5: dict | None = None  # random tiny T5 (built-in tokenizer) with these T5Config overrides
+    model_max_length: int = 300
+    dtype: str = "bf16"
+
+
+@dataclass
+class DataSection:
+    csv: str | None = None  # .csv or .parquet with path, text, num_frames, height, width
+    frame_interval: int = 1
+    buckets: dict = field(default_factory=dict)  # {resolution: {num_frames: [keep_prob, batch_size]}}
+    extra_resolutions: dict = field(default_factory=dict)  # {name: pixel count} for small custom buckets
+    score_columns: dict = field(default_factory=dict)  # {aes|flow|camera_motion: column}
+    score_format: str = "inference"
+    score_drop_prob: float = 0.0
+    num_workers: int = 0
+    pin_memory: bool = False
+    drop_last: bool = True
+
+
+@dataclass
+class FeaturesSection:
+    dir: str | None = None  # set to train on precomputed VAE latents + T5 embeddings
+    dtype: str = "fp32"  # storage dtype (bf16 halves the disk use)
+    batch_size: int = 8  # samples per VAE/T5 call during extraction
+    shard_size: int = 256  # samples per safetensors shard
+
+
+@dataclass
+class OptimSection:
+    lr: float = 1e-4
+    eps: float = 1e-15
+    weight_decay: float = 0.0
+    betas: tuple = (0.9, 0.999)
+    warmup_steps: int = 1000  # linear warm-up: lr_k = (k+1)/(warmup+1) * lr for k < warmup
+    grad_clip: float = 1.0
+    ema_decay: float = 0.99
+    gradient_accumulation_steps: int = 1
+
+
+@dataclass
+class TrainConfig:
+    seed: int = 42
+    output_dir: str = "outputs/run"
+    max_steps: int = 1000  # optimizer steps
+    epochs: int = 1000
+    mixed_precision: str | None = None  # no | fp16 | bf16; null: accelerate's setting
+    cpu_threads: int | None = None
+    log_every: int = 10
+    ckpt_every: int = 200
+    keep_last: int | None = None  # keep only the newest N checkpoints
+    tensorboard: bool = True  # used when the tensorboard package is installed
+    sp_size: int = 1  # sequence parallelism degree (needs opensora_sdk.distributed)
+    mask_ratios: Any = "stage1"  # preset name, {type: ratio} or null
+    scheduler: dict = field(default_factory=dict)  # RectifiedFlow fields (official training defaults)
+    model: ModelSection = field(default_factory=ModelSection)
+    vae: VAESection = field(default_factory=VAESection)
+    text_encoder: TextEncoderSection = field(default_factory=TextEncoderSection)
+    data: DataSection = field(default_factory=DataSection)
+    features: FeaturesSection = field(default_factory=FeaturesSection)
+    optim: OptimSection = field(default_factory=OptimSection)
+
+
+_SECTION_TYPES = {
+    "model": ModelSection, "vae": VAESection, "text_encoder": TextEncoderSection, "data": DataSection,
+    "features": FeaturesSection, "optim": OptimSection,
+}  # fmt: skip
+
+
+def _build(cls, data: dict, where: str):
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ValueError(f"config section {where!r} must be a mapping, got {data!r}")
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        raise ValueError(f"config section {where!r}: unknown key(s) {unknown}; allowed: {sorted(names)}")
+    kwargs = {}
+    for key, value in data.items():
+        if key in _SECTION_TYPES and cls is TrainConfig:
+            value = _build(_SECTION_TYPES[key], value, key)
+        kwargs[key] = value
+    return cls(**kwargs)
+
+
+def apply_override(data: dict, assignment: str) -> None:
+    """Apply "a.b.c=value" (value parsed as YAML) to nested dict `data` in place."""
+    if "=" not in assignment:
+        raise ValueError(f"--set {assignment!r} is not allowed: expected key.path=value, e.g. optim.lr=3e-4")
+    path, _, raw = assignment.partition("=")
+    keys = path.strip().split(".")
+    node = data
+    for key in keys[:-1]:
+        node = node.setdefault(key, {})
+        if not isinstance(node, dict):
+            raise ValueError(f"--set {assignment!r}: {key!r} is not a section")
+    node[keys[-1]] = yaml.safe_load(raw)
+
+
+def load_train_config(path: str | Path | None, overrides: list[str] | None = None) -> TrainConfig:
+    """Read a YAML training config (or the defaults when `path` is None), apply overrides, check it."""
+    data = {}
+    if path is not None:
+        with open(path, encoding="utf-8") as f:
+            data = yaml.safe_load(f) or {}
+        if not isinstance(data, dict):
+            raise ValueError(f"training config {str(path)!r} must be a YAML mapping at the top level")
+    for assignment in overrides or []:
+        apply_override(data, assignment)
+    cfg = _build(TrainConfig, data, "top level")
+    check_config(cfg)
+    return cfg
+
+
+def _check(cond: bool, field_name: str, value, allowed: str) -> None:
+    if not cond:
+        raise ValueError(f"config {field_name}={value!r} is not allowed: {allowed}")
+
+
+def _pos_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
+
+
+def check_config(cfg: TrainConfig) -> None:
+    _check(cfg.mixed_precision in PRECISIONS, "mixed_precision", cfg.mixed_precision, f"one of {PRECISIONS}")
+    for name in ("max_steps", "epochs", "log_every", "ckpt_every", "sp_size"):
+        _check(_pos_int(getattr(cfg, name)), name, getattr(cfg, name), "an integer >= 1")
+    _check(cfg.keep_last is None or _pos_int(cfg.keep_last), "keep_last", cfg.keep_last, "null or an integer >= 1")
+    _check(cfg.cpu_threads is None or _pos_int(cfg.cpu_threads), "cpu_threads", cfg.cpu_threads, "null or an integer >= 1")
+    m = cfg.model
+    _check(m.preset is not None or m.from_pretrained is not None, "model.preset", m.preset,
+           "a preset name, or null with model.from_pretrained set")  # fmt: skip
+    o = cfg.optim
+    _check(isinstance(o.lr, (int, float)) and o.lr > 0, "optim.lr", o.lr, "a number > 0 (official 1e-4)")
+    _check(isinstance(o.eps, (int, float)) and o.eps > 0, "optim.eps", o.eps, "a number > 0 (official 1e-15)")
+    _check(isinstance(o.weight_decay, (int, float)) and o.weight_decay >= 0, "optim.weight_decay", o.weight_decay, "a number >= 0")
+    _check(isinstance(o.betas, (list, tuple)) and len(o.betas) == 2, "optim.betas", o.betas, "two numbers in [0, 1)")
+    o.betas = tuple(float(b) for b in o.betas)
+    _check(isinstance(o.warmup_steps, int) and o.warmup_steps >= 0, "optim.warmup_steps", o.warmup_steps, "an integer >= 0")
+    _check(isinstance(o.grad_clip, (int, float)) and o.grad_clip >= 0, "optim.grad_clip", o.grad_clip, "a number >= 0 (0 = off)")
+    _check(_pos_int(o.gradient_accumulation_steps), "optim.gradient_accumulation_steps", o.gradient_accumulation_steps, "an integer >= 1")
+    d = cfg.data
+    _check(d.csv is not None, "data.csv", d.csv, "a path to a .csv or .parquet file")
+    _check(bool(d.buckets), "data.buckets", d.buckets, "a mapping {resolution: {num_frames: [keep_prob, batch_size]}}")
+    _check(_pos_int(d.frame_interval), "data.frame_interval", d.frame_interval, "an integer >= 1")
+    _check(isinstance(d.num_workers, int) and d.num_workers >= 0, "data.num_workers", d.num_workers, "an integer >= 0")
+    t = cfg.text_encoder
+    _check((t.from_pretrained is None) != (t.tiny_t5 is None), "text_encoder.from_pretrained", t.from_pretrained,
+           "set exactly one of text_encoder.from_pretrained and text_encoder.tiny_t5")  # fmt: skip
+    _check(_pos_int(cfg.features.batch_size), "features.batch_size", cfg.features.batch_size, "an integer >= 1")
+
+
+def config_as_dict(cfg: TrainConfig) -> dict:
+    """Plain nested dict of a config (for the run folder and trackers)."""
+    return json_safe(dataclasses.asdict(cfg))
+
+
+def json_safe(value):
+    if isinstance(value, dict):
+        return {str(k): json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(v) for v in value]
+    return value

@@ -1,0 +1,450 @@
+"""Train or fine-tune STDiT3 (Open-Sora v1.2) with accelerate.
+
+    accelerate launch training/train.py --config training/configs/tiny_cpu.yaml
+    accelerate launch --config_file training/accelerate/multi_gpu.yaml training/train.py \
+        --config training/configs/finetune_v1.2_80gb.yaml --resume latest
+
+The script reads top to bottom: config -> accelerator -> models -> data -> objective ->
+optimizer -> resume -> loop. Each training feature is a visible block; the reusable parts
+(dataset, buckets, masks, EMA, checkpoints, features) live in `opensora_sdk.training`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import dataclasses
+import json
+import logging
+import resource
+import signal
+import sys
+import time
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import DistributedType, set_seed
+from tqdm.auto import tqdm
+
+from opensora_sdk.configs import STDIT3_PRESETS, VAE_PRESETS, STDiT3Config, preset, read_config_json
+from opensora_sdk.loading import iter_tensors, resolve_checkpoint
+from opensora_sdk.models.stdit3 import STDiT3, infer_config
+from opensora_sdk.models.text_encoder import T5TextEncoder, resolve_dtype, tiny_t5_config
+from opensora_sdk.models.vae import VideoAutoencoder
+from opensora_sdk.schedulers.rflow import RectifiedFlow
+from opensora_sdk.training import checkpoint as ckpt
+from opensora_sdk.training import features as feats
+from opensora_sdk.training.buckets import BucketBatchSampler, BucketConfig
+from opensora_sdk.training.config import config_as_dict, load_train_config
+from opensora_sdk.training.dataset import VideoTextDataset, collate_samples
+from opensora_sdk.training.ema import EMA
+from opensora_sdk.training.masks import MaskGenerator
+
+logger = logging.getLogger("train")
+LOG_COLUMNS = ["step", "epoch", "loss", "lr", "grad_norm", "samples_per_s", "tokens_per_s", "skipped", "peak_mem_mib", "elapsed_s"]
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description="Train STDiT3 with accelerate (see training/README.md).")
+    p.add_argument("--config", required=True, help="training YAML, e.g. training/configs/tiny_cpu.yaml")
+    p.add_argument("--resume", default=None, help="'latest' or a checkpoint folder (output_dir/checkpoints/step-N)")
+    p.add_argument("--max-steps", type=int, default=None, help="override max_steps (optimizer steps)")
+    p.add_argument("--output-dir", default=None, help="override output_dir")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key, e.g. optim.lr=3e-4")
+    return p.parse_args(argv)
+
+
+# ---- model construction ---------------------------------------------------------------------
+
+
+def stdit3_config_of(source: str) -> STDiT3Config:
+    resolved = resolve_checkpoint(source)
+    if resolved.config_file is not None:
+        return read_config_json(STDiT3Config, resolved.config_file)
+    return infer_config({k: tuple(t.shape) for k, t in iter_tensors(resolved.weight_files)})
+
+
+def build_stdit3(section) -> STDiT3:
+    base = stdit3_config_of(section.from_pretrained) if section.from_pretrained else preset(section.preset, STDIT3_PRESETS)
+    try:
+        config = dataclasses.replace(base, **section.config_overrides)
+    except TypeError:
+        allowed = [f.name for f in dataclasses.fields(STDiT3Config)]
+        raise ValueError(f"model.config_overrides={section.config_overrides!r}: unknown field; allowed: {allowed}") from None
+    if section.from_pretrained:
+        model = STDiT3.from_pretrained(section.from_pretrained, config=config,
+                                       official_bf16_quantization=section.official_bf16_quantization)  # fmt: skip
+    else:
+        model = STDiT3(config, official_bf16_quantization=section.official_bf16_quantization)
+    model.set_attention_backend(section.attention_backend)
+    model.enable_gradient_checkpointing(section.gradient_checkpointing)
+    return model.train()
+
+
+def build_vae(section, device) -> VideoAutoencoder:
+    dtype = resolve_dtype(section.dtype)
+    if section.from_pretrained:
+        vae = VideoAutoencoder.from_pretrained(section.from_pretrained, dtype=dtype, device=device)
+    else:
+        logger.warning("vae.from_pretrained is null: the VAE %s has random weights", section.preset)
+        vae = VideoAutoencoder(preset(section.preset, VAE_PRESETS)).to(device, dtype)
+    if section.micro_batch_size:
+        vae.config.micro_batch_size = section.micro_batch_size
+    return vae.eval().requires_grad_(False)
+
+
+def build_text_encoder(section, device) -> T5TextEncoder:
+    if section.from_pretrained:
+        return T5TextEncoder.from_pretrained(section.from_pretrained, section.model_max_length, dtype=section.dtype, device=device)
+    logger.warning("text_encoder.tiny_t5 is set: the T5 encoder has random weights")
+    return T5TextEncoder.from_config(tiny_t5_config(**section.tiny_t5), model_max_length=section.model_max_length,
+                                     dtype=section.dtype, device=device)  # fmt: skip
+
+
+@torch.no_grad()
+def encode_batch(batch, vae, text_encoder, generator, device):
+    """Pixels and captions -> (x0 latents [B, C, T', h, w], y [B, 1, L, C_text], mask [B, L])."""
+    x0 = vae.encode(batch["video"].to(device, vae.dtype), generator=generator).float()
+    y, mask = text_encoder.encode(batch["text"])
+    return x0, y, mask
+
+
+def setup_sequence_parallel(sp_size: int, accelerator: Accelerator, model: STDiT3):
+    """(data-parallel size, data-parallel rank). With sp_size > 1 the SP groups come from the SDK."""
+    if sp_size == 1:
+        return accelerator.num_processes, accelerator.process_index
+    # ---- sequence parallelism (spec 8): every rank of an SP group sees the same batch --------
+    try:
+        from opensora_sdk import distributed
+    except ImportError:
+        raise RuntimeError(f"sp_size={sp_size}: sequence parallelism needs opensora_sdk.distributed, which is not installed; set sp_size: 1") from None
+    world = accelerator.num_processes
+    if world % sp_size:
+        raise ValueError(f"sp_size={sp_size} must divide the number of processes ({world})")
+    if not hasattr(distributed, "sequence_parallel_group") or not hasattr(model, "set_sequence_parallel_group"):
+        raise RuntimeError(f"sp_size={sp_size}: this opensora_sdk.distributed / STDiT3 has no sequence_parallel_group / "
+                           "set_sequence_parallel_group hook yet; set sp_size: 1")  # fmt: skip
+    model.set_sequence_parallel_group(distributed.sequence_parallel_group(sp_size))
+    return world // sp_size, accelerator.process_index // sp_size
+
+
+# ---- distributed-aware state ----------------------------------------------------------------
+
+
+def full_model_state(accelerator, model, is_fsdp):
+    if is_fsdp:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    return {k: v.detach().cpu() for k, v in accelerator.unwrap_model(model).state_dict().items()}
+
+
+def full_optimizer_state(model, optimizer, is_fsdp):
+    if is_fsdp:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+        return get_optimizer_state_dict(model, optimizer.optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    return optimizer.state_dict()
+
+
+def load_full_state(accelerator, model, optimizer, state, is_fsdp):
+    if is_fsdp:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict, set_optimizer_state_dict
+
+        options = StateDictOptions(full_state_dict=True)
+        set_model_state_dict(model, state.model_state, options=options)
+        set_optimizer_state_dict(model, optimizer.optimizer, state.optimizer_state, options=options)
+    else:
+        accelerator.unwrap_model(model).load_state_dict(state.model_state)
+        optimizer.load_state_dict(state.optimizer_state)
+
+
+def peak_memory_mib(device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    scale = 1 if sys.platform == "darwin" else 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale / 2**20
+
+
+class CSVLog:
+    """Rows in logs/train_log.csv: a fresh file, or on resume the old rows up to the resumed step."""
+
+    def __init__(self, path: Path, resume_step: int | None):
+        self.path = path
+        path.parent.mkdir(parents=True, exist_ok=True)
+        rows = []
+        if path.exists() and resume_step is not None:
+            with open(path, newline="") as f:
+                rows = [r for r in csv.DictReader(f) if int(r["step"]) <= resume_step]
+        with open(path, "w", newline="") as f:
+            writer = csv.DictWriter(f, LOG_COLUMNS)
+            writer.writeheader()
+            writer.writerows(rows)
+
+    def write(self, row: dict) -> None:
+        with open(self.path, "a", newline="") as f:
+            csv.DictWriter(f, LOG_COLUMNS).writerow({k: row.get(k, "") for k in LOG_COLUMNS})
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    overrides = list(args.set) + ([f"max_steps={args.max_steps}"] if args.max_steps else [])
+    overrides += [f"output_dir={args.output_dir}"] if args.output_dir else []
+    cfg = load_train_config(args.config, overrides)
+    out = Path(cfg.output_dir)
+
+    # ---- accelerator: devices, processes, mixed precision, gradient accumulation -------------
+    use_tb = False
+    if cfg.tensorboard:
+        try:
+            import tensorboard  # noqa: F401
+
+            use_tb = True
+        except ImportError:
+            pass
+    accelerator = Accelerator(
+        mixed_precision=cfg.mixed_precision,
+        gradient_accumulation_steps=cfg.optim.gradient_accumulation_steps,
+        log_with="tensorboard" if use_tb else None,
+        project_dir=str(out),
+    )
+    logging.basicConfig(level=logging.INFO if accelerator.is_main_process else logging.WARNING,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", force=True)  # fmt: skip
+    if cfg.cpu_threads:
+        torch.set_num_threads(cfg.cpu_threads)
+    device, is_main, rank = accelerator.device, accelerator.is_main_process, accelerator.process_index
+    is_fsdp = accelerator.distributed_type == DistributedType.FSDP
+    set_seed(cfg.seed)
+    if is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        if not args.resume and ckpt.list_checkpoints(out / "checkpoints"):
+            logger.warning("%s already holds checkpoints; this run starts from scratch (use --resume latest to continue)", out)
+        (out / "config.json").write_text(json.dumps(config_as_dict(cfg), indent=2) + "\n")
+
+    # ---- the diffusion model (seeded on its own, so the frozen models' order does not matter)
+    torch.manual_seed(cfg.seed)
+    model = build_stdit3(cfg.model)
+    dp_size, dp_rank = setup_sequence_parallel(cfg.sp_size, accelerator, model)
+
+    # ---- data: CSV -> buckets -> batches of one shape per step ------------------------------
+    buckets = BucketConfig(cfg.data.buckets, cfg.data.extra_resolutions)
+    dataset = VideoTextDataset(cfg.data.csv, frame_interval=cfg.data.frame_interval, seed=cfg.seed,
+                               score_columns=cfg.data.score_columns, score_format=cfg.data.score_format,
+                               score_drop_prob=cfg.data.score_drop_prob)  # fmt: skip
+    sampler_args = dict(seed=cfg.seed, frame_interval=cfg.data.frame_interval, num_replicas=dp_size, rank=dp_rank,
+                        drop_last=cfg.data.drop_last)  # fmt: skip
+    sampler = BucketBatchSampler(dataset.sizes, buckets, **sampler_args)
+
+    # ---- frozen VAE and T5, or precomputed features (encode once, then train without them) --
+    vae = text_encoder = None
+    encode_gen = torch.Generator(device).manual_seed(cfg.seed + 1000 * (dp_rank + 1))
+    if cfg.features.dir:
+        meta = {"data": str(Path(cfg.data.csv).resolve()), "frame_interval": cfg.data.frame_interval, "seed": cfg.seed,
+                "buckets": cfg.data.buckets, "extra_resolutions": cfg.data.extra_resolutions,
+                "score_columns": cfg.data.score_columns, "score_format": cfg.data.score_format,
+                "score_drop_prob": cfg.data.score_drop_prob, "dtype": cfg.features.dtype,
+                "vae": dataclasses.asdict(cfg.vae), "text_encoder": dataclasses.asdict(cfg.text_encoder)}  # fmt: skip
+        if not feats.check_existing(cfg.features.dir, meta):
+            torch.manual_seed(cfg.seed + 1)
+            text_encoder = build_text_encoder(cfg.text_encoder, device)
+            torch.manual_seed(cfg.seed + 2)
+            vae = build_vae(cfg.vae, device)
+            writer = feats.FeatureWriter(cfg.features.dir, rank=rank, shard_size=cfg.features.shard_size,
+                                         dtype=feats.feature_dtype(cfg.features.dtype))  # fmt: skip
+            plan = feats.extraction_plan(sampler.assign(0), cfg.features.batch_size, rank, accelerator.num_processes)
+            for bucket, ids in tqdm(plan, desc="extracting features", disable=not is_main):
+                T, H, W = buckets.shape(bucket)
+                batch = collate_samples([dataset[f"{i}-{T}-{H}-{W}"] for i in ids])
+                x0, y, mask = encode_batch(batch, vae, text_encoder, encode_gen, device)
+                for j in range(len(ids)):
+                    writer.add(index=int(batch["index"][j]), bucket=bucket, x=x0[j], y=y[j, 0], mask=mask[j],
+                               text=batch["text"][j], fps=float(batch["fps"][j]), num_frames=T, height=H, width=W)  # fmt: skip
+            writer.close()
+            accelerator.wait_for_everyone()
+            if is_main:
+                feats.merge_indices(cfg.features.dir, accelerator.num_processes, meta)
+            accelerator.wait_for_everyone()
+            vae = text_encoder = None  # not needed any more: free their memory
+        dataset = feats.FeatureDataset(cfg.features.dir, model_max_length=model.config.model_max_length)
+        sampler = BucketBatchSampler(None, buckets, assignments=dataset.assignments, **sampler_args)
+    else:
+        torch.manual_seed(cfg.seed + 1)
+        text_encoder = build_text_encoder(cfg.text_encoder, device)
+        torch.manual_seed(cfg.seed + 2)
+        vae = build_vae(cfg.vae, device)
+    if text_encoder is not None and (text_encoder.model_max_length, text_encoder.output_dim) != (
+        model.config.model_max_length, model.config.caption_channels):
+        raise ValueError(f"text encoder gives [{text_encoder.model_max_length}, {text_encoder.output_dim}] features but the model expects "
+                         f"model_max_length={model.config.model_max_length}, caption_channels={model.config.caption_channels}")  # fmt: skip
+    loader = torch.utils.data.DataLoader(dataset, batch_sampler=sampler, collate_fn=collate_samples,
+                                         num_workers=cfg.data.num_workers, pin_memory=cfg.data.pin_memory)  # fmt: skip
+    if is_main:
+        logger.info("%d samples, %d micro-batches per epoch (all ranks); buckets %s", len(dataset),
+                    len(sampler.epoch_batches(0)), sampler.describe(0))  # fmt: skip
+
+    # ---- objective: rectified flow (logit-normal t + warp), frame masks, caption dropout ----
+    scheduler = RectifiedFlow(**cfg.scheduler)
+    mask_generator = MaskGenerator(cfg.mask_ratios, seed=cfg.seed + 7919 * (dp_rank + 1))
+    train_gen = torch.Generator(device).manual_seed(cfg.seed + 104729 * (dp_rank + 1))  # t, noise, caption drop
+
+    # ---- optimizer (official AdamW settings), linear warm-up, EMA ---------------------------
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=cfg.optim.lr, betas=cfg.optim.betas, eps=cfg.optim.eps,
+                                  weight_decay=cfg.optim.weight_decay)  # fmt: skip
+    warmup = cfg.optim.warmup_steps
+    lr_scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda k: min(1.0, (k + 1) / (warmup + 1)) if warmup else 1.0)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    unwrapped = accelerator.unwrap_model(model)
+    params = [p for p in model.parameters() if p.requires_grad]
+    ema = EMA(unwrapped, decay=cfg.optim.ema_decay)
+    if is_main:
+        n_train = sum(p.numel() for p in unwrapped.parameters() if p.requires_grad)
+        logger.info("STDiT3: %.1fM trainable parameters; %d processes (dp %d, sp %d); %s", n_train / 1e6,
+                    accelerator.num_processes, dp_size, cfg.sp_size, accelerator.mixed_precision)  # fmt: skip
+
+    # ---- resume: weights, EMA, optimizer, scheduler, sampler position, RNG states ----------
+    step, epoch, batches_in_epoch = 0, 0, 0
+    ckpt_root = out / "checkpoints"
+    if args.resume:
+        folder = ckpt.resolve_resume(args.resume, ckpt_root)
+        state = ckpt.load_checkpoint(folder, rank=rank)
+        load_full_state(accelerator, model, optimizer, state, is_fsdp)
+        ema.load_state_dict({k: state.ema_state[k] for k in ema.shadow})
+        lr_scheduler.load_state_dict(state.scheduler_state)
+        if state.scaler_state is not None and accelerator.scaler is not None:
+            accelerator.scaler.load_state_dict(state.scaler_state)
+        sampler.load_state_dict(state.sampler_state)
+        if state.rng_state is None or state.train_state.get("world_size") != accelerator.num_processes:
+            logger.warning("no RNG state for rank %d of %d in %s: continuing with fresh draws (not bit-exact)",
+                           rank, accelerator.num_processes, folder)  # fmt: skip
+        else:
+            ckpt.restore_rng_state(state.rng_state, {"train": train_gen, "encode": encode_gen})
+            mask_generator.load_state_dict(state.rng_state["mask_generator"])
+        step, epoch = int(state.train_state["step"]), sampler.epoch
+        batches_in_epoch = sampler.start_position // dp_size
+        logger.info("resumed from %s at step %d (epoch %d, micro-batch %d)", folder, step, epoch, batches_in_epoch)
+
+    def save(step_now: int) -> Path:
+        rng = ckpt.capture_rng_state({"train": train_gen, "encode": encode_gen}, {"mask_generator": mask_generator.state_dict()})
+        model_state = full_model_state(accelerator, model, is_fsdp)  # collective under FSDP
+        ema_state = ema.full_state_dict(unwrapped)  # collective under FSDP
+        optim_state = full_optimizer_state(model, optimizer, is_fsdp)
+        return ckpt.save_checkpoint(
+            ckpt_root, step_now, rank=rank, is_main=is_main, barrier=accelerator.wait_for_everyone,
+            model_config=unwrapped.config, model_state=model_state, ema_state=ema_state, optimizer_state=optim_state,
+            scheduler_state=lr_scheduler.state_dict(),
+            scaler_state=accelerator.scaler.state_dict() if accelerator.scaler is not None else None,
+            sampler_state=sampler.state_dict(batches_in_epoch), rng_state=rng,
+            train_state={"epoch": epoch, "batches_in_epoch": batches_in_epoch, "world_size": accelerator.num_processes,
+                         "dp_size": dp_size, "time": time.time()},
+            keep_last=cfg.keep_last,
+        )  # fmt: skip
+
+    # ---- SIGTERM: finish the current step, save, exit cleanly ---------------------------------
+    stop = {"requested": False}
+
+    def on_sigterm(signum, frame):
+        stop["requested"] = True
+
+    previous_handler = signal.signal(signal.SIGTERM, on_sigterm)
+
+    def stop_requested() -> bool:
+        flag = torch.tensor([1.0 if stop["requested"] else 0.0], device=device)
+        return bool(accelerator.reduce(flag, "max").item() > 0) if accelerator.num_processes > 1 else bool(flag.item())
+
+    # ---- logs: tqdm, CSV, TensorBoard ---------------------------------------------------------
+    log = CSVLog(out / "logs" / "train_log.csv", step if args.resume else None) if is_main else None
+    if use_tb:
+        accelerator.init_trackers("tb")
+    progress = tqdm(total=cfg.max_steps, initial=step, disable=not is_main, desc="train", dynamic_ncols=True)
+    window = {"loss": 0.0, "micro": 0, "samples": 0, "tokens": 0, "skipped": 0, "t0": time.perf_counter()}
+    pt, ph, pw = unwrapped.config.patch_size
+    total_skipped, last_loss, grad_norm, t_start, saved_at = 0, float("nan"), float("nan"), time.perf_counter(), None
+
+    # ---- the loop -------------------------------------------------------------------------------
+    model.train()
+    done = step >= cfg.max_steps
+    while not done and epoch < cfg.epochs:
+        sampler.set_epoch(epoch)
+        dataset.set_epoch(epoch)
+        for batch in loader:
+            with accelerator.accumulate(model):
+                if vae is None:  # precomputed features
+                    x0, y, mask = batch["x"].to(device), batch["y"].to(device), batch["mask"].to(device)
+                else:
+                    x0, y, mask = encode_batch(batch, vae, text_encoder, encode_gen, device)
+                model_kwargs = {
+                    "y": y, "mask": mask, "fps": batch["fps"].to(device), "height": batch["height"].to(device),
+                    "width": batch["width"].to(device), "num_frames": batch["num_frames"].to(device),
+                    "generator": train_gen,  # the 10% caption drop of the model's y_embedder (train mode)
+                }  # fmt: skip
+                x_mask = mask_generator.get_masks(x0) if mask_generator.mask_ratios else None
+                loss = scheduler.training_loss(model, x0, model_kwargs, mask=x_mask, generator=train_gen).mean()
+                accelerator.backward(loss)
+                if accelerator.sync_gradients and cfg.optim.grad_clip > 0:
+                    grad_norm = accelerator.clip_grad_norm_(params, cfg.optim.grad_clip)
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+            batches_in_epoch += 1
+            B, _, T, H, W = x0.shape
+            window["loss"] += loss.detach().double()  # a tensor: no device sync per step
+            window["micro"] += 1
+            window["samples"] += B
+            window["tokens"] += B * -(-T // pt) * -(-H // ph) * -(-W // pw)
+            window["skipped"] += len(batch["skipped"])
+            if not accelerator.sync_gradients:
+                continue
+            if not accelerator.optimizer_step_was_skipped:  # fp16 overflow: keep the schedule in place
+                lr_scheduler.step()
+            ema.update(unwrapped)
+            step += 1
+            progress.update(1)
+
+            if step % cfg.log_every == 0 or step == cfg.max_steps:
+                stats = torch.stack([torch.as_tensor(window[k], dtype=torch.float64, device=device)
+                                     for k in ("loss", "micro", "samples", "tokens", "skipped")])  # fmt: skip
+                stats = accelerator.reduce(stats, "sum") if accelerator.num_processes > 1 else stats
+                seconds = time.perf_counter() - window["t0"]
+                total_skipped += int(stats[4])
+                last_loss = float(stats[0] / stats[1])
+                row = {"step": step, "epoch": epoch, "loss": round(last_loss, 6), "lr": lr_scheduler.get_last_lr()[0],
+                       "grad_norm": round(float(grad_norm), 6), "samples_per_s": round(float(stats[2]) / seconds, 3),
+                       "tokens_per_s": round(float(stats[3]) / seconds, 1), "skipped": total_skipped,
+                       "peak_mem_mib": round(peak_memory_mib(device), 1), "elapsed_s": round(time.perf_counter() - t_start, 2)}  # fmt: skip
+                if is_main:
+                    log.write(row)
+                    progress.set_postfix(loss=f"{last_loss:.4f}", lr=f"{row['lr']:.2e}", sps=row["samples_per_s"])
+                if use_tb:
+                    accelerator.log({k: v for k, v in row.items() if k != "step"}, step=step)
+                window = {"loss": 0.0, "micro": 0, "samples": 0, "tokens": 0, "skipped": 0, "t0": time.perf_counter()}
+
+            done = step >= cfg.max_steps or stop_requested()
+            if step % cfg.ckpt_every == 0 or done:
+                saved_at = save(step)
+                if is_main:
+                    logger.info("saved %s", saved_at)
+            if done:
+                break
+        else:  # the epoch ran out
+            epoch, batches_in_epoch = epoch + 1, 0
+    progress.close()
+    signal.signal(signal.SIGTERM, previous_handler)
+
+    # ---- end: ranks must hold the same weights; summary for scripts and tests ------------------
+    digest = torch.stack([p.detach().double().sum() for p in unwrapped.parameters()])[None]  # [1, n]
+    digests = accelerator.gather(digest.to(device)).cpu() if not is_fsdp else digest.cpu()
+    summary = {"step": step, "epoch": epoch, "stopped_by_signal": stop["requested"], "last_loss": last_loss,
+               "skipped": total_skipped, "world_size": accelerator.num_processes,
+               "ranks_in_sync": None if is_fsdp else bool((digests == digests[:1]).all()),
+               "param_digest": [float(d.sum()) for d in digests], "checkpoint": str(saved_at) if saved_at else None,
+               "peak_mem_mib": round(peak_memory_mib(device), 1), "wall_s": round(time.perf_counter() - t_start, 2)}  # fmt: skip
+    if is_main:
+        (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    if use_tb:
+        accelerator.end_training()
+    return summary
+
+
+if __name__ == "__main__":
+    main()
