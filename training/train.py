@@ -203,7 +203,9 @@ def main(argv=None) -> dict:
             use_tb = True
         except ImportError:
             pass
+    no_accelerator = not (torch.cuda.is_available() or torch.backends.mps.is_available())
     accelerator = Accelerator(
+        cpu=no_accelerator,  # several processes on a machine without GPUs: gloo DDP on the CPU
         mixed_precision=cfg.mixed_precision,
         gradient_accumulation_steps=cfg.optim.gradient_accumulation_steps,
         log_with="tensorboard" if use_tb else None,
@@ -395,6 +397,7 @@ def main(argv=None) -> dict:
             window["skipped"] += len(batch["skipped"])
             if not accelerator.sync_gradients:
                 continue
+            lr_used = lr_scheduler.get_last_lr()[0]
             if not accelerator.optimizer_step_was_skipped:  # fp16 overflow: keep the schedule in place
                 lr_scheduler.step()
             ema.update(unwrapped)
@@ -408,7 +411,7 @@ def main(argv=None) -> dict:
                 seconds = time.perf_counter() - window["t0"]
                 total_skipped += int(stats[4])
                 last_loss = float(stats[0] / stats[1])
-                row = {"step": step, "epoch": epoch, "loss": round(last_loss, 6), "lr": lr_scheduler.get_last_lr()[0],
+                row = {"step": step, "epoch": epoch, "loss": round(last_loss, 6), "lr": lr_used,
                        "grad_norm": round(float(grad_norm), 6), "samples_per_s": round(float(stats[2]) / seconds, 3),
                        "tokens_per_s": round(float(stats[3]) / seconds, 1), "skipped": total_skipped,
                        "peak_mem_mib": round(peak_memory_mib(device), 1), "elapsed_s": round(time.perf_counter() - t_start, 2)}  # fmt: skip

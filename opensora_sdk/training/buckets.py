@@ -34,19 +34,70 @@ BucketId = tuple  # (resolution name, num_frames, aspect-ratio key), e.g. ("144p
 APPROX = 0.8  # a sample qualifies for a resolution when H*W >= APPROX * pixels(resolution)
 
 
+def _row(*cells):
+    """One table row: cells for 1, 51, 102, 204, 408 frames (None = absent)."""
+    return {t: cell for t, cell in zip((1, 51, 102, 204, 408), cells) if cell is not None}
+
+
+# The official v1.2 stage tables (spec 7.3): {res: {frames: (keep_prob, batch_size)}}; batch
+# sizes are per GPU for H100-80GB with ZeRO-2 (sharded optimizer states).
+BUCKET_PRESETS: dict[str, dict] = {
+    "stage1": {
+        "144p": _row((1.0, 475), (1.0, 51), ((1.0, 0.33), 27), ((1.0, 0.1), 13), ((1.0, 0.1), 6)),
+        "256": _row((0.4, 297), (0.5, 20), ((0.5, 0.33), 10), ((0.5, 0.1), 5), ((0.5, 0.1), 2)),
+        "240p": _row((0.3, 297), (0.4, 20), ((0.4, 0.33), 10), ((0.4, 0.1), 5), ((0.4, 0.1), 2)),
+        "360p": _row((0.2, 141), (0.15, 8), ((0.15, 0.33), 4), ((0.15, 0.1), 2), ((0.15, 0.1), 1)),
+        "512": _row((0.1, 141)),
+        "480p": _row((0.1, 89)),
+        "720p": _row((0.05, 36)),
+        "1024": _row((0.05, 36)),
+        "1080p": _row((0.1, 5)),
+        "2048": _row((0.1, 5)),
+    },
+    "stage2": {
+        "144p": _row((1.0, 475), (1.0, 51), ((1.0, 0.33), 27), ((1.0, 0.1), 13), ((1.0, 0.1), 6)),
+        "256": _row((0.4, 297), (0.5, 20), ((0.5, 0.33), 10), ((0.5, 1.0), 5), ((0.5, 1.0), 2)),
+        "240p": _row((0.3, 297), (0.4, 20), ((0.4, 0.33), 10), ((0.4, 1.0), 5), ((0.4, 1.0), 2)),
+        "360p": _row((0.5, 141), (0.15, 8), ((0.3, 0.5), 4), ((0.3, 1.0), 2), ((0.5, 0.5), 1)),
+        "512": _row((0.4, 141), (0.15, 8), ((0.2, 0.4), 4), ((0.2, 1.0), 2), ((0.4, 0.5), 1)),
+        "480p": _row((0.5, 89), (0.2, 5), (0.2, 2), (0.1, 1)),
+        "720p": _row((0.1, 36), (0.03, 1)),
+        "1024": _row((0.1, 36), (0.02, 1)),
+        "1080p": _row((0.01, 5)),
+        "2048": _row((0.01, 5)),
+    },
+    "stage3": {
+        "144p": _row((1.0, 475), (1.0, 51), (1.0, 27), (1.0, 13), (1.0, 6)),
+        "256": _row((1.0, 297), (0.5, 20), (0.5, 10), (0.5, 5), ((0.5, 0.5), 2)),
+        "240p": _row((1.0, 297), (0.5, 20), (0.5, 10), (0.5, 5), ((0.5, 0.4), 2)),
+        "360p": _row((1.0, 141), (0.5, 8), (0.5, 4), (0.5, 2), ((0.5, 0.3), 1)),
+        "512": _row((1.0, 141), (0.5, 8), (0.5, 4), (0.5, 2), ((0.5, 0.2), 1)),
+        "480p": _row((1.0, 89), (0.5, 5), (0.5, 3), ((0.5, 0.5), 1), (0.0, None)),
+        "720p": _row((0.3, 36), (0.2, 2), (0.1, 1), (0.0, None)),
+        "1024": _row((0.3, 36), (0.1, 2), (0.1, 1), (0.0, None)),
+        "1080p": _row((0.1, 5)),
+        "2048": _row((0.05, 5)),
+    },
+}
+
+
 def _is_prob(value) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and 0.0 <= value <= 1.0 and not math.isnan(value)
 
 
 class BucketConfig:
-    """A validated bucket config: resolution tables, keep probabilities, batch sizes.
+    """A validated bucket config (a mapping, or a `BUCKET_PRESETS` name such as "stage3").
 
     Resolutions are ordered by descending pixel count and frame counts by descending length;
     `bucket_index(res, t)` is the position of (res, t) in that order (the per-candidate RNG
     seed offset). Errors name the resolution, the frame count, the value and what is allowed.
     """
 
-    def __init__(self, config: Mapping, extra_resolutions: Mapping[str, int] | None = None):
+    def __init__(self, config: Mapping | str, extra_resolutions: Mapping[str, int] | None = None):
+        if isinstance(config, str):
+            if config not in BUCKET_PRESETS:
+                raise ValueError(f"bucket config {config!r} is not a preset; presets: {sorted(BUCKET_PRESETS)}, or give a mapping")
+            config = BUCKET_PRESETS[config]
         if not isinstance(config, Mapping) or not config:
             raise ValueError(f"bucket config must be a non-empty mapping {{resolution: {{num_frames: (keep_prob, batch_size)}}}}, got {config!r}")
         extra = dict(extra_resolutions or {})

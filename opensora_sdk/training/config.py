@@ -117,11 +117,21 @@ def _build(cls, data: dict, where: str):
     if unknown:
         raise ValueError(f"config section {where!r}: unknown key(s) {unknown}; allowed: {sorted(names)}")
     kwargs = {}
+    types = {f.name: str(f.type) for f in dataclasses.fields(cls)}
     for key, value in data.items():
         if key in _SECTION_TYPES and cls is TrainConfig:
             value = _build(_SECTION_TYPES[key], value, key)
+        elif types[key] == "float" and isinstance(value, str):
+            value = _yaml_float(value)  # PyYAML reads 3e-4 (no dot) as a string
         kwargs[key] = value
     return cls(**kwargs)
+
+
+def _yaml_float(text: str):
+    try:
+        return float(text)
+    except ValueError:
+        return text  # left for the checks below, which name the field
 
 
 def apply_override(data: dict, assignment: str) -> None:
