@@ -1,0 +1,321 @@
+"""The `opensora` command: `generate` videos, print the `info` of a generation.
+
+    opensora generate --prompt "a red panda eating bamboo" --num-frames 4s --resolution 240p
+    opensora generate --preset tiny-random --prompt "a cat" --image-size 64 64 --num-frames 17
+    opensora info --prompt "a cat" --resolution 720p --num-frames 16s --loop 2
+
+The options are the official inference script's (spec 6.2) plus model paths, `--preset`,
+`--negative-prompt`, `--offload` and `--align`. Both commands resolve and check every option
+first (`opensora_sdk.plan.plan_generation`), so bad input fails before any weight is read;
+`generate` also checks that each output path can be written before loading the models.
+
+Subcommands are registered in `SUBCOMMANDS`; each entry adds its parser and names the
+function that runs it. Implementations that live outside the SDK are imported only when
+their command runs (see `lazy`), so `opensora --help` never imports them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import os
+import sys
+from pathlib import Path
+from typing import Callable
+
+EXIT_USAGE = 2
+EXIT_INTERRUPTED = 130
+DTYPE_CHOICES = ("auto", "fp32", "bf16", "fp16")
+
+
+def lazy(module: str, function: str) -> Callable[[argparse.Namespace], int]:
+    """A command function imported from `module` when the command runs."""
+
+    def run(args: argparse.Namespace) -> int:
+        return getattr(importlib.import_module(module), function)(args)
+
+    return run
+
+
+# --------------------------------------------------------------------------------------------
+# Options shared by generate and info
+# --------------------------------------------------------------------------------------------
+
+
+def _seed(text: str) -> int | None:
+    if text == "random":
+        return None
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--seed {text!r}: expected an integer >= 0 or 'random'") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"--seed {value}: expected an integer >= 0 or 'random'")
+    return value
+
+
+def _align(text: str) -> int | None:
+    if text.lower() == "none":
+        return None
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--align {text!r}: expected a positive integer or 'none'") from None
+
+
+def _add_generation_args(p: argparse.ArgumentParser) -> None:
+    from opensora_sdk.text import CAMERA_MOTIONS
+
+    g = p.add_argument_group("prompts")
+    g.add_argument("--prompt", nargs="+", help="one or more prompts (loop segments '|0|a|1|b' and inline JSON allowed)")
+    g.add_argument("--prompt-path", help="a text file with one prompt per line (blank lines are skipped)")
+    g.add_argument("--start-index", type=int, default=0, help="first prompt used from --prompt-path; output numbering starts here")
+    g.add_argument("--end-index", type=int, default=None, help="stop before this prompt of --prompt-path")
+    g.add_argument("--negative-prompt", default=None, help="text that replaces the null caption in guidance")
+
+    g = p.add_argument_group("size and length")
+    g.add_argument("--resolution", default="240p", help="size table: 144p 240p 360p 480p 720p 1080p ... (default 240p)")
+    g.add_argument("--aspect-ratio", default="9:16", help="H:W, e.g. 9:16 (landscape) or 16:9 (portrait) (default 9:16)")
+    g.add_argument("--image-size", nargs=2, type=int, metavar=("H", "W"), help="explicit size in pixels (overrides the table)")
+    g.add_argument("--num-frames", default="4s", help="frames per loop: a number or 2s 4s 8s 16s (51 102 204 408) (default 4s)")
+    g.add_argument("--fps", type=float, default=24, help="frame rate the model is conditioned on (default 24)")
+    g.add_argument("--save-fps", type=float, default=None, help="frame rate written to the file (default --fps)")
+
+    g = p.add_argument_group("sampling")
+    g.add_argument("--num-sampling-steps", type=int, default=30, help="rectified-flow steps (default 30)")
+    g.add_argument("--cfg-scale", type=float, default=7.0, help="classifier-free guidance scale (default 7.0)")
+    g.add_argument("--aes", type=float, default=6.5, help="aesthetic score appended to prompts (default 6.5)")
+    g.add_argument("--flow", type=float, default=None, help="motion score appended to prompts (default none)")
+    g.add_argument("--camera-motion", default=None, choices=CAMERA_MOTIONS, help="camera motion appended to prompts")
+    g.add_argument("--seed", type=_seed, default=42, help="seed of the first sample, +1 per sample; 'random' draws one (default 42)")
+    g.add_argument("--batch-size", type=int, default=1, help="prompts sampled together (default 1)")
+
+    g = p.add_argument_group("conditioning and long videos")
+    g.add_argument("--reference-path", nargs="+", help="per prompt: image/video paths joined by ';'")
+    g.add_argument("--mask-strategy", nargs="+", help="per prompt: loop,ref,ref_start,target_start,length,edit_ratio;...")
+    g.add_argument("--loop", type=int, default=1, help="clips generated one after another, each continuing the last (default 1)")
+    g.add_argument("--condition-frame-length", type=int, default=5, help="latent frames carried into the next loop (default 5)")
+    g.add_argument("--condition-frame-edit", type=float, default=0.0, help="edit ratio of the carried frames (default 0)")
+    g.add_argument("--align", type=_align, default=5, help="snap mask-strategy starts to multiples of this (default 5; 'none')")
+
+    g = p.add_argument_group("models and memory")
+    g.add_argument("--preset", default=None, help="model preset: v1.2 (default) or tiny-random")
+    g.add_argument("--model", default=None, help="STDiT3 folder, weight file or hub id")
+    g.add_argument("--vae", default=None, help="VAE folder, weight file or hub id")
+    g.add_argument("--text-encoder", default=None, help="T5 folder or hub id")
+    g.add_argument("--local-files-only", action="store_true", help="never download from the hub")
+    g.add_argument("--dtype", default="auto", choices=DTYPE_CHOICES, help="STDiT3 and VAE dtype (auto: bf16 on GPU, fp32 on CPU)")
+    g.add_argument("--device", default="auto", help="cuda, cuda:1, cpu ... (auto: cuda when available)")
+    g.add_argument("--offload", default="none", choices=("none", "model"), help="'model': each model leaves the GPU after use")
+    g.add_argument("--vae-tiling", nargs=2, type=int, metavar=("TILE", "OVERLAP"), help="decode in spatial tiles (pixels)")
+
+
+def _read_prompts(args) -> list[str]:
+    if args.prompt and args.prompt_path:
+        raise ValueError("give --prompt or --prompt-path, not both")
+    if args.prompt:
+        return list(args.prompt)
+    if not args.prompt_path:
+        raise ValueError("no prompt: give --prompt TEXT [TEXT ...] or --prompt-path FILE")
+    path = Path(args.prompt_path)
+    if not path.is_file():
+        raise FileNotFoundError(f"--prompt-path {args.prompt_path!r}: file not found")
+    lines = [line.strip() for line in path.read_text(encoding="utf-8").splitlines()]
+    prompts = [line for line in lines if line][args.start_index : args.end_index]
+    if not prompts:
+        raise ValueError(
+            f"--prompt-path {args.prompt_path!r} has no prompts in [{args.start_index}:{args.end_index}] "
+            "(blank lines are skipped)"
+        )
+    return prompts
+
+
+def _one_or_list(values):
+    if not values:
+        return None
+    return values[0] if len(values) == 1 else list(values)
+
+
+def _plan_kwargs(args) -> dict:
+    height, width = args.image_size or (None, None)
+    return dict(
+        negative_prompt=args.negative_prompt,
+        resolution=args.resolution,
+        aspect_ratio=args.aspect_ratio,
+        num_frames=args.num_frames,
+        fps=args.fps,
+        num_steps=args.num_sampling_steps,
+        guidance_scale=args.cfg_scale,
+        aesthetic_score=args.aes,
+        motion_score=args.flow,
+        camera_motion=args.camera_motion,
+        reference_path=_one_or_list(args.reference_path),
+        mask_strategy=_one_or_list(args.mask_strategy),
+        seed=args.seed,
+        height=height,
+        width=width,
+        loop=args.loop,
+        condition_frame_length=args.condition_frame_length,
+        condition_frame_edit=args.condition_frame_edit,
+        align=args.align,
+        batch_size=args.batch_size,
+    )
+
+
+def _device_and_dtype(args):
+    import torch
+
+    from opensora_sdk.models.text_encoder import resolve_dtype
+    from opensora_sdk.pipeline import default_device, default_dtype
+
+    device = default_device() if args.device == "auto" else torch.device(args.device)
+    dtype = default_dtype(device) if args.dtype == "auto" else resolve_dtype(args.dtype)
+    return device, dtype
+
+
+def _configs_and_plan(args):
+    from opensora_sdk.pipeline import get_preset, model_configs
+    from opensora_sdk.plan import plan_generation
+
+    if args.preset and (args.model or args.vae or args.text_encoder):
+        p = get_preset(args.preset)
+        if not all(isinstance(v, str) for v in (p.transformer, p.vae, p.text_encoder)):
+            raise ValueError(
+                f"--preset {args.preset} builds random weights; it cannot be combined with --model, --vae or "
+                "--text-encoder (leave --preset out to load those)"
+            )
+    configs = model_configs(args.preset, model=args.model, vae=args.vae, text_encoder=args.text_encoder)
+    plan = plan_generation(configs.facts, _read_prompts(args), **_plan_kwargs(args))
+    return configs, plan
+
+
+# --------------------------------------------------------------------------------------------
+# generate
+# --------------------------------------------------------------------------------------------
+
+
+def output_paths(plan, save_dir: str | os.PathLike, sample_name: str | None, start_index: int = 0) -> list[Path]:
+    """Official naming: {save_dir}/{sample_name or "sample"}_{idx:04d}.mp4 (.png for one frame)."""
+    suffix = ".png" if plan.total_frames == 1 else ".mp4"
+    name = sample_name or "sample"
+    return [Path(save_dir) / f"{name}_{start_index + s.index:04d}{suffix}" for s in plan.samples]
+
+
+def _load_pipeline(args, device, dtype):
+    from opensora_sdk.models.vae_tiling import SpatialTiling
+    from opensora_sdk.pipeline import OpenSoraPipeline, get_preset
+
+    kwargs = dict(
+        device=device, dtype=dtype, offload=None if args.offload == "none" else args.offload,
+        local_files_only=args.local_files_only or None,
+        vae_tiling=SpatialTiling(*args.vae_tiling) if args.vae_tiling else None,
+    )
+    preset = get_preset(args.preset or "v1.2")
+    if args.preset and not (args.model or args.vae or args.text_encoder):
+        return OpenSoraPipeline.from_preset(args.preset, **kwargs)
+    return OpenSoraPipeline.from_pretrained(
+        args.model or preset.transformer, args.vae or preset.vae, args.text_encoder or preset.text_encoder, **kwargs
+    )
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from opensora_sdk.video_io import check_writable
+
+    device, dtype = _device_and_dtype(args)
+    _, plan = _configs_and_plan(args)
+    paths = output_paths(plan, args.save_dir, args.sample_name, args.start_index)
+    Path(args.save_dir).mkdir(parents=True, exist_ok=True)
+    for path in paths:
+        check_writable(path, num_frames=plan.total_frames)
+    if args.save_fps is not None and not args.save_fps > 0:
+        raise ValueError(f"--save-fps {args.save_fps}: expected a positive number")
+
+    pipe = _load_pipeline(args, device, dtype)
+    kwargs = {**_plan_kwargs(args), "seed": plan.seeds[0]}
+    plan = pipe.plan(_read_prompts(args), **kwargs)
+    print(f"generating {plan.num_samples} video(s): {plan.height}x{plan.width}, {plan.total_frames} frames, "
+          f"seeds {plan.seeds}", file=sys.stderr)
+    videos = pipe.generate(plan, progress=not args.no_progress)
+    for video, path in zip(videos, paths):
+        if args.save_fps is not None:
+            video.fps = float(args.save_fps)
+        print(video.save(path))
+    return 0
+
+
+# --------------------------------------------------------------------------------------------
+# info
+# --------------------------------------------------------------------------------------------
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    from opensora_sdk.estimates import estimate_memory
+
+    device, dtype = _device_and_dtype(args)
+    configs, plan = _configs_and_plan(args)
+    memory = estimate_memory(
+        plan, configs.transformer, configs.vae, configs.text_encoder, dtype=dtype,
+        offload=None if args.offload == "none" else args.offload, device_type=device.type,
+    )
+    print(plan.summary())
+    print(f"device:         {device} ({str(dtype).removeprefix('torch.')} for STDiT3 and the VAE, T5 float32)")
+    for line in memory.lines():
+        print(f"memory:         {line}")
+    for kind, source in configs.sources.items():
+        print(f"{kind + ':':<15} {source}")
+    for note in configs.notes:
+        print(f"note:           {note}")
+    return 0
+
+
+# --------------------------------------------------------------------------------------------
+# The parser
+# --------------------------------------------------------------------------------------------
+
+
+def _register_generate(sub) -> None:
+    p = sub.add_parser("generate", help="generate videos from prompts (and references)")
+    _add_generation_args(p)
+    g = p.add_argument_group("output")
+    g.add_argument("--save-dir", default="./samples/samples/", help="output folder (created if missing)")
+    g.add_argument("--sample-name", default=None, help="file name prefix (default 'sample')")
+    g.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_generate)
+
+
+def _register_info(sub) -> None:
+    p = sub.add_parser("info", help="print sizes, latent shape, tokens, memory estimate; loads no model")
+    _add_generation_args(p)
+    p.set_defaults(func=cmd_info)
+
+
+# Each entry adds one subcommand. A command implemented outside the SDK registers a parser
+# whose func is `lazy("package.module", "function")`, e.g. the ComfyUI workflow runner:
+#     p = sub.add_parser("workflow", ...); p.set_defaults(func=lazy("comfy_nodes.cli", "run_workflow"))
+SUBCOMMANDS: list[Callable] = [_register_generate, _register_info]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="opensora", description="Open-Sora v1.2 video generation")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for register in SUBCOMMANDS:
+        register(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    from opensora_sdk.loading import CheckpointError
+
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except KeyboardInterrupt:
+        print("opensora: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except (ValueError, TypeError, OSError, CheckpointError) as err:
+        print(f"opensora {args.command}: error: {err}", file=sys.stderr)
+        return EXIT_USAGE
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,497 @@
+"""Planning a generation: every user input resolved and checked before any model runs.
+
+`plan_generation` turns the arguments of `OpenSoraPipeline.__call__` (and of `opensora
+generate` / `opensora info`) into a `GenerationPlan`, a plain dataclass with the output size,
+frame counts, latent shape, token counts, processed prompts per loop, seeds, references and
+mask strategies. It needs only `ModelFacts` (numbers from the model configs), so
+`opensora info` builds the same plan without loading weights, and a bad input (unknown
+resolution, too many frames, a missing reference file, an unknown camera motion, an empty
+prompt, a malformed mask strategy) fails here, before T5, the VAE or STDiT3 run.
+
+Frame limits: one clip (one loop) may have at most `ModelFacts.max_latent_frames` latent
+frames, 120 for v1.2: the 408-frame ("16s") clips of its longest training buckets. RoPE has
+no hard position limit, but the model has not seen longer clips and the token count (memory)
+grows with T'. Longer videos are made with `loop`: each loop adds N - overlap frames, and
+then N must be a multiple of 17 (whole VAE chunks, so the carried-over latents are exactly
+the previous clip's last chunks).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import secrets
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+from opensora_sdk.conditioning import (
+    ImageCondition,
+    VideoCondition,
+    condition_pixel_frames,
+    find_nearest_point,
+    parse_mask_strategy,
+)
+from opensora_sdk.sizes import model_fps, parse_num_frames, resolve_image_size
+from opensora_sdk.text import process_prompt
+
+DEFAULT_MAX_LATENT_FRAMES = 120  # 408 frames ("16s"), the longest v1.2 training clips
+DEFAULT_ALIGN = 5  # the v1.2 inference config's `align`
+_SEED_RANGE = 2**31
+
+
+# --------------------------------------------------------------------------------------------
+# What planning needs to know about the models
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ModelFacts:
+    """Numbers from the model configs that fix sizes and token counts (no weights needed)."""
+
+    latent_channels: int = 4
+    micro_frame_size: int | None = 17  # VAE pixel frames per temporal chunk
+    time_factor: int = 4  # VAE temporal compression
+    space_factor: int = 8  # VAE spatial compression
+    patch_size: tuple = (1, 2, 2)  # STDiT3 (t, h, w)
+    text_max_length: int = 300  # T5 tokens = STDiT3 model_max_length
+    max_latent_frames: int | None = DEFAULT_MAX_LATENT_FRAMES
+
+    def latent_size(self, num_frames: int, height: int, width: int) -> tuple[int, int, int]:
+        from opensora_sdk.models.vae import latent_size
+
+        return latent_size(
+            num_frames, height, width,
+            micro_frame_size=self.micro_frame_size, time_factor=self.time_factor, space_factor=self.space_factor,
+        )
+
+    @classmethod
+    def from_configs(cls, transformer, vae, max_latent_frames: int | None = DEFAULT_MAX_LATENT_FRAMES) -> ModelFacts:
+        """From an `STDiT3Config` and a `VideoAutoencoderConfig`."""
+        return cls(
+            latent_channels=vae.vae_temporal.embed_dim,
+            micro_frame_size=vae.micro_frame_size,
+            time_factor=vae.vae_temporal.time_downsample_factor,
+            space_factor=2 ** (len(vae.vae_2d.block_out_channels) - 1),
+            patch_size=tuple(transformer.patch_size),
+            text_max_length=transformer.model_max_length,
+            max_latent_frames=max_latent_frames,
+        )
+
+
+# --------------------------------------------------------------------------------------------
+# The plan
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class SamplePlan:
+    """One prompt of the call.
+
+    references: the official string form's sources (paths, or PIL images / tensors / Videos)
+        in `ref_id` order; `mask_strategy` their groups ("" = none).
+    conditions: typed conditions (`ImageCondition`, `VideoCondition`); a sample uses either
+        these or the string form. The loop-continuation references are added at run time.
+    """
+
+    index: int
+    prompt: str
+    loop_prompts: tuple[str, ...]
+    seed: int
+    references: tuple = ()
+    mask_strategy: str = ""
+    conditions: tuple = ()
+
+
+@dataclass
+class GenerationPlan:
+    """Everything a generation will do, resolved from the user's arguments."""
+
+    samples: list[SamplePlan]
+    negative_prompt: str | None
+    height: int
+    width: int
+    num_frames: int  # pixel frames per loop
+    total_frames: int  # pixel frames of the output (loops joined, overlap dropped once)
+    loop: int
+    condition_frame_length: int  # latent frames carried from one loop to the next
+    condition_frame_edit: float
+    overlap_frames: int  # pixel frames shared by consecutive loops (0 for one loop)
+    latent_channels: int
+    latent_size: tuple[int, int, int]  # (T', h, w) of one loop
+    video_tokens: int  # STDiT3 tokens per sample: T'_p * H_p * W_p
+    text_tokens: int
+    fps: float  # output frame rate
+    model_fps: int  # the fps the model is conditioned on (120 for one frame)
+    num_steps: int
+    guidance_scale: float
+    timesteps: tuple[float, ...]  # the (warped) sampling schedule
+    align: int | None
+    batch_size: int
+    resolution: str | None = None
+    aspect_ratio: str | None = None
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def num_samples(self) -> int:
+        return len(self.samples)
+
+    @property
+    def seeds(self) -> list[int]:
+        return [s.seed for s in self.samples]
+
+    @property
+    def latent_shape(self) -> tuple[int, int, int, int, int]:
+        """[B, C, T', h, w] of one batch of one loop."""
+        return (min(self.batch_size, self.num_samples), self.latent_channels, *self.latent_size)
+
+    def batches(self) -> list[list[SamplePlan]]:
+        return [self.samples[i : i + self.batch_size] for i in range(0, self.num_samples, self.batch_size)]
+
+    def summary(self) -> str:
+        """A human-readable description (what `opensora info` prints)."""
+        t, h, w = self.latent_size
+        size = f"{self.height}x{self.width} (HxW)"
+        if self.resolution and self.aspect_ratio:
+            size += f" from resolution {self.resolution}, aspect ratio {self.aspect_ratio} (H:W)"
+        frames = f"{self.num_frames}"
+        if self.loop > 1:
+            frames += (
+                f" per loop x {self.loop} loops, {self.overlap_frames} shared -> {self.total_frames} in total"
+            )
+        lines = [
+            f"size:           {size}",
+            f"frames:         {frames} ({self.total_frames / self.fps:.2f} s at {self.fps:g} fps; model fps {self.model_fps})",
+            f"latent:         [B, C, T', h, w] = {list(self.latent_shape)}",
+            f"tokens:         {self.video_tokens} video tokens per sample ({t} x {self.video_tokens // max(t, 1)}), "
+            f"{self.text_tokens} text tokens",
+            f"sampling:       {self.num_steps} steps, guidance {self.guidance_scale:g}, "
+            f"t = {self.timesteps[0]:.1f} .. {self.timesteps[-1]:.1f}",
+            f"samples:        {self.num_samples} in batches of {self.batch_size}, seeds {self.seeds}",
+        ]
+        for s in self.samples:
+            for i, text in enumerate(s.loop_prompts if self.loop > 1 else s.loop_prompts[:1]):
+                tag = f"prompt {s.index}" + (f" loop {i}" if self.loop > 1 else "")
+                lines.append(f"{tag + ':':<15} {text}")
+            if s.references or s.conditions:
+                refs = [_describe(r) for r in (s.references or s.conditions)]
+                lines.append(f"{'references:':<15} {refs} mask_strategy {s.mask_strategy!r}")
+        if self.negative_prompt:
+            lines.append(f"negative:       {self.negative_prompt}")
+        lines += [f"note:           {n}" for n in self.notes]
+        return "\n".join(lines)
+
+
+def _describe(source) -> str:
+    if isinstance(source, (str, os.PathLike)):
+        return os.fspath(source)
+    if isinstance(source, (ImageCondition, VideoCondition)):
+        inner = source.image if isinstance(source, ImageCondition) else source.video
+        return f"{type(source).__name__}({_describe(inner)})"
+    return type(source).__name__
+
+
+# --------------------------------------------------------------------------------------------
+# Planning
+# --------------------------------------------------------------------------------------------
+
+
+def _positive_int(value, name: str, minimum: int = 1) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"{name}={value!r} is not allowed: expected an integer >= {minimum}")
+    return value
+
+
+def _per_prompt(value, n: int, name: str) -> list:
+    """None / one value for every prompt / a list with one entry per prompt."""
+    if value is None or isinstance(value, (str, os.PathLike)):
+        return [value] * n
+    if isinstance(value, (list, tuple)):
+        if len(value) == n:
+            return list(value)
+        raise ValueError(
+            f"{name} has {len(value)} entries for {n} prompt(s): give one entry per prompt (several "
+            f"references of one prompt are joined with ';' or given as a nested list), or one string for all"
+        )
+    raise ValueError(f"{name}={value!r} is not allowed: expected a string, or a list with one entry per prompt")
+
+
+def _split_references(entry, where: str) -> tuple:
+    """One prompt's references: "a.png;b.mp4", a list of sources, one object, or None."""
+    if entry is None or entry == "":
+        return ()
+    if isinstance(entry, (str, os.PathLike)):
+        parts = [p.strip() for p in os.fspath(entry).split(";")]
+        if any(not p for p in parts):
+            raise ValueError(f"{where}={os.fspath(entry)!r} has an empty path between ';' separators")
+        return tuple(parts)
+    if isinstance(entry, (list, tuple)):
+        return tuple(entry)
+    return (entry,)
+
+
+def check_reference_source(source, where: str) -> None:
+    """A reference path must exist and have a readable extension; objects pass through."""
+    from opensora_sdk.video_io import IMAGE_SUFFIXES, VIDEO_SUFFIXES
+
+    if not isinstance(source, (str, os.PathLike)):
+        return
+    text = os.fspath(source)
+    if "://" in text:
+        raise ValueError(f"{where}={text!r}: URLs are not downloaded; download the file and pass its path")
+    path = Path(text).expanduser()
+    if not path.is_file():
+        raise FileNotFoundError(f"{where}={text!r}: file not found" + (" (it is a folder)" if path.is_dir() else ""))
+    if path.suffix.lower() not in VIDEO_SUFFIXES + IMAGE_SUFFIXES:
+        raise ValueError(
+            f"{where}={text!r}: extension {path.suffix or '(none)'!r} is not supported; videos: "
+            f"{', '.join(VIDEO_SUFFIXES)}; images: {', '.join(IMAGE_SUFFIXES)}"
+        )
+
+
+def _conditions_per_prompt(conditions, n: int) -> list[tuple]:
+    if conditions is None or len(conditions) == 0:
+        return [()] * n
+    conditions = list(conditions)
+    if all(isinstance(c, (ImageCondition, VideoCondition)) for c in conditions):
+        return [tuple(conditions)] * n
+    if len(conditions) == n and all(isinstance(c, (list, tuple)) for c in conditions):
+        for k, group in enumerate(conditions):
+            for j, c in enumerate(group):
+                if not isinstance(c, (ImageCondition, VideoCondition)):
+                    raise TypeError(f"conditions[{k}][{j}] is {type(c).__name__}; expected ImageCondition or VideoCondition")
+        return [tuple(c) for c in conditions]
+    raise TypeError(
+        "conditions must be a list of ImageCondition / VideoCondition (used for every prompt) or one "
+        f"such list per prompt ({n} lists); got {[type(c).__name__ for c in conditions]}"
+    )
+
+
+def _check_groups(groups, t_latent: int, n_refs: int, loop: int, align: int | None, where: str, notes: list) -> None:
+    """ref_id and target_start of every group; a note for groups that never apply or collide."""
+    starts: dict[tuple[int, int], int] = {}
+    for g, grp in enumerate(groups):
+        what = f"{where} group {g} ({str(grp)!r})"
+        if grp.ref_id >= n_refs:
+            raise ValueError(
+                f"{what}: field ref_id={grp.ref_id} but the prompt has {n_refs} reference(s)"
+                + (f" (allowed 0..{n_refs - 1})" if n_refs else "; pass reference_path or conditions")
+            )
+        if not -t_latent <= grp.target_start < t_latent:
+            raise ValueError(
+                f"{what}: field target_start={grp.target_start} is outside the {t_latent} latent frames of "
+                f"the output (allowed {-t_latent}..{t_latent - 1})"
+            )
+        if grp.loop >= loop:
+            notes.append(f"{what} is for loop {grp.loop} but loop={loop}: it never applies")
+            continue
+        target = grp.target_start % t_latent
+        if align is not None:
+            target = find_nearest_point(target, align, t_latent)
+        key = (grp.loop, target)
+        if key in starts:
+            notes.append(
+                f"{where} groups {starts[key]} and {g} both start at latent frame {target} of loop {grp.loop}"
+                + (f" after align={align}; pass align=None to place them exactly" if align else "")
+            )
+        starts[key] = g
+
+
+def _typed_groups(conditions: tuple) -> list:
+    """Approximate groups of typed conditions for the checks (length None -> 1)."""
+    from opensora_sdk.conditioning import MaskGroup
+
+    out = []
+    for k, c in enumerate(conditions):
+        if isinstance(c, ImageCondition):
+            out.append(MaskGroup(c.loop, k, 0, c.frame, 1, float(c.edit_ratio)))
+        else:
+            out.append(MaskGroup(c.loop, k, c.ref_start, c.target_start, c.length or 1, float(c.edit_ratio)))
+    return out
+
+
+def plan_generation(
+    facts: ModelFacts,
+    prompt: str | Sequence[str],
+    *,
+    negative_prompt: str | None = None,
+    resolution: str | None = "240p",
+    aspect_ratio: str | None = "9:16",
+    num_frames: int | str = "4s",
+    fps: float = 24,
+    num_steps: int = 30,
+    guidance_scale: float = 7.0,
+    aesthetic_score: float | None = 6.5,
+    motion_score: float | None = None,
+    camera_motion: str | None = None,
+    conditions=(),
+    reference_path=None,
+    mask_strategy=None,
+    seed: int | None = None,
+    height: int | None = None,
+    width: int | None = None,
+    loop: int = 1,
+    condition_frame_length: int = 5,
+    condition_frame_edit: float = 0.0,
+    align: int | None = DEFAULT_ALIGN,
+    batch_size: int = 1,
+    scheduler=None,
+) -> GenerationPlan:
+    """Resolve and check every argument; see `OpenSoraPipeline.__call__` for their meaning.
+
+    Raises ValueError / TypeError / FileNotFoundError naming the argument, the value and what
+    is allowed. `scheduler` (a `RectifiedFlow`, default the v1.2 settings) gives the schedule.
+    """
+    from opensora_sdk.schedulers.rflow import RectifiedFlow
+
+    prompts = [prompt] if isinstance(prompt, str) else list(prompt) if prompt is not None else []
+    if not prompts:
+        raise ValueError(f"prompt={prompt!r} is not allowed: give a non-empty string or a list of them")
+    n = len(prompts)
+    loop = _positive_int(loop, "loop")
+    batch_size = _positive_int(batch_size, "batch_size")
+    num_steps = _positive_int(num_steps, "num_steps")
+    if isinstance(guidance_scale, bool) or not isinstance(guidance_scale, (int, float)) or not math.isfinite(guidance_scale):
+        raise ValueError(f"guidance_scale={guidance_scale!r} is not allowed: expected a finite number (1 = no guidance)")
+    if isinstance(fps, bool) or not isinstance(fps, (int, float)) or not fps > 0:
+        raise ValueError(f"fps={fps!r} is not allowed: expected a positive number")
+    if not isinstance(condition_frame_edit, (int, float)) or not 0.0 <= condition_frame_edit <= 1.0:
+        raise ValueError(f"condition_frame_edit={condition_frame_edit!r} is not allowed: expected a number in [0, 1]")
+    if align is not None:
+        align = _positive_int(align, "align")
+    if seed is not None:
+        if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**63 - n:
+            raise ValueError(f"seed={seed!r} is not allowed: expected an integer >= 0 or None (random)")
+
+    # sizes and frames
+    size = resolve_image_size(resolution, aspect_ratio, height=height, width=width, multiple=facts.space_factor)
+    H, W = size.height, size.width
+    frames = parse_num_frames(num_frames)
+    T, h, w = facts.latent_size(frames, H, W)
+    if facts.max_latent_frames is not None and T > facts.max_latent_frames:
+        longest = _longest_clip(facts)
+        raise ValueError(
+            f"num_frames={num_frames!r} ({frames} frames) needs {T} latent frames; this model takes at most "
+            f"{facts.max_latent_frames} per clip ({longest} frames). For longer videos use loop=L: each "
+            f"loop adds num_frames minus the {condition_frame_length // 5 * 17}-frame overlap"
+        )
+    overlap = 0
+    if loop > 1:
+        overlap = condition_pixel_frames(condition_frame_length)
+        chunk = facts.micro_frame_size or facts.time_factor
+        if frames % chunk:
+            lo, hi = frames // chunk * chunk, (frames // chunk + 1) * chunk
+            raise ValueError(
+                f"num_frames={frames} with loop={loop}: looping needs whole {chunk}-frame VAE chunks so the carried "
+                f"latents are the previous clip's last frames; use {lo or hi} or {hi}"
+            )
+        if overlap >= frames:
+            raise ValueError(
+                f"condition_frame_length={condition_frame_length} ({overlap} frames) must be shorter than "
+                f"num_frames={frames} with loop={loop}; allowed: a multiple of 5 below {T}"
+            )
+    total = loop * frames - (loop - 1) * overlap
+    ph, pw = facts.patch_size[1], facts.patch_size[2]
+    tokens = -(-T // facts.patch_size[0]) * -(-h // ph) * -(-w // pw)
+
+    # prompts
+    processed = []
+    for k, p in enumerate(prompts):
+        try:
+            processed.append(process_prompt(p, aes=aesthetic_score, flow=motion_score, camera_motion=camera_motion))
+        except ValueError as err:
+            raise ValueError(f"prompt {k}: {err}" if n > 1 else str(err)) from None
+    negative = None
+    if negative_prompt is not None and negative_prompt != "":
+        negative = process_prompt(negative_prompt, aes=None, flow=None, camera_motion=None).text
+
+    # conditions
+    notes = [size.note] if size.note else []
+    typed = _conditions_per_prompt(conditions, n)
+    refs_in = _per_prompt(reference_path, n, "reference_path")
+    ms_in = _per_prompt(mask_strategy, n, "mask_strategy")
+    base = secrets.randbelow(_SEED_RANGE) if seed is None else seed
+    samples = []
+    for k, pp in enumerate(processed):
+        where = f"prompt {k}"
+        refs = _split_references(pp.reference_path if pp.reference_path is not None else refs_in[k], "reference_path")
+        ms = pp.mask_strategy if pp.mask_strategy is not None else ms_in[k]
+        ms = "" if ms is None else str(ms).strip()
+        if typed[k] and (refs or ms):
+            raise ValueError(
+                f"{where}: give typed conditions or reference_path/mask_strategy (also inline JSON), not both"
+            )
+        for j, r in enumerate(refs):
+            check_reference_source(r, f"{where} reference_path[{j}]")
+        if refs and not ms:
+            ms = "0"
+            notes.append(f"{where}: reference_path without mask_strategy; using '0' (reference 0 as the first frame)")
+        for j, c in enumerate(typed[k]):
+            source = c.image if isinstance(c, ImageCondition) else c.video
+            check_reference_source(source, f"{where} conditions[{j}]")
+        if typed[k]:
+            groups = _typed_groups(typed[k])
+            n_refs = len(typed[k])
+        else:
+            groups, n_refs = parse_mask_strategy(ms), len(refs)
+        _check_groups(groups, T, n_refs, loop, align, f"{where} mask_strategy", notes)
+        samples.append(
+            SamplePlan(
+                index=k,
+                prompt=prompts[k],
+                loop_prompts=tuple(pp.for_loop(i) for i in range(loop)),
+                seed=base + k,
+                references=refs,
+                mask_strategy=ms,
+                conditions=typed[k],
+            )
+        )
+
+    scheduler = dataclasses.replace(scheduler or RectifiedFlow(), num_sampling_steps=num_steps)
+    ts = scheduler.timesteps(1, height=H, width=W, num_frames=frames)
+    return GenerationPlan(
+        samples=samples,
+        negative_prompt=negative,
+        height=H,
+        width=W,
+        num_frames=frames,
+        total_frames=total,
+        loop=loop,
+        condition_frame_length=condition_frame_length,
+        condition_frame_edit=float(condition_frame_edit),
+        overlap_frames=overlap,
+        latent_channels=facts.latent_channels,
+        latent_size=(T, h, w),
+        video_tokens=tokens,
+        text_tokens=facts.text_max_length,
+        fps=float(fps),
+        model_fps=model_fps(frames, fps),
+        num_steps=num_steps,
+        guidance_scale=float(guidance_scale),
+        timesteps=tuple(float(t[0]) for t in ts),
+        align=align,
+        batch_size=batch_size,
+        resolution=None if height is not None else resolution,
+        aspect_ratio=None if height is not None else aspect_ratio,
+        notes=notes,
+    )
+
+
+def _longest_clip(facts: ModelFacts) -> int:
+    """The largest pixel frame count whose latent fits `max_latent_frames`."""
+    n = 1
+    while facts.latent_size(n + 1, None, None)[0] <= facts.max_latent_frames:
+        n += 1
+    return n
+
+
+__all__ = [
+    "DEFAULT_ALIGN",
+    "DEFAULT_MAX_LATENT_FRAMES",
+    "GenerationPlan",
+    "ModelFacts",
+    "SamplePlan",
+    "check_reference_source",
+    "plan_generation",
+]
