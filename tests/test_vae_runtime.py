@@ -77,13 +77,16 @@ def test_tiling_bounds_the_spatial_working_set(tiny):
 
 def test_tile_starts_cover_the_length():
     assert tile_starts(40, 64, 16) == [0]
-    assert tile_starts(100, 32, 8) == [0, 24, 48, 68]
+    assert tile_starts(256, 128, 32) == [0, 64, 128]  # 3 tiles, the spare overlap shared evenly
     starts = tile_starts(203, 64, 16, align=8)
     assert all(s % 8 == 0 for s in starts) and starts[-1] + 64 <= 203 and starts[-1] + 64 > 203 - 8
-    for length in range(1, 150):
-        s = tile_starts(length, 32, 8)
-        assert s[0] == 0 and min(s[-1] + 32, length) == length
-        assert all(b - a <= 24 for a, b in zip(s, s[1:]))  # neighbours overlap by >= 8
+    for align in (1, 8):
+        for length in range(1, 300):
+            s = tile_starts(length, 64, 16, align)
+            assert s[0] == 0 and all(x % align == 0 for x in s)
+            assert length - align < s[-1] + 64 <= max(length, 64)  # ends at the (aligned) end
+            assert all(0 < b - a <= 48 for a, b in zip(s, s[1:]))  # neighbours overlap by >= 16
+            assert len(s) == 1 or len(s) <= -(-(length - 64) // 48) + 2  # no needless tiles
 
 
 def test_blending_is_exact_for_context_free_maps():

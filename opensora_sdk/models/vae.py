@@ -152,6 +152,10 @@ class VideoAutoencoder(nn.Module):
             space_factor=self.spatial_factor,
         )
 
+    def forward(self, video: torch.Tensor, sample: bool = False, generator: torch.Generator | None = None) -> torch.Tensor:
+        """Reconstruction decode(encode(video)), e.g. for evaluating the autoencoder."""
+        return self.decode(self.encode(video, sample, generator), num_frames=video.shape[2])
+
     # ---- encode --------------------------------------------------------------------------
 
     def encode(
@@ -185,12 +189,14 @@ class VideoAutoencoder(nn.Module):
         _check_video(video, self.config.vae_2d.in_channels, self.spatial_factor)
         _check_noise_args(generator, noise_fn)
         kl = self.spatial
-        B = video.shape[0]
-        frames = rearrange(video.to(self.device, kl.dtype), "B C N H W -> (B N) C H W")
-        step = self.config.micro_batch_size or frames.shape[0]
+        B, _, N = video.shape[:3]
+        step = self.config.micro_batch_size or B * N
         latents = []
-        for i in range(0, frames.shape[0], step):
-            batch = frames[i : i + step]  # [m, 3, H, W]
+        for i in range(0, B * N, step):
+            # frames i.. of the (B N) order, gathered one micro-batch at a time so the video
+            # is never copied whole (it may stay on the CPU while the model is on a GPU)
+            batch = torch.stack([video[j // N, :, j % N] for j in range(i, min(i + step, B * N))])
+            batch = batch.to(self.device, kl.dtype)  # [m, 3, H, W]
             if tiling is None:
                 moments = kl.encode_moments(batch)
             else:
@@ -421,7 +427,8 @@ def _check_video(video, channels: int, factor: int) -> None:
         raise ValueError(f"video must be floating point in [-1, 1], got dtype {video.dtype}; convert uint8 frames with video.float() / 127.5 - 1")
     if shape[2] < 1 or shape[3] < factor or shape[4] < factor:
         raise ValueError(f"video of shape {shape} is too small: need N >= 1 frames and H, W >= {factor} pixels")
-    peak = float(video.detach().abs().amax())
+    low, high = torch.aminmax(video.detach())
+    peak = max(-float(low), float(high))
     if peak > 1.5:
         warnings.warn(
             f"video values reach {peak:.4g}, far outside [-1, 1] where the VAE was trained; "

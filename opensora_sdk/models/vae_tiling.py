@@ -58,15 +58,24 @@ class SpatialTiling:
 
 
 def tile_starts(length: int, tile: int, overlap: int, align: int = 1) -> list[int]:
-    """Start offsets of tiles of size `tile` covering [0, length), stride `tile - overlap`.
+    """Start offsets of the fewest tiles of size `tile` that cover [0, length) with neighbours
+    overlapping by at least `overlap`, spread evenly (so the spare overlap is shared).
 
-    The last tile ends at the end (rounded down to a multiple of `align` when the length is
-    not aligned), so all tiles have full size; a length <= tile gives one tile.
+    Starts are multiples of `align`; the last tile ends at the end (rounded down to a multiple
+    of `align` when the length is not aligned), so all tiles have full size. A length <= tile
+    gives one tile.
     """
     if length <= tile:
         return [0]
     last = (length - tile) // align * align
-    return list(range(0, last, tile - overlap)) + [last]
+    if last == 0:
+        return [0]
+    n = -(-last // (tile - overlap)) + 1  # tiles needed at the largest allowed stride
+    while True:
+        starts = [round(k * last / (n - 1) / align) * align for k in range(n)]
+        if all(b - a <= tile - overlap for a, b in zip(starts, starts[1:])):
+            return starts
+        n += 1
 
 
 def _ramp(size: int, ramp: int, rise: bool, fall: bool) -> torch.Tensor:
