@@ -10,9 +10,10 @@
             z = sample(STDiT3, z, warped timesteps, CFG) -> clip = VAE.decode(z)
             keep the clip's frames (after the first loop without its first c/5*17 frames)
 
-A frame mask that is all ones (nothing conditioned) is not passed to the sampler: the
-official loop takes the mask path anyway, but there it changes nothing but one unused noise
-draw per step.
+The previous clip is clamped to [-1, 1] before it is re-encoded (the pixels the video shows;
+the official loop re-encodes the unclamped decoder output). A frame mask that is all ones
+(nothing conditioned) is not passed to the sampler: the official loop takes the mask path
+anyway, but there it changes nothing but one unused noise draw per step.
 """
 
 from __future__ import annotations
@@ -102,7 +103,7 @@ def _run_batch(pipe, plan: GenerationPlan, batch: list[SamplePlan], embeddings, 
     for i in range(plan.loop):
         if i > 0:
             for b in range(B):
-                latent = pipe.vae_encode(clip[b : b + 1], gens[b])[0]  # [C, T', h, w]
+                latent = pipe.vae_encode(clip[b : b + 1].clamp(-1, 1), gens[b])[0]  # [C, T', h, w]
                 refs[b], strategies[b] = append_loop_reference(
                     refs[b], strategies[b], latent, i, plan.condition_frame_length, plan.condition_frame_edit
                 )

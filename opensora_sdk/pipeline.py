@@ -280,7 +280,7 @@ class OpenSoraPipeline:
                 text_encoder, model_max_length=model.config.model_max_length, dtype=text_encoder_dtype,
                 device=HOST, local_files_only=local_files_only,
             )
-        sources = {k: v if isinstance(v, (str, os.PathLike)) else type(v).__name__ for k, v in sources.items()}
+        sources = {k: os.fspath(v) if isinstance(v, (str, os.PathLike)) else type(v).__name__ for k, v in sources.items()}
         return cls(model, vae, text_encoder, device=device, dtype=dtype, sources=sources, **kwargs)
 
     @classmethod
