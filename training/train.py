@@ -291,9 +291,10 @@ def main(argv=None) -> dict:
     train_gen = torch.Generator(device).manual_seed(cfg.seed + 104729 * (dp_rank + 1))  # t, noise, caption drop
 
     # ---- optimizer (official AdamW settings), linear warm-up, EMA ---------------------------
+    model.to(device)  # before the optimizer: fused AdamW checks where its parameters live
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.optim.lr, betas=cfg.optim.betas, eps=cfg.optim.eps,
-                                  weight_decay=cfg.optim.weight_decay)  # fmt: skip
+                                  weight_decay=cfg.optim.weight_decay, fused=cfg.optim.fused or None)  # fmt: skip
     warmup = cfg.optim.warmup_steps
     lr_scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda k: min(1.0, (k + 1) / (warmup + 1)) if warmup else 1.0)
     model, optimizer = accelerator.prepare(model, optimizer)

@@ -76,6 +76,7 @@ class OptimSection:
     grad_clip: float = 1.0
     ema_decay: float = 0.99
     gradient_accumulation_steps: int = 1
+    fused: bool = False  # torch's fused AdamW kernel (CUDA): faster, no foreach temporaries (-4.8 GB peak on XL/2)
 
 
 @dataclass
