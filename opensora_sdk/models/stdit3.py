@@ -3,11 +3,12 @@
 Reads top-down: attention modules, the block (spatial | temporal), the model, then loading.
 
 Shapes: latents [B, C, T, H, W]; tokens [B, N, C] with N = T*S, frame-major, S = H_p*W_p
-spatial tokens per frame in row-major order; text [B, L, C]. Within the block stack S is the
-number of spatial tokens *this process holds*: with sequence parallelism (spec section 8,
-not implemented yet) each rank would hold S/P of them, and only `STDiT3Block.spatial_attention`
-would need collectives (all-to-all over heads); temporal attention, cross-attention and the
-MLP are token-wise or per spatial position and run on the shard unchanged.
+spatial tokens per frame in row-major order; text [B, L, C]. Within the block stack T and S
+are the frames and spatial tokens *this process holds*: with sequence parallelism (spec
+section 8, `set_sequence_parallel_group`, code in `stdit3_parallel.py`) each rank holds a
+shard, and only `STDiT3Block.spatial_attention` needs collectives (all-to-all over heads);
+temporal attention, cross-attention and the MLP are token-wise or per spatial position and
+run on the shard unchanged.
 """
 
 from __future__ import annotations
@@ -63,14 +64,15 @@ class SelfAttention(nn.Module):
         self.proj = nn.Linear(dim, dim)
         self.attention_backend = "sdpa"
 
-    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, rope=None, key_padding_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """x [B', N', C]; rope: (cos, sin) or None; key_padding_mask [B', N'] bool, True = real key."""
         B, N, C = x.shape
         qkv = self.qkv(x).view(B, N, 3, self.num_heads, C // self.num_heads)  # [B, N, 3, H, D]
         q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each [B, H, N, D]
         q, k = self.q_norm(q), self.k_norm(k)
         if rope is not None:
             q, k = RotaryEmbedding.rotate(q, *rope), RotaryEmbedding.rotate(k, *rope)
-        out = attention(q, k, v, backend=self.attention_backend)  # [B, H, N, D]
+        out = attention(q, k, v, key_padding_mask=key_padding_mask, backend=self.attention_backend)  # [B, H, N, D]
         return self.proj(out.transpose(1, 2).reshape(B, N, C))
 
 
@@ -113,11 +115,12 @@ class STDiT3Block(nn.Module):
         self.mlp = MLP(hidden_size, int(hidden_size * mlp_ratio))
         self.drop_path = DropPath(drop_path)
 
-    def forward(self, x, y, y_valid, t_mlp, T: int, S: int, x_mask=None, t0_mlp=None, rope=None):
+    def forward(self, x, y, y_valid, t_mlp, T: int, S: int, x_mask=None, t0_mlp=None, rope=None, sp=None):
+        """x [B, T*S, C] (a shard under sequence parallelism; `sp` then says how to attend)."""
         B, N, C = x.shape
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.modulation(t_mlp, x_mask, t0_mlp)
         h = t2i_modulate(self.norm1(x).view(B, T, S, C), shift_msa, scale_msa)  # [B, T, S, C]
-        a = self.temporal_attention(h, rope) if self.temporal else self.spatial_attention(h)  # [B, T, S, C]
+        a = self.temporal_attention(h, rope, sp) if self.temporal else self.spatial_attention(h, sp)  # [B, T, S, C]
         x = x + self.drop_path((gate_msa * a).reshape(B, N, C))
         x = x + self.cross_attn(x, y, y_valid)  # no norm, no modulation
         h = t2i_modulate(self.norm2(x).view(B, T, S, C), shift_mlp, scale_mlp)  # [B, T, S, C]
@@ -132,17 +135,21 @@ class STDiT3Block(nn.Module):
             table = torch.where(x_mask[:, None, :, None, None], table, table0)  # [B, 6, T, 1, C]
         return table.unbind(1)
 
-    def spatial_attention(self, h: torch.Tensor) -> torch.Tensor:
+    def spatial_attention(self, h: torch.Tensor, sp=None) -> torch.Tensor:
         """Attention over the S tokens of each frame: [B, T, S, C] -> [B, T, S, C].
 
-        The one place sequence parallelism must wrap (all-to-all from a token shard to a
-        head shard and back), e.g. with a later `sp_group` argument.
+        The one place sequence parallelism needs collectives: with `sp`, h holds this rank's
+        share of S and attention runs over every rank's tokens (see `stdit3_parallel`).
         """
+        if sp is not None:
+            return sp.spatial_attention(self.attn, h)
         B, T, S, C = h.shape
         return self.attn(h.reshape(B * T, S, C)).view(B, T, S, C)
 
-    def temporal_attention(self, h: torch.Tensor, rope) -> torch.Tensor:
+    def temporal_attention(self, h: torch.Tensor, rope, sp=None) -> torch.Tensor:
         """Attention over the T frames at each spatial position, with RoPE: [B, T, S, C] -> same."""
+        if sp is not None:  # local to the shard; masks frames padded for sharding
+            return sp.temporal_attention(self.attn, h, rope)
         B, T, S, C = h.shape
         out = self.attn(h.transpose(1, 2).reshape(B * S, T, C), rope)  # [B*S, T, C]
         return out.view(B, S, T, C).transpose(1, 2)
@@ -152,11 +159,12 @@ class STDiT3(nn.Module):
     """The v1.2 diffusion transformer; state dict identical to the official checkpoints.
 
     Run-time switches (not config fields): `set_attention_backend`, `gradient_checkpointing`
-    (see `enable_gradient_checkpointing`), and `official_bf16_quantization`. The latter, off
-    by default, reproduces the official bf16 runs bit for bit in their quantisation: the
-    timestep, fps, height and width are rounded to bfloat16 before use (985.96 -> 984, width
-    854 -> 856), and the RoPE and positional-embedding frequency tables are bfloat16. With it
-    off, all of these are used in float32 whatever the model dtype.
+    (see `enable_gradient_checkpointing`), `set_sequence_parallel_group` (tokens sharded over
+    processes), and `official_bf16_quantization`. The latter, off by default, reproduces
+    the official bf16 runs bit for bit in their quantisation: the timestep, fps, height and
+    width are rounded to bfloat16 before use (985.96 -> 984, width 854 -> 856), and the
+    RoPE and positional-embedding frequency tables are bfloat16. With it off, all of these
+    are used in float32 whatever the model dtype.
     """
 
     def __init__(self, config: STDiT3Config, *, official_bf16_quantization: bool = False):
@@ -164,6 +172,7 @@ class STDiT3(nn.Module):
         self.config = config
         self.official_bf16_quantization = official_bf16_quantization
         self.gradient_checkpointing = False
+        self.sequence_parallel = None  # a stdit3_parallel.SequenceParallel, see set_sequence_parallel_group
         C, depth = config.hidden_size, config.depth
         self.pos_embed = PositionEmbedding2D(C)
         self.rope = RotaryEmbedding(config.head_dim)
@@ -197,6 +206,17 @@ class STDiT3(nn.Module):
     @property
     def attention_backend(self) -> str:
         return self.spatial_blocks[0].attn.attention_backend
+
+    def set_sequence_parallel_group(self, group, mode: str = "auto") -> None:
+        """Shard the tokens over the ranks of `group` (a torch.distributed process group; None
+        or one rank: off). Every rank of the group must then call forward with the same
+        inputs; each returns the full output. `mode`: "auto", "ulysses", "allgather_kv" or
+        "dsp" (see `opensora_sdk.models.stdit3_parallel`)."""
+        from opensora_sdk.distributed import group_size
+        from opensora_sdk.models.stdit3_parallel import SequenceParallel
+
+        off = group is None or group_size(group) == 1
+        self.sequence_parallel = None if off else SequenceParallel(group, self.config.num_heads, mode)
 
     def enable_gradient_checkpointing(self, enabled: bool = True) -> None:
         """Recompute each block in backward (torch.utils.checkpoint, non-reentrant)."""
@@ -270,8 +290,11 @@ class STDiT3(nn.Module):
         x = (x.view(B, T, S, -1) + pos[:, None]).flatten(1, 2)  # [B, N, C]
 
         rope = self.rope.cos_sin(T, device=x.device, quantize_bf16=quant)  # 2 x [T, D]
-        x = self.run_blocks(x, y, y_valid, t_mlp, T, S, x_mask, t0_mlp, rope)
-        x = self.final_layer(x, t, x_mask, t0, T, S)  # [B, N, pt*ph*pw*C_out]
+        if self.sequence_parallel is not None:  # blocks and final layer on this rank's shard, then gather
+            x = self.sequence_parallel.forward_tokens(self, x, t, y, y_valid, t_mlp, T, S, x_mask, t0, t0_mlp, rope)
+        else:
+            x = self.run_blocks(x, y, y_valid, t_mlp, T, S, x_mask, t0_mlp, rope)
+            x = self.final_layer(x, t, x_mask, t0, T, S)  # [B, N, pt*ph*pw*C_out]
         return self.unpatchify(x, T, Hp, Wp, (T0, H0, W0)).float()
 
     def run_blocks(self, x, y, y_valid, t_mlp, T, S, x_mask=None, t0_mlp=None, rope=None):

@@ -1,0 +1,327 @@
+"""Sequence parallelism on CPU (gloo), 2 and 3 processes: the collectives' autograd, STDiT3
+sharded in every mode against the single-process model (outputs and parameter gradients to
+1e-5), a sampling run, and failure handling (a failing or stuck rank never hangs the others).
+
+The multi-process cases run in one process group per world size (module fixtures); each rank
+computes the single-process reference itself and reports its errors, the tests assert on them.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import textwrap
+import time
+import traceback
+from pathlib import Path
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+from opensora_sdk import distributed
+from opensora_sdk.configs import STDiT3Config
+from opensora_sdk.models.stdit3 import STDiT3
+
+REPO = Path(__file__).resolve().parents[1]
+TOL = 1e-5
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def rank_env(rank: int, world: int, port: int, **extra) -> dict:
+    return {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "RANK": str(rank), "WORLD_SIZE": str(world),
+            "LOCAL_RANK": str(rank), **extra}  # fmt: skip
+
+
+# --------------------------------------------------------------------------------------------
+# Cases run on every rank (group: the world group of P processes)
+# --------------------------------------------------------------------------------------------
+
+
+def max_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    """max |a - b| relative to max(1, max |b|)."""
+    a, b = a.detach(), b.detach()
+    return float((a - b).abs().max()) / max(1.0, float(b.abs().max()))
+
+
+def primitives_case(group) -> dict[str, float]:
+    """Each collective against its definition on a global tensor, forward and backward."""
+    P, r = distributed.group_size(group), distributed.group_rank(group)
+    g = torch.Generator().manual_seed(1)
+    errors = {}
+    # all_to_all: global X [P*2, 3, P*4]; rank r holds X[:, :, r-th chunk] and receives X[r-th chunk, :, :].
+    X, G = torch.randn(2 * P, 3, 4 * P, generator=g, dtype=torch.float64), torch.randn(2 * P, 3, 4 * P, generator=g, dtype=torch.float64)
+    x = X.chunk(P, 2)[r].clone().requires_grad_()
+    y = distributed.all_to_all(x, group, scatter_dim=0, gather_dim=2)  # [2, 3, 4P]
+    y.backward(G.chunk(P, 0)[r])
+    errors["all_to_all forward"] = max_err(y, X.chunk(P, 0)[r])
+    errors["all_to_all backward"] = max_err(x.grad, G.chunk(P, 2)[r])  # the inverse all-to-all
+    # round trip is the identity
+    z = distributed.all_to_all(distributed.all_to_all(x, group, 0, 2), group, 2, 0)
+    errors["all_to_all round trip"] = max_err(z, x)
+    # split / gather with the spec's scaling, on a tensor replicated over ranks
+    for scale, factor in (("down", 1 / P), ("up", P), (None, 1)):
+        x = X.clone().requires_grad_()
+        y = distributed.split_forward_gather_backward(x, 0, group, scale)
+        y.backward(G.chunk(P, 0)[r])  # rank r's upstream gradient for its chunk
+        errors[f"split forward ({scale})"] = max_err(y, X.chunk(P, 0)[r])
+        errors[f"split backward ({scale})"] = max_err(x.grad, G * factor)
+        c = X.chunk(P, 2)[r].clone().requires_grad_()
+        y = distributed.gather_forward_split_backward(c, 2, group, scale)
+        y.backward(G)
+        errors[f"gather forward ({scale})"] = max_err(y, X)
+        errors[f"gather backward ({scale})"] = max_err(c.grad, G.chunk(P, 2)[r] * factor)
+    # all_gather: backward sums the upstream gradients of every rank (rank q's is G * (q + 1))
+    c = X.chunk(P, 1)[0].chunk(P, 0)[r].clone().requires_grad_()
+    y = distributed.all_gather(c, 0, group)
+    y.backward(G.chunk(P, 1)[0] * (r + 1))
+    errors["all_gather backward"] = max_err(c.grad, G.chunk(P, 1)[0].chunk(P, 0)[r] * sum(range(1, P + 1)))
+    return errors
+
+
+def tiny_model(heads: int, depth: int = 2, seed: int = 0) -> STDiT3:
+    cfg = STDiT3Config(hidden_size=8 * heads, depth=depth, num_heads=heads, caption_channels=16, model_max_length=8)
+    torch.manual_seed(seed)
+    model = STDiT3(cfg).eval()
+    with torch.no_grad():  # break the identity init of temporal blocks so every path matters
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    return model
+
+
+def model_inputs(model: STDiT3, B: int, T: int, H: int, W: int, x_mask: bool, seed: int = 0) -> dict:
+    g = torch.Generator().manual_seed(seed)
+    cfg = model.config
+    mask = torch.zeros(B, cfg.model_max_length, dtype=torch.long)
+    for b in range(B):
+        mask[b, : [5, 8, 3][b % 3]] = 1  # rows with different caption lengths
+    y = torch.randn(B, 1, cfg.model_max_length, cfg.caption_channels, generator=g)
+    inputs = dict(x=torch.randn(B, cfg.in_channels, T, H, W, generator=g), timestep=torch.tensor([873.5, 120.25, 500.0][:B]),
+                  y=y, mask=mask, fps=torch.full((B,), 24.0), height=torch.full((B,), 8.0 * H), width=torch.full((B,), 8.0 * W))  # fmt: skip
+    if x_mask:
+        inputs["x_mask"] = torch.ones(B, T, dtype=torch.bool)
+        inputs["x_mask"][:, 0] = False  # a conditioning frame
+        inputs["x_mask"][-1, -1] = False
+    return inputs
+
+
+def model_case(group, *, heads, mode, B, T, H, W, x_mask, checkpointing=False) -> dict[str, float]:
+    """Forward output, input gradient and parameter gradients: SP vs single process."""
+    model = tiny_model(heads)
+    model.enable_gradient_checkpointing(checkpointing)
+    inputs = model_inputs(model, B, T, H, W, x_mask)
+    weight = torch.randn(B, 2 * model.config.in_channels, T, H, W, generator=torch.Generator().manual_seed(3))
+
+    def run():
+        model.zero_grad(set_to_none=True)
+        x = inputs["x"].clone().requires_grad_()
+        out = model(**{**inputs, "x": x})
+        (out * weight).sum().backward()
+        return out.detach(), x.grad, {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    ref_out, ref_dx, ref_grads = run()
+    model.set_sequence_parallel_group(group, mode)
+    with distributed.count_communication() as sent:
+        out, dx, _ = run()
+    distributed.average_gradients(model.parameters(), group)
+    grads = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+    assert grads.keys() == ref_grads.keys()
+    return {
+        "output": max_err(out, ref_out),
+        "input grad": max_err(dx, ref_dx),
+        "param grads": max(max_err(grads[n], ref_grads[n]) for n in ref_grads),
+        "mode": model.sequence_parallel.mode,
+        "bytes": sent.total,
+    }
+
+
+def sampling_case(group) -> dict[str, float]:
+    """A 3-step CFG sampling run with a conditioning frame: SP latent vs single-process latent."""
+    from opensora_sdk.sampling import sample
+    from opensora_sdk.schedulers.rflow import RectifiedFlow
+
+    model = tiny_model(heads=4)
+    inputs = model_inputs(model, 1, 3, 6, 6, x_mask=False, seed=5)
+    steps = RectifiedFlow(num_sampling_steps=3).timesteps(1, height=48, width=48, num_frames=9, device=torch.device("cpu"))
+    frame_mask = torch.tensor([[0.0, 1.0, 1.0]])
+    null = model.y_embedder.y_embedding[None, None]
+
+    def run():
+        gen = torch.Generator().manual_seed(11)  # the same seed on every rank: the same noise
+        z = torch.randn(inputs["x"].shape, generator=gen)
+        kwargs = {k: inputs[k] for k in ("fps", "height", "width")}
+        with torch.no_grad():
+            return sample(model, z, steps, y=inputs["y"], y_null=null, y_mask=inputs["mask"], guidance_scale=4.0,
+                          frame_mask=frame_mask, model_kwargs=kwargs, generator=gen)  # fmt: skip
+
+    ref = run()
+    model.set_sequence_parallel_group(group)
+    return {"latent": max_err(run(), ref)}
+
+
+def model_cases(P: int) -> dict[str, dict]:
+    """name -> kwargs of model_case. S = (H/2)*(W/2): 6 divides by 2 and 3, 4 and 9 do not."""
+    even, odd = (6, 4), (6, 6) if P == 2 else (4, 4)  # (H, W): S = 6 | S = 9 (P=2) or 4 (P=3)
+    cases = {}
+    for mode, heads in (("ulysses", 6), ("auto", 4), ("dsp", 4)):
+        for B, (H, W), xm in ((1, even, False), (2, odd, True), (2, even, True), (1, odd, False)):
+            S = (H // 2) * (W // 2)
+            cases[f"{mode}-h{heads}-B{B}-S{S}{'-xmask' if xm else ''}"] = dict(heads=heads, mode=mode, B=B, T=3, H=H, W=W, x_mask=xm)
+    cases["ulysses-checkpointing"] = dict(heads=6, mode="ulysses", B=2, T=2, H=odd[0], W=odd[1], x_mask=True, checkpointing=True)
+    return cases
+
+
+def worker(rank: int, world: int, port: int, out: str) -> None:
+    os.environ.update(rank_env(rank, world, port))
+    torch.set_num_threads(1)
+    info = distributed.init_from_env(timeout_s=120)
+    results = {}
+    jobs = {"primitives": lambda: primitives_case(info.group), "sampling": lambda: sampling_case(info.group)}
+    jobs.update({name: (lambda kw=kw: model_case(info.group, **kw)) for name, kw in model_cases(world).items()})
+    for name, job in jobs.items():
+        try:
+            results[name] = job()
+        except Exception:
+            results[name] = traceback.format_exc()
+    torch.save(results, Path(out) / f"rank{rank}.pt")
+    distributed.shutdown()
+
+
+def run_world(P: int, tmp_path_factory) -> list[dict]:
+    out = tmp_path_factory.mktemp(f"sp{P}")
+    mp.spawn(worker, args=(P, free_port(), str(out)), nprocs=P, join=True)
+    return [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(P)]
+
+
+@pytest.fixture(scope="module", params=[2, 3], ids=lambda p: f"{p}procs")
+def world(request, tmp_path_factory):
+    return request.param, run_world(request.param, tmp_path_factory)
+
+
+def errors_of(results: list[dict], name: str) -> dict:
+    for r, res in enumerate(results):
+        assert not isinstance(res[name], str), f"rank {r}, case {name}:\n{res[name]}"
+    return {k: max(res[name][k] for res in results) for k in results[0][name] if k not in ("mode", "bytes")}
+
+
+# --------------------------------------------------------------------------------------------
+# Tests
+# --------------------------------------------------------------------------------------------
+
+
+def test_primitives_match_their_definition_forward_and_backward(world):
+    P, results = world
+    errors = errors_of(results, "primitives")
+    assert len(errors) == 16
+    assert max(errors.values()) < 1e-12, errors
+
+
+def test_sharded_stdit3_equals_single_process(world):
+    P, results = world
+    cases = model_cases(P)
+    assert len(cases) == 13
+    bad = {}
+    for name in cases:
+        errors = errors_of(results, name)
+        assert set(errors) == {"output", "input grad", "param grads"}
+        if max(errors.values()) > TOL:
+            bad[name] = errors
+    assert not bad, bad
+
+
+def test_head_fallback_and_modes_are_the_ones_asked_for(world):
+    P, results = world
+    modes = {name: results[0][name]["mode"] for name in model_cases(P) if not isinstance(results[0][name], str)}
+    assert all(results[r][name]["bytes"] > 0 for r in range(P) for name in modes)  # the shards did talk
+    assert modes["ulysses-h6-B1-S6"] == "ulysses" and modes["dsp-h4-B1-S6"] == "dsp"
+    assert modes["auto-h4-B1-S6"] == ("ulysses" if P == 2 else "allgather_kv")  # 4 heads over 3 ranks: K/V fallback
+
+
+def test_sampling_gives_the_single_process_latent(world):
+    P, results = world
+    errors = errors_of(results, "sampling")
+    assert errors["latent"] < TOL, errors
+
+
+# ---- single-process checks ------------------------------------------------------------------
+
+
+def test_everything_is_the_identity_without_a_group():
+    x = torch.randn(4, 6, requires_grad=True)
+    for y in (distributed.all_to_all(x, None, 0, 1), distributed.split_forward_gather_backward(x, 0, None, "down"),
+              distributed.gather_forward_split_backward(x, 0, None, "up"), distributed.all_gather(x, 0, None)):  # fmt: skip
+        assert y is x
+    model = tiny_model(heads=4, depth=1)
+    model.set_sequence_parallel_group(None)
+    assert model.sequence_parallel is None
+    info = distributed.init_from_env(environ={})
+    assert (info.rank, info.world_size, info.group) == (0, 1, None)
+
+
+def test_bad_arguments_name_the_value_and_the_choices():
+    x = torch.randn(4, 6)
+    with pytest.raises(ValueError, match="grad_scale='sideways'.*'down', 'up'"):
+        distributed.split_forward_gather_backward(x, 0, None, "sideways")
+    with pytest.raises(ValueError, match=r"WORLD_SIZE='two' must be an integer"):
+        distributed.init_from_env(environ={"WORLD_SIZE": "two"})
+    with pytest.raises(ValueError, match="MASTER_ADDR is not set"):
+        distributed.init_from_env(environ={"WORLD_SIZE": "2", "RANK": "0"})
+    with pytest.raises(ValueError, match=r"sp_size=2 must divide the number of processes \(1\); allowed: \[1\]"):
+        distributed.make_mesh(2)
+    with pytest.raises(ValueError, match="timeout_s=0 must be"):
+        distributed.timeout_seconds(0)
+    from opensora_sdk.models.stdit3_parallel import SequenceParallel
+
+    with pytest.raises(ValueError, match="mode='diagonal' is not known"):
+        SequenceParallel(None, 4, "diagonal")
+
+
+# ---- failure handling: no hang ----------------------------------------------------------------
+
+FAILING_RANK = textwrap.dedent(
+    """
+    import os, sys, time, torch
+    from opensora_sdk import distributed
+    torch.set_num_threads(1)
+    info = distributed.init_from_env(timeout_s=float(os.environ["TEST_TIMEOUT_S"]))
+    model = __import__("test_distributed").tiny_model(heads=4, depth=1)
+    model.set_sequence_parallel_group(info.group)
+    inputs = __import__("test_distributed").model_inputs(model, 1, 2, 4, 4, x_mask=False)
+    model(**inputs)  # one good step together
+    if info.rank == 1:
+        if os.environ["TEST_FAILURE"] == "raise":
+            raise RuntimeError("rank 1 fails on purpose")
+        time.sleep(300)  # stuck: never calls the next collective
+    model(**inputs)
+    print("finished without noticing", flush=True)
+    """
+)
+
+
+@pytest.mark.parametrize("failure", ["raise", "stuck"])
+def test_a_failing_rank_brings_the_others_down_with_a_clear_message(failure, tmp_path):
+    port, timeout_s = free_port(), 4.0
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO / "tests"), os.environ.get("PYTHONPATH", "")]),
+           "OMP_NUM_THREADS": "1", "TEST_TIMEOUT_S": str(timeout_s), "TEST_FAILURE": failure}  # fmt: skip
+    procs = [subprocess.Popen([sys.executable, "-c", FAILING_RANK], env={**env, **rank_env(r, 2, port)}, cwd=tmp_path,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for r in range(2)]  # fmt: skip
+    start = time.monotonic()
+    try:
+        out0, _ = procs[0].communicate(timeout=90)
+        elapsed = time.monotonic() - start
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+            p.communicate()
+    assert procs[0].returncode != 0, out0
+    assert "finished without noticing" not in out0
+    assert "CollectiveError" in out0 and "failed on rank 0" in out0 and "a peer process probably raised" in out0, out0[-2000:]
+    assert elapsed < 60, elapsed
