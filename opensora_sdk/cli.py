@@ -20,6 +20,7 @@ import argparse
 import importlib
 import os
 import sys
+import warnings
 from pathlib import Path
 from typing import Callable
 
@@ -108,6 +109,8 @@ def _add_generation_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--device", default="auto", help="cuda, cuda:1, cpu ... (auto: cuda when available)")
     g.add_argument("--offload", default="none", choices=("none", "model"), help="'model': each model leaves the GPU after use")
     g.add_argument("--vae-tiling", nargs=2, type=int, metavar=("TILE", "OVERLAP"), help="decode in spatial tiles (pixels)")
+    g.add_argument("--sp-mode", default="auto", choices=("auto", "ulysses", "allgather_kv", "dsp"),
+                   help="under torchrun: how STDiT3 is sharded over the processes (default auto: ulysses when the heads divide)")
 
 
 def _read_prompts(args) -> list[str]:
@@ -201,14 +204,14 @@ def output_paths(plan, save_dir: str | os.PathLike, sample_name: str | None, sta
     return [Path(save_dir) / f"{name}_{start_index + s.index:04d}{suffix}" for s in plan.samples]
 
 
-def _load_pipeline(args, device, dtype):
+def _load_pipeline(args, device, dtype, sp_group=None):
     from opensora_sdk.models.vae_tiling import SpatialTiling
     from opensora_sdk.pipeline import OpenSoraPipeline, get_preset
 
     kwargs = dict(
         device=device, dtype=dtype, offload=None if args.offload == "none" else args.offload,
         local_files_only=args.local_files_only or None,
-        vae_tiling=SpatialTiling(*args.vae_tiling) if args.vae_tiling else None,
+        vae_tiling=SpatialTiling(*args.vae_tiling) if args.vae_tiling else None, sp_group=sp_group,
     )
     preset = get_preset(args.preset or "v1.2")
     if args.preset and not (args.model or args.vae or args.text_encoder):
@@ -222,20 +225,43 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from opensora_sdk.video_io import check_writable
 
     device, dtype = _device_and_dtype(args)
+    # ---- torchrun (WORLD_SIZE > 1): STDiT3 sharded over all ranks, rank 0 writes -------------
+    proc = None
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        from opensora_sdk import distributed
+
+        proc = distributed.init_from_env(backend="gloo" if device.type == "cpu" else None)
+        device = proc.device if device.type == proc.device.type else device
+    is_main = proc is None or proc.is_main
     _, plan = _configs_and_plan(args)
+    if proc is not None and args.seed is None:  # --seed random: every rank takes rank 0's draw
+        import torch
+
+        args.seed = int(distributed.broadcast(torch.tensor([plan.seeds[0]]), proc.group))
+        _, plan = _configs_and_plan(args)
     paths = output_paths(plan, args.save_dir, args.sample_name, args.start_index)
-    Path(args.save_dir).mkdir(parents=True, exist_ok=True)
-    for path in paths:
-        check_writable(path, num_frames=plan.total_frames)
+    if is_main:
+        Path(args.save_dir).mkdir(parents=True, exist_ok=True)
+        for path in paths:
+            check_writable(path, num_frames=plan.total_frames)
     if args.save_fps is not None and not args.save_fps > 0:
         raise ValueError(f"--save-fps {args.save_fps}: expected a positive number")
 
-    pipe = _load_pipeline(args, device, dtype)
+    pipe = _load_pipeline(args, device, dtype, sp_group=None if proc is None else proc.group)
+    if proc is not None:
+        pipe.transformer.set_sequence_parallel_group(proc.group, args.sp_mode)
     kwargs = {**_plan_kwargs(args), "seed": plan.seeds[0]}
-    plan = pipe.plan(_read_prompts(args), **kwargs)
-    print(f"generating {plan.num_samples} video(s): {plan.height}x{plan.width}, {plan.total_frames} frames, "
-          f"seeds {plan.seeds}", file=sys.stderr)
-    videos = pipe.generate(plan, progress=not args.no_progress)
+    with warnings.catch_warnings():  # the same plan again, with the loaded models: warned already
+        warnings.simplefilter("ignore")
+        plan = pipe.plan(_read_prompts(args), **kwargs)
+    if is_main:
+        print(f"generating {plan.num_samples} video(s): {plan.height}x{plan.width}, {plan.total_frames} frames, "
+              f"seeds {plan.seeds}" + (f", {proc.world_size} processes" if proc else ""), file=sys.stderr)
+    videos = pipe.generate(plan, progress=not args.no_progress and is_main)
+    if proc is not None:
+        distributed.shutdown()
+    if not is_main:
+        return 0
     for video, path in zip(videos, paths):
         if args.save_fps is not None:
             video.fps = float(args.save_fps)

@@ -202,6 +202,11 @@ class OpenSoraPipeline:
     seed + k, for its starting noise (drawn per loop), its re-noising draws and its reference
     encodings, so a sample does not depend on its batch. `seed=None` draws a random seed; the
     seed of each video is in `video.metadata["seed"]`.
+
+    Several processes (`sp_group`, a torch.distributed group, see `opensora_sdk.distributed`):
+    every rank of the group runs the same call with the same seed; STDiT3's tokens are
+    sharded over the ranks, every rank encodes the text, and the VAE decode is split by
+    temporal chunks; every rank returns the same videos (save them on rank 0).
     """
 
     def __init__(
@@ -219,6 +224,7 @@ class OpenSoraPipeline:
         max_latent_frames: int | None = DEFAULT_MAX_LATENT_FRAMES,
         progress: bool = True,
         sources: dict[str, str] | None = None,
+        sp_group=None,
     ):
         if offload not in OFFLOAD_CHOICES:
             raise ValueError(f"offload={offload!r} is not allowed: choose one of {list(OFFLOAD_CHOICES)}")
@@ -240,6 +246,8 @@ class OpenSoraPipeline:
         self.max_latent_frames = max_latent_frames
         self.progress = progress
         self.sources = dict(sources or {})
+        self.sp_group = sp_group  # sequence parallelism: shard STDiT3 over these processes
+        self.transformer.set_sequence_parallel_group(sp_group)
         self.device = HOST
         self.dtype = self.transformer.x_embedder.proj.weight.dtype
         self.to(device if device is not None else default_device(), dtype)
@@ -465,6 +473,10 @@ class OpenSoraPipeline:
 
     def vae_decode(self, latent: torch.Tensor, num_frames: int) -> torch.Tensor:
         with self.on_device(self.vae):
+            if self.sp_group is not None:  # temporal chunks spread over the ranks, then gathered
+                from opensora_sdk.distributed import vae_decode_split
+
+                return vae_decode_split(self.vae, latent, num_frames, self.sp_group, tiling=self.vae_tiling)
             return self.vae.decode(latent, num_frames, tiling=self.vae_tiling)
 
     def transformer_fn(self, batch: int, uncond_mask: torch.Tensor | None):

@@ -22,6 +22,7 @@ import dataclasses
 import math
 import os
 import secrets
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
@@ -240,7 +241,7 @@ def check_reference_source(source, where: str) -> None:
     text = os.fspath(source)
     if "://" in text:
         raise ValueError(f"{where}={text!r}: URLs are not downloaded; download the file and pass its path")
-    path = Path(text).expanduser()
+    path = Path(text)
     if not path.is_file():
         raise FileNotFoundError(f"{where}={text!r}: file not found" + (" (it is a folder)" if path.is_dir() else ""))
     if path.suffix.lower() not in VIDEO_SUFFIXES + IMAGE_SUFFIXES:
@@ -268,6 +269,11 @@ def _conditions_per_prompt(conditions, n: int) -> list[tuple]:
     )
 
 
+def _warn(notes: list, message: str) -> None:
+    notes.append(message)
+    warnings.warn(message, UserWarning, stacklevel=4)
+
+
 def _check_groups(groups, t_latent: int, n_refs: int, loop: int, align: int | None, where: str, notes: list) -> None:
     """ref_id and target_start of every group; a note for groups that never apply or collide."""
     starts: dict[tuple[int, int], int] = {}
@@ -284,14 +290,15 @@ def _check_groups(groups, t_latent: int, n_refs: int, loop: int, align: int | No
                 f"the output (allowed {-t_latent}..{t_latent - 1})"
             )
         if grp.loop >= loop:
-            notes.append(f"{what} is for loop {grp.loop} but loop={loop}: it never applies")
+            _warn(notes, f"{what} is for loop {grp.loop} but loop={loop}: it never applies")
             continue
         target = grp.target_start % t_latent
         if align is not None:
             target = find_nearest_point(target, align, t_latent)
         key = (grp.loop, target)
         if key in starts:
-            notes.append(
+            _warn(
+                notes,
                 f"{where} groups {starts[key]} and {g} both start at latent frame {target} of loop {grp.loop}"
                 + (f" after align={align}; pass align=None to place them exactly" if align else "")
             )

@@ -116,6 +116,15 @@ def test_negative_prompt_changes_the_output(pipe):
     assert json.loads(negative.metadata["opensora"])["negative_prompt"] == "blurry, low quality"
 
 
+def test_guidance_one_runs_the_conditional_branch_only(pipe, monkeypatch):
+    rows = []
+    forward = pipe.transformer.forward
+    monkeypatch.setattr(pipe.transformer, "forward", lambda x, *a, **k: rows.append(x.shape[0]) or forward(x, *a, **k))
+    pipe(["a cat", "a dog"], num_frames=5, seed=1, batch_size=2, guidance_scale=1, **SIZE)
+    pipe("a cat", num_frames=5, seed=1, **SIZE)
+    assert rows == [2, 2, 2, 2]  # 2 prompts without guidance, then 1 prompt with it
+
+
 def test_callback_counts_steps_and_interrupts_before_decoding(pipe, monkeypatch):
     seen = []
     pipe("a cat", num_frames=5, seed=0, callback=lambda *a: seen.append(a[:2]), **{**SIZE, "num_steps": 3})
@@ -186,7 +195,8 @@ def test_first_and_last_frame(pipe, monkeypatch):
     assert torch.equal(kept[0][:, :, 0], encodes[0][:, :, 0])
     assert torch.equal(kept[0][:, :, 4], encodes[1][:, :, 0])
     # with the official align=5 the last-frame image of a 5-latent clip snaps onto frame 0
-    plan = pipe.plan("a cat", conditions=conds, num_frames=17, height=64, width=64)
+    with pytest.warns(UserWarning, match=r"groups 0 and 1 both start at latent frame 0 of loop 0 after align=5"):
+        plan = pipe.plan("a cat", conditions=conds, num_frames=17, height=64, width=64)
     assert any("both start at latent frame 0" in n for n in plan.notes)
 
 
