@@ -181,6 +181,15 @@ def test_precomputed_features_are_written_once(trainer, clips, tmp_path):
     first = trainer.main(args_for(clips, tmp_path / "a", *extra))
     index = json.loads((features / "index.json").read_text())
     assert first["step"] == 3 and len(index["entries"]) >= 20
+    from opensora_sdk.models import T5TextEncoder, VideoAutoencoder
+    from opensora_sdk.training.features import FeatureDataset
+
+    saved = tmp_path / "a" / "random_encoders"  # the random frozen encoders, kept for sampling
+    assert VideoAutoencoder.from_pretrained(saved / "vae").config.vae_2d.block_out_channels == (4, 8, 16, 16)
+    t5 = T5TextEncoder.from_pretrained(saved / "text_encoder", model_max_length=40)
+    sample = FeatureDataset(features, model_max_length=40)[0]
+    y, mask = t5.encode([sample["text"]])
+    assert torch.equal(mask[0], sample["mask"]) and torch.allclose(y[0, 0] * mask[0, :, None], sample["y"][0], atol=1e-6)
     shards = {p: p.stat().st_mtime_ns for p in features.glob("shard-*.safetensors")}
     second = trainer.main(args_for(clips, tmp_path / "b", *extra))
     assert second["step"] == 3 and {p: p.stat().st_mtime_ns for p in features.glob("shard-*.safetensors")} == shards

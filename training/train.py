@@ -102,6 +102,15 @@ def build_text_encoder(section, device) -> T5TextEncoder:
                                      dtype=section.dtype, device=device)  # fmt: skip
 
 
+def keep_random_encoders(cfg, vae, text_encoder, out: Path) -> None:
+    """Save randomly initialised VAE / T5 once, so samplers can use the same frozen encoders."""
+    if not cfg.vae.from_pretrained and not (out / "random_encoders" / "vae").exists():
+        vae.save_pretrained(out / "random_encoders" / "vae")
+    if not cfg.text_encoder.from_pretrained and not (out / "random_encoders" / "text_encoder").exists():
+        text_encoder.model.save_pretrained(out / "random_encoders" / "text_encoder")
+        text_encoder.tokenizer.save_pretrained(out / "random_encoders" / "text_encoder")
+
+
 @torch.no_grad()
 def encode_batch(batch, vae, text_encoder, generator, device):
     """Pixels and captions -> (x0 latents [B, C, T', h, w], y [B, 1, L, C_text], mask [B, L])."""
@@ -111,22 +120,16 @@ def encode_batch(batch, vae, text_encoder, generator, device):
 
 
 def setup_sequence_parallel(sp_size: int, accelerator: Accelerator, model: STDiT3):
-    """(data-parallel size, data-parallel rank). With sp_size > 1 the SP groups come from the SDK."""
+    """(data-parallel size, data-parallel rank). With sp_size > 1, ranks [k*sp, (k+1)*sp) form
+    sequence-parallel group k: they share one batch and STDiT3's tokens are sharded over them
+    (opensora_sdk.distributed, spec 8); DDP's average over all ranks then gives the right gradients."""
     if sp_size == 1:
         return accelerator.num_processes, accelerator.process_index
-    # ---- sequence parallelism (spec 8): every rank of an SP group sees the same batch --------
-    try:
-        from opensora_sdk import distributed
-    except ImportError:
-        raise RuntimeError(f"sp_size={sp_size}: sequence parallelism needs opensora_sdk.distributed, which is not installed; set sp_size: 1") from None
-    world = accelerator.num_processes
-    if world % sp_size:
-        raise ValueError(f"sp_size={sp_size} must divide the number of processes ({world})")
-    if not hasattr(distributed, "sequence_parallel_group") or not hasattr(model, "set_sequence_parallel_group"):
-        raise RuntimeError(f"sp_size={sp_size}: this opensora_sdk.distributed / STDiT3 has no sequence_parallel_group / "
-                           "set_sequence_parallel_group hook yet; set sp_size: 1")  # fmt: skip
-    model.set_sequence_parallel_group(distributed.sequence_parallel_group(sp_size))
-    return world // sp_size, accelerator.process_index // sp_size
+    from opensora_sdk import distributed
+
+    mesh = distributed.make_mesh(sp_size)  # ValueError unless sp_size divides the number of processes
+    model.set_sequence_parallel_group(mesh.sp_group)
+    return mesh.dp_size, mesh.dp_rank
 
 
 # ---- distributed-aware state ----------------------------------------------------------------
@@ -252,6 +255,8 @@ def main(argv=None) -> dict:
             text_encoder = build_text_encoder(cfg.text_encoder, device)
             torch.manual_seed(cfg.seed + 2)
             vae = build_vae(cfg.vae, device)
+            if is_main:
+                keep_random_encoders(cfg, vae, text_encoder, out)
             writer = feats.FeatureWriter(cfg.features.dir, rank=rank, shard_size=cfg.features.shard_size,
                                          dtype=feats.feature_dtype(cfg.features.dtype))  # fmt: skip
             plan = feats.extraction_plan(sampler.assign(0), cfg.features.batch_size, rank, accelerator.num_processes)
@@ -275,12 +280,18 @@ def main(argv=None) -> dict:
         text_encoder = build_text_encoder(cfg.text_encoder, device)
         torch.manual_seed(cfg.seed + 2)
         vae = build_vae(cfg.vae, device)
+        if is_main:
+            keep_random_encoders(cfg, vae, text_encoder, out)
     if text_encoder is not None and (text_encoder.model_max_length, text_encoder.output_dim) != (
         model.config.model_max_length, model.config.caption_channels):
         raise ValueError(f"text encoder gives [{text_encoder.model_max_length}, {text_encoder.output_dim}] features but the model expects "
                          f"model_max_length={model.config.model_max_length}, caption_channels={model.config.caption_channels}")  # fmt: skip
     loader = torch.utils.data.DataLoader(dataset, batch_sampler=sampler, collate_fn=collate_samples,
                                          num_workers=cfg.data.num_workers, pin_memory=cfg.data.pin_memory)  # fmt: skip
+    if not sampler.epoch_batches(0):
+        raise ValueError(f"no sample of {cfg.data.csv!r} fills a whole micro-batch of any bucket in data.buckets "
+                         f"(source sizes of the first rows: {dataset.sizes[:3] if hasattr(dataset, 'sizes') else '?'}); "
+                         "check the resolutions, frame counts and batch sizes")  # fmt: skip
     if is_main:
         logger.info("%d samples, %d micro-batches per epoch (all ranks); buckets %s", len(dataset),
                     len(sampler.epoch_batches(0)), sampler.describe(0))  # fmt: skip
@@ -409,6 +420,7 @@ def main(argv=None) -> dict:
                 stats = torch.stack([torch.as_tensor(window[k], dtype=torch.float64, device=device)
                                      for k in ("loss", "micro", "samples", "tokens", "skipped")])  # fmt: skip
                 stats = accelerator.reduce(stats, "sum") if accelerator.num_processes > 1 else stats
+                stats[2:5] /= cfg.sp_size  # the ranks of a sequence-parallel group share their samples
                 seconds = time.perf_counter() - window["t0"]
                 total_skipped += int(stats[4])
                 last_loss = float(stats[0] / stats[1])
