@@ -202,13 +202,15 @@ def test_official_config_layout_and_hub_id(tiny, tmp_path, monkeypatch):
         "cal_loss": False, "freeze_vae_2d": False, "from_pretrained": None, "micro_frame_size": 17,
         "shift": [-0.1, 0.34, 0.27, 0.98], "scale": [3.85, 2.32, 2.33, 3.06], "torch_dtype": "float32",
         "vae_2d": {"type": "VideoAutoencoderKL", "from_pretrained": "PixArt-alpha/pixart_sigma_sdxlvae_T5_diffusers",
-                   "subfolder": "vae", "micro_batch_size": 4, "block_out_channels": [4, 8, 16, 16], "norm_num_groups": 2},
+                   "subfolder": "vae", "micro_batch_size": 4,
+                   "block_out_channels": [4, 8, 16, 16], "norm_num_groups": 2},
         "vae_temporal": {"type": "VAE_Temporal_SD", "from_pretrained": None, "filters": 4, "num_groups": 2},
     }
     (folder / "config.json").write_text(json.dumps(official))
     import opensora_sdk.loading as loading
 
-    monkeypatch.setattr(loading, "_download", lambda repo, *a: folder if repo == "hpcai-tech/OpenSora-VAE-v1.2" else None)
+    hub = {"hpcai-tech/OpenSora-VAE-v1.2": folder}
+    monkeypatch.setattr(loading, "_download", lambda repo, *args: hub[repo])
     loaded = VideoAutoencoder.from_pretrained("hpcai-tech/OpenSora-VAE-v1.2", dtype=torch.bfloat16)
     assert loaded.config.micro_batch_size == 4 and loaded.config.vae_2d.norm_num_groups == 2
     assert loaded.dtype == torch.bfloat16 and loaded.scale.dtype == torch.bfloat16
@@ -232,7 +234,8 @@ def test_strict_loading_reports_bad_checkpoints(tiny, tmp_path):
     save_safetensors_atomic(sd, tmp_path / "bad.safetensors")
     with pytest.raises(CheckpointError, match="shift"):
         VideoAutoencoder.from_pretrained(tmp_path / "bad.safetensors", config=tiny.config)
-    save_safetensors_atomic({"temporal_vae.encoder.conv_in.conv.weight": torch.zeros(7, 4, 3, 3, 3)}, tmp_path / "odd.safetensors")
+    odd = {"temporal_vae.encoder.conv_in.conv.weight": torch.zeros(7, 4, 3, 3, 3)}
+    save_safetensors_atomic(odd, tmp_path / "odd.safetensors")
     with pytest.raises(CheckpointError, match="config="):
         VideoAutoencoder.from_pretrained(tmp_path / "odd.safetensors")
 

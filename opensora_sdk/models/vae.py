@@ -22,7 +22,9 @@ default RNG of the model's device, the temporal ones from the CPU RNG in float32
 dtypes: float32, bfloat16 and float16. In float16 the spatial decoder runs in float32
 (`vae_2d.force_upcast`, default True): the KL decoder is known to overflow in half precision.
 `from_pretrained(dtype=torch.float16)` keeps its weights in float32, and `decode` upcasts it
-in place (with a warning) if the model was cast with `.half()`.
+in place (with a warning) if the model was cast with `.half()`. On CUDA, float32 parity with
+the official outputs (1e-4) needs TF32 convolutions off (`torch.backends.cudnn.allow_tf32 =
+False`; PyTorch enables them by default): with TF32 the tiny goldens move by up to 8e-3.
 """
 
 from __future__ import annotations
@@ -152,7 +154,7 @@ class VideoAutoencoder(nn.Module):
             space_factor=self.spatial_factor,
         )
 
-    def forward(self, video: torch.Tensor, sample: bool = False, generator: torch.Generator | None = None) -> torch.Tensor:
+    def forward(self, video: torch.Tensor, sample: bool = False, generator: torch.Generator | None = None):
         """Reconstruction decode(encode(video)), e.g. for evaluating the autoencoder."""
         return self.decode(self.encode(video, sample, generator), num_frames=video.shape[2])
 
@@ -218,10 +220,10 @@ class VideoAutoencoder(nn.Module):
         x_z = x_z.to(self.device, self.temporal_vae.dtype)
         N = x_z.shape[2]
         step = self.config.micro_frame_size or N
-        z = [
-            _draw(self.temporal_vae.encode(x_z[:, :, i : i + step]), sample, generator, noise_fn, official_cpu_fp32=True)
-            for i in range(0, N, step)
-        ]
+        z = []
+        for i in range(0, N, step):
+            posterior = self.temporal_vae.encode(x_z[:, :, i : i + step])  # over [B, 4, ceil(n/4), h, w]
+            z.append(_draw(posterior, sample, generator, noise_fn, official_cpu_fp32=True))
         return torch.cat(z, dim=2)
 
     # ---- decode --------------------------------------------------------------------------
@@ -237,7 +239,8 @@ class VideoAutoencoder(nn.Module):
         z = latent.to(self.device, self.dtype) * self.scale + self.shift
         B, _, _, h, w = z.shape
         f = self.spatial_factor
-        out = torch.empty(B, self.config.vae_2d.out_channels, num_frames, h * f, w * f, dtype=self.dtype, device=self.device)
+        c = self.config.vae_2d.out_channels
+        out = torch.empty(B, c, num_frames, h * f, w * f, dtype=self.dtype, device=self.device)
         for t0, x_z in self._temporal_chunks(z, num_frames):
             n = x_z.shape[2]
             frames = rearrange(x_z, "B C n h w -> (B n) C h w") / self.config.spatial_scaling_factor
@@ -313,9 +316,8 @@ class VideoAutoencoder(nn.Module):
             model = cls(config)
         keep_float32 = ()
         if dtype == torch.float16 and config.vae_2d.force_upcast:
-            keep_float32 = [
-                k for k in model.state_dict() if k.startswith(("spatial_vae.module.decoder.", "spatial_vae.module.post_quant_conv."))
-            ]
+            decoder = ("spatial_vae.module.decoder.", "spatial_vae.module.post_quant_conv.")
+            keep_float32 = [k for k in model.state_dict() if k.startswith(decoder)]
         tensors = rename_legacy_attention(iter_tensors(resolved.weight_files))
         load_tensors_into(model, tensors, strict=strict, dtype=dtype, device=device, keep_float32=keep_float32)
         return model.eval()
@@ -343,7 +345,11 @@ def official_config_dict(config: VideoAutoencoderConfig) -> dict:
         "spatial_scaling_factor": config.spatial_scaling_factor,
         "shift": list(config.shift),
         "scale": list(config.scale),
-        "vae_2d": {"type": "VideoAutoencoderKL", "micro_batch_size": config.micro_batch_size, **config_to_dict(config.vae_2d)},
+        "vae_2d": {
+            "type": "VideoAutoencoderKL",
+            "micro_batch_size": config.micro_batch_size,
+            **config_to_dict(config.vae_2d),
+        },
         "vae_temporal": {"type": "VAE_Temporal_SD", **config_to_dict(config.vae_temporal)},
     }
 
@@ -424,7 +430,10 @@ def _check_video(video, channels: int, factor: int) -> None:
         hint = " Channels last? Use video.permute(0, 4, 1, 2, 3)." if shape[-1] == channels else ""
         raise ValueError(f"video has {shape[1]} channels (dim 1 of shape {shape}); expected {channels} (RGB).{hint}")
     if not video.is_floating_point():
-        raise ValueError(f"video must be floating point in [-1, 1], got dtype {video.dtype}; convert uint8 frames with video.float() / 127.5 - 1")
+        raise ValueError(
+            f"video must be floating point in [-1, 1], got dtype {video.dtype}; "
+            "convert uint8 frames with video.float() / 127.5 - 1"
+        )
     if shape[2] < 1 or shape[3] < factor or shape[4] < factor:
         raise ValueError(f"video of shape {shape} is too small: need N >= 1 frames and H, W >= {factor} pixels")
     low, high = torch.aminmax(video.detach())
@@ -451,7 +460,8 @@ def _check_latent(latent, num_frames, model: VideoAutoencoder) -> None:
     need = model.latent_size(num_frames, None, None)[0]
     if shape[2] != need:
         mfs = model.config.micro_frame_size
-        fits = frames_for_latent_length(shape[2], micro_frame_size=mfs, time_factor=model.temporal_vae.time_downsample_factor)
+        factor = model.temporal_vae.time_downsample_factor
+        fits = frames_for_latent_length(shape[2], micro_frame_size=mfs, time_factor=factor)
         allowed = "no frame count" if fits is None else (
             f"num_frames={fits[0]}" if fits[0] == fits[1] else f"num_frames in {fits[0]}..{fits[1]}"
         )

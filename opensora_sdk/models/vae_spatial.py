@@ -304,7 +304,9 @@ class AutoencoderKL(nn.Module):
 
 
 # diffusers config keys that do not change the architecture we build.
-_DIFFUSERS_BOOKKEEPING = {"_class_name", "_diffusers_version", "_name_or_path", "latents_mean", "latents_std", "shift_factor"}
+_DIFFUSERS_BOOKKEEPING = {
+    "_class_name", "_diffusers_version", "_name_or_path", "latents_mean", "latents_std", "shift_factor"
+}
 # diffusers config keys that would change the architecture, with the only value we support.
 _DIFFUSERS_FIXED = {"use_quant_conv": True, "use_post_quant_conv": True, "mid_block_add_attention": True}
 
