@@ -125,8 +125,10 @@ def setup_sequence_parallel(sp_size: int, accelerator: Accelerator, model: STDiT
     (opensora_sdk.distributed, spec 8); DDP's average over all ranks then gives the right gradients."""
     if sp_size == 1:
         return accelerator.num_processes, accelerator.process_index
-    from opensora_sdk import distributed
-
+    try:
+        from opensora_sdk import distributed
+    except ImportError as err:
+        raise RuntimeError(f"sp_size={sp_size}: sequence parallelism needs opensora_sdk.distributed ({err}); set sp_size: 1") from None
     mesh = distributed.make_mesh(sp_size)  # ValueError unless sp_size divides the number of processes
     model.set_sequence_parallel_group(mesh.sp_group)
     return mesh.dp_size, mesh.dp_rank
@@ -421,6 +423,7 @@ def main(argv=None) -> dict:
                                      for k in ("loss", "micro", "samples", "tokens", "skipped")])  # fmt: skip
                 stats = accelerator.reduce(stats, "sum") if accelerator.num_processes > 1 else stats
                 stats[2:5] /= cfg.sp_size  # the ranks of a sequence-parallel group share their samples
+                stats[2:] /= cfg.sp_size  # the ranks of an SP group share their samples
                 seconds = time.perf_counter() - window["t0"]
                 total_skipped += int(stats[4])
                 last_loss = float(stats[0] / stats[1])
