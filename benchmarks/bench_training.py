@@ -1,7 +1,7 @@
 """Training throughput and peak memory: the tiny CPU recipe, and one STDiT3 training step.
 
     # the tiny recipe end to end (synthetic clips -> features -> training), as a subprocess:
-    python benchmarks/bench_training.py tiny --num 128 --steps 100 --work /tmp/bench_tiny
+    python benchmarks/bench_training.py tiny --num 128 --steps 100 --work outputs/bench_tiny
 
     # one XL/2 training step on precomputed-feature inputs (no VAE, no T5), with and without
     # gradient checkpointing, each variant in its own process (peak RSS is per process):
