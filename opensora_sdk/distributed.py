@@ -313,6 +313,18 @@ def _gather(x: torch.Tensor, dim: int, group) -> torch.Tensor:
     return torch.cat(parts, dim)
 
 
+def _reduce_scatter(x: torch.Tensor, dim: int, group) -> torch.Tensor:
+    """Sum x over the ranks and keep this rank's chunk of `dim`."""
+    P = group_size(group)
+    _check_divisible(x, dim, P, "reduce_scatter")
+    parts = [c.contiguous() for c in x.chunk(P, dim)]
+    out = torch.empty_like(parts[0])
+    _count("reduce_scatter", _nbytes(x) * (P - 1) / P)
+    with _collective("reduce_scatter", group):
+        dist.reduce_scatter(out, parts, group=group)
+    return out
+
+
 def _all_reduce(x: torch.Tensor, group) -> torch.Tensor:
     P = group_size(group)
     x = x.contiguous()
@@ -384,7 +396,7 @@ class _AllGatherSumBackward(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):  # reduce-scatter: sum over ranks, keep this rank's chunk
-        return _split(_all_reduce(grad.clone(), ctx.group), ctx.dim, ctx.group), None, None
+        return _reduce_scatter(grad, ctx.dim, ctx.group), None, None
 
 
 def _active(group) -> bool:
@@ -435,6 +447,38 @@ def broadcast(x: torch.Tensor, group, src_rank_in_group: int = 0) -> torch.Tenso
     return x
 
 
+# --------------------------------------------------------------------------------------------
+# VAE decode spread over ranks
+# --------------------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def vae_decode_split(vae, latent: torch.Tensor, num_frames: int, group, **decode_kwargs) -> torch.Tensor:
+    """`vae.decode(latent, num_frames)` with its temporal chunks (5 latent -> 17 pixel frames,
+    decoded independently) spread round-robin over the ranks of `group` and all-gathered, so
+    every rank gets the whole video [B, 3, num_frames, H, W] for about 1/P of the decode time.
+    `vae` is a `VideoAutoencoder`; without a group (or micro_frame_size None) a plain decode."""
+    mfs = vae.config.micro_frame_size
+    if not _active(group) or mfs is None:
+        return vae.decode(latent, num_frames, **decode_kwargs)
+    P, r = group_size(group), group_rank(group)
+    step = vae.latent_size(mfs, None, None)[0]  # latent frames per chunk
+    chunks = [(i, k * mfs, min(mfs, num_frames - k * mfs)) for k, i in enumerate(range(0, latent.shape[2], step))]
+    B, _, _, h, w = latent.shape
+    f, C = vae.spatial_factor, vae.config.vae_2d.out_channels
+    out = torch.empty(B, C, num_frames, h * f, w * f, dtype=vae.dtype, device=vae.device)
+    for j in range(0, len(chunks), P):  # round j: rank q decodes chunk j + q
+        pixels = out.new_zeros(B, C, mfs, h * f, w * f)
+        if j + r < len(chunks):
+            i, _, n = chunks[j + r]
+            pixels[:, :, :n] = vae.decode(latent[:, :, i : i + step], n, **decode_kwargs)
+        parts = _gather(pixels[None], 0, group)  # [P, B, C, mfs, H, W]
+        for q in range(min(P, len(chunks) - j)):
+            _, t0, n = chunks[j + q]
+            out[:, :, t0 : t0 + n] = parts[q, :, :, :n]
+    return out
+
+
 __all__ = [
     "CollectiveError",
     "CommCounter",
@@ -453,4 +497,5 @@ __all__ = [
     "sequence_parallel_group",
     "shutdown",
     "split_forward_gather_backward",
+    "vae_decode_split",
 ]

@@ -8,6 +8,7 @@ computes the single-process reference itself and reports its errors, the tests a
 
 from __future__ import annotations
 
+import csv
 import os
 import socket
 import subprocess
@@ -166,6 +167,23 @@ def sampling_case(group) -> dict[str, float]:
     return {"latent": max_err(run(), ref)}
 
 
+def pipeline_case(group) -> dict[str, float]:
+    """The pipeline (tiny-random preset, CFG, 2 VAE chunks): SP latent and frames vs one process."""
+    from opensora_sdk.pipeline import OpenSoraPipeline
+
+    def run(sp_group):
+        pipe = OpenSoraPipeline.from_preset("tiny-random", device="cpu", progress=False, sp_group=sp_group)
+        last = {}
+        with distributed.count_communication() as sent:
+            video = pipe("a red panda", height=64, width=64, num_frames=34, num_steps=3, seed=7,
+                         callback=lambda i, n, latent, denoised: last.update(z=latent.clone()))  # fmt: skip
+        return last["z"], torch.from_numpy(video.frames).int(), sent.total
+
+    z_ref, frames_ref, _ = run(None)
+    z, frames, sent = run(group)
+    return {"latent": max_err(z, z_ref), "frames": float((frames - frames_ref).abs().max()), "bytes": sent}
+
+
 def model_cases(P: int) -> dict[str, dict]:
     """name -> kwargs of model_case. S = (H/2)*(W/2): 6 divides by 2 and 3, 4 and 9 do not."""
     even, odd = (6, 4), (6, 6) if P == 2 else (4, 4)  # (H, W): S = 6 | S = 9 (P=2) or 4 (P=3)
@@ -183,7 +201,8 @@ def worker(rank: int, world: int, port: int, out: str) -> None:
     torch.set_num_threads(1)
     info = distributed.init_from_env(timeout_s=120)
     results = {}
-    jobs = {"primitives": lambda: primitives_case(info.group), "sampling": lambda: sampling_case(info.group)}
+    jobs = {"primitives": lambda: primitives_case(info.group), "sampling": lambda: sampling_case(info.group),
+            "pipeline": lambda: pipeline_case(info.group)}  # fmt: skip
     jobs.update({name: (lambda kw=kw: model_case(info.group, **kw)) for name, kw in model_cases(world).items()})
     for name, job in jobs.items():
         try:
@@ -248,6 +267,31 @@ def test_sampling_gives_the_single_process_latent(world):
     P, results = world
     errors = errors_of(results, "sampling")
     assert errors["latent"] < TOL, errors
+
+
+def test_pipeline_gives_the_single_process_video(world):
+    P, results = world
+    errors = errors_of(results, "pipeline")
+    assert errors["latent"] < TOL and errors["frames"] <= 1, errors  # uint8 frames: at most one step of rounding
+    assert all(res["pipeline"]["bytes"] > 0 for res in results)
+
+
+def test_torchrun_cli_writes_one_output_equal_to_one_process(tmp_path):
+    args = ["generate", "--preset", "tiny-random", "--prompt", "a cat", "--image-size", "64", "64", "--num-frames", "1",
+            "--num-sampling-steps", "2", "--no-progress"]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    single = subprocess.run([sys.executable, "-m", "opensora_sdk.cli", *args, "--save-dir", str(tmp_path / "one")],
+                            env=env, capture_output=True, text=True, timeout=120)  # fmt: skip
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port())]
+    multi = subprocess.run([*torchrun, "-m", "opensora_sdk.cli", *args, "--save-dir", str(tmp_path / "two")],
+                           env=env, capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert single.returncode == 0 and multi.returncode == 0, (single.stderr + multi.stderr)[-3000:]
+    assert "2 processes" in multi.stderr and multi.stdout.count("sample_0000.png") == 1  # rank 0 alone reports
+    assert [p.name for p in (tmp_path / "two").iterdir()] == ["sample_0000.png"]
+    from opensora_sdk.video_io import read_image
+
+    a, b = (torch.from_numpy(read_image(tmp_path / d / "sample_0000.png").copy()).int() for d in ("one", "two"))
+    assert a.shape == b.shape == (64, 64, 3) and int((a - b).abs().max()) <= 1
 
 
 # ---- single-process checks ------------------------------------------------------------------
@@ -325,3 +369,42 @@ def test_a_failing_rank_brings_the_others_down_with_a_clear_message(failure, tmp
     assert "finished without noticing" not in out0
     assert "CollectiveError" in out0 and "failed on rank 0" in out0 and "a peer process probably raised" in out0, out0[-2000:]
     assert elapsed < 60, elapsed
+
+
+# ---- the trainer with sp_size=2 --------------------------------------------------------------
+
+
+def test_trainer_with_sp_size_2_matches_one_process(tmp_path):
+    """2 processes, sp_size 2 (one SP group, dp 1) train on the batches one process trains on."""
+    from safetensors.torch import load_file
+
+    from opensora_sdk.training import synthetic
+
+    clips = synthetic.generate_dataset(tmp_path / "clips", 8, size=32, num_frames=20, seed=0, image_fraction=0.0)
+    sets = [f"data.csv={clips}", "features.dir=null", "data.extra_resolutions={32px: 1024}",
+            "data.buckets={32px: {17: [1.0, 2]}}", "cpu_threads=1", "log_every=1", "ckpt_every=1000"]  # fmt: skip
+    argv = ["--config", str(REPO / "training" / "configs" / "tiny_cpu.yaml"), "--max-steps", "3"]
+    for s in sets:
+        argv += ["--set", s]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HOME": str(tmp_path / "hf")}
+    train = str(REPO / "training" / "train.py")
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+              "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(free_port())]  # fmt: skip
+    runs = {"one": [sys.executable, train, *argv, "--output-dir", str(tmp_path / "one")],
+            "sp2": [*launch, train, *argv, "--output-dir", str(tmp_path / "sp2"), "--set", "sp_size=2"]}
+    for name, cmd in runs.items():
+        result = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+        assert result.returncode == 0, (name, (result.stdout + result.stderr)[-3000:])
+    import json
+
+    summary = json.loads((tmp_path / "sp2" / "summary.json").read_text())
+    assert summary["world_size"] == 2 and summary["step"] == 3 and summary["ranks_in_sync"]
+    assert summary["last_loss"] == pytest.approx(json.loads((tmp_path / "one" / "summary.json").read_text())["last_loss"], rel=1e-5)
+    norms = [[float(r["grad_norm"]) for r in csv.DictReader(open(tmp_path / d / "logs" / "train_log.csv"))] for d in ("one", "sp2")]
+    assert len(norms[0]) == 3 and norms[1] == pytest.approx(norms[0], rel=1e-5)  # Adam alone would hide a gradient scale
+    a, b = (load_file(str(tmp_path / d / "checkpoints" / "step-00000003" / "model" / "model.safetensors")) for d in ("one", "sp2"))
+    assert a.keys() == b.keys()
+    for key in a:
+        if key.endswith("cross_attn.kv_linear.bias"):  # key half: zero gradient in exact math, Adam scales rounding noise
+            a[key], b[key] = (t[t.shape[0] // 2 :] for t in (a[key], b[key]))
+        torch.testing.assert_close(b[key], a[key], atol=1e-6, rtol=1e-5, msg=key)
