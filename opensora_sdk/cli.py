@@ -315,10 +315,24 @@ def _register_info(sub) -> None:
     p.set_defaults(func=cmd_info)
 
 
+def _register_workflow(sub) -> None:
+    p = sub.add_parser("workflow", help="run ComfyUI workflows of the Open-Sora nodes without a ComfyUI server")
+    runs = p.add_subparsers(dest="workflow_command", required=True, metavar="ACTION")
+    r = runs.add_parser("run", help="run an editor or API workflow JSON; prints the saved files")
+    r.add_argument("file", help="workflow JSON (editor format as saved by ComfyUI, or API format)")
+    r.add_argument("--set", action="append", metavar="NODE.INPUT=VALUE",
+                   help="override an input; NODE is a node id or title, VALUE JSON or text (repeatable)")
+    r.add_argument("--output-dir", default="output", help="where saved files go (default ./output)")
+    r.add_argument("--input-dir", default=None, help="where LoadImage / LoadVideo read (default: inputs/ beside FILE)")
+    r.add_argument("--models-dir", default=None, help="folder with diffusion_models/, vae/, text_encoders/, opensora/")
+    r.add_argument("--quiet", action="store_true", help="do not print the nodes as they run")
+    r.set_defaults(func=lazy("comfy_nodes.headless", "cmd_workflow_run"))
+
+
 # Each entry adds one subcommand. A command implemented outside the SDK registers a parser
 # whose func is `lazy("package.module", "function")`, e.g. the ComfyUI workflow runner:
-#     p = sub.add_parser("workflow", ...); p.set_defaults(func=lazy("comfy_nodes.cli", "run_workflow"))
-SUBCOMMANDS: list[Callable] = [_register_generate, _register_info]
+#     p = sub.add_parser("workflow", ...); p.set_defaults(func=lazy("comfy_nodes.headless", "cmd_workflow_run"))
+SUBCOMMANDS: list[Callable] = [_register_generate, _register_info, _register_workflow]
 
 
 def build_parser() -> argparse.ArgumentParser:

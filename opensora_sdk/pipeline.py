@@ -84,6 +84,16 @@ PRESETS: dict[str, ModelPreset] = {
 }
 
 
+# The built-in default model: what `opensora_sdk.pipeline.builtin_preset()` returns and what the
+# ComfyUI nodes and workflows load as "(built-in)". Changing the built-in model is this line.
+BUILTIN_PRESET = "tiny-random"
+
+
+def builtin_preset() -> str:
+    """The name of the built-in default preset (`BUILTIN_PRESET`)."""
+    return BUILTIN_PRESET
+
+
 def get_preset(name: str) -> ModelPreset:
     if name not in PRESETS:
         raise ValueError(f"preset={name!r} is not known; choose one of {sorted(PRESETS)}")
@@ -500,11 +510,13 @@ class OpenSoraPipeline:
 
 
 __all__ = [
+    "BUILTIN_PRESET",
     "ModelConfigs",
     "ModelPreset",
     "OpenSoraPipeline",
     "PRESETS",
     "SamplePlan",
+    "builtin_preset",
     "default_device",
     "default_dtype",
     "get_preset",

@@ -1,0 +1,290 @@
+"""Loader nodes: STDiT3 (diffusion model), the video VAE and the T5 text encoder.
+
+Choices are listed when ComfyUI asks for the node definitions (never at import time):
+"(built-in)" first, the SDK's built-in default model (`opensora_sdk.pipeline.builtin_preset`),
+then every weight file under ComfyUI's folder for that model kind and under models/opensora.
+A sub-folder holding a config.json (the official Hugging Face layout) is offered once, as
+"name/", and loaded as a folder; any other file is loaded as a single checkpoint.
+"""
+
+from __future__ import annotations
+
+import copy
+import functools
+from pathlib import Path
+
+from . import comfy_host as host
+from .types import BUILTIN, CATEGORY, DTYPES, MODEL, TEXT_ENCODER, VAE, LoadedModel, LoadedTextEncoder, LoadedVAE, tip
+
+FOLDERS = {
+    "model": ("diffusion_models", host.OPENSORA_FOLDER),
+    "vae": ("vae", host.OPENSORA_FOLDER),
+    "text_encoder": ("text_encoders", host.OPENSORA_FOLDER),
+}
+T5_TOKENIZER_FILES = ("tokenizer.json", "spiece.model")
+
+
+# --------------------------------------------------------------------------------------------
+# Choices and paths
+# --------------------------------------------------------------------------------------------
+
+
+def _roots(kind: str) -> list[Path]:
+    return [root for name in FOLDERS[kind] for root in host.model_folders(name)]
+
+
+def model_choices(kind: str) -> list[str]:
+    """"(built-in)" + files and HF folders ("name/") of the folders for `kind`."""
+    entries = set()
+    for name in FOLDERS[kind]:
+        roots = host.model_folders(name)
+        for rel in host.list_model_files(name):
+            parent = Path(rel).parent
+            is_hf = parent != Path(".") and any((root / parent / "config.json").is_file() for root in roots)
+            entries.add(parent.as_posix() + "/" if is_hf else rel)
+    return [BUILTIN] + sorted(entries)
+
+
+def resolve_choice(kind: str, choice: str) -> Path:
+    """The file or folder behind a choice; FileNotFoundError naming the folders searched."""
+    roots = _roots(kind)
+    for root in roots:
+        path = root / choice.rstrip("/")
+        if (choice.endswith("/") and path.is_dir()) or path.is_file():
+            return path
+    where = ", ".join(str(r) for r in roots) or f"no folder registered for {FOLDERS[kind]}"
+    raise FileNotFoundError(f"{kind} {choice!r} not found in the model folders ({where}); pick another entry")
+
+
+def resolve_dtype(name: str, device):
+    """"auto" -> the SDK default for `device` (bf16 on accelerators, fp32 on the CPU)."""
+    from opensora_sdk.models.text_encoder import resolve_dtype as sdk_resolve
+    from opensora_sdk.pipeline import default_dtype
+
+    if name not in DTYPES:
+        raise ValueError(f"dtype={name!r} is not allowed: choose one of {list(DTYPES)}")
+    return default_dtype(device) if name == "auto" else sdk_resolve(name)
+
+
+@functools.lru_cache(maxsize=1)
+def _builtin_pipeline(preset: str):
+    """The built-in preset's three models on the CPU in float32 (built once per process)."""
+    import torch
+
+    from opensora_sdk.pipeline import OpenSoraPipeline
+
+    return OpenSoraPipeline.from_preset(preset, device="cpu", dtype=torch.float32, progress=False)
+
+
+def builtin_component(name: str):
+    """A private copy of one model of the built-in default preset, and its preset name."""
+    from opensora_sdk.pipeline import builtin_preset
+
+    preset = builtin_preset()
+    return copy.deepcopy(getattr(_builtin_pipeline(preset), name)), preset
+
+
+# --------------------------------------------------------------------------------------------
+# Loading
+# --------------------------------------------------------------------------------------------
+
+
+def load_model(choice: str, dtype: str = "auto", attention: str = "sdpa") -> LoadedModel:
+    from opensora_sdk.models import STDiT3
+    from opensora_sdk.pipeline import _cast, get_preset
+    from opensora_sdk.plan import DEFAULT_MAX_LATENT_FRAMES
+
+    torch_dtype = resolve_dtype(dtype, host.torch_device())
+    max_frames = DEFAULT_MAX_LATENT_FRAMES
+    if choice == BUILTIN:
+        transformer, preset = builtin_component("transformer")
+        _cast(transformer, torch_dtype)
+        source, max_frames = f"built-in preset {preset!r}", get_preset(preset).max_latent_frames
+    else:
+        path = resolve_choice("model", choice)
+        transformer = STDiT3.from_pretrained(path, dtype=torch_dtype, device=host.offload_device("unet"))
+        source = str(path)
+    transformer.set_attention_backend(attention)
+    transformer.to(host.offload_device("unet"))
+    return LoadedModel(transformer.eval().requires_grad_(False), source, torch_dtype, max_frames)
+
+
+def load_vae(choice: str, dtype: str = "auto") -> LoadedVAE:
+    from opensora_sdk.models import VideoAutoencoder
+    from opensora_sdk.pipeline import _cast
+
+    torch_dtype = resolve_dtype(dtype, host.torch_device())
+    if choice == BUILTIN:
+        vae, preset = builtin_component("vae")
+        _cast(vae, torch_dtype)
+        source = f"built-in preset {preset!r}"
+    else:
+        path = resolve_choice("vae", choice)
+        vae = VideoAutoencoder.from_pretrained(path, dtype=torch_dtype, device=host.offload_device("vae"))
+        source = str(path)
+    vae.to(host.offload_device("vae"))
+    return LoadedVAE(vae.eval().requires_grad_(False), source, torch_dtype)
+
+
+def load_text_encoder(choice: str, dtype: str = "auto", max_length: int = 300) -> LoadedTextEncoder:
+    from opensora_sdk.models import T5TextEncoder
+
+    device = host.text_encoder_device()
+    torch_dtype = resolve_dtype(dtype, device)
+    if choice == BUILTIN:
+        encoder, preset = builtin_component("text_encoder")
+        encoder.model.to(torch_dtype)
+        source = f"built-in preset {preset!r}"
+    else:
+        path = resolve_choice("text_encoder", choice)
+        if path.is_dir():
+            encoder = T5TextEncoder.from_pretrained(path, model_max_length=max_length, dtype=torch_dtype, device="cpu")
+        else:
+            encoder = _t5_from_single_file(path, torch_dtype, max_length)
+        source = str(path)
+    encoder.offload_after_encode = True
+    encoder.offload_device = host.offload_device("text_encoder")
+    return LoadedTextEncoder(encoder, source)
+
+
+def _t5_tokenizer_folder(path: Path) -> Path:
+    """Tokenizer files beside a single-file T5, else the T5 tokenizer ComfyUI ships."""
+    candidates = [path.parent]
+    try:
+        import comfy.text_encoders
+
+        candidates.append(Path(comfy.text_encoders.__file__).parent / "t5_tokenizer")
+    except ImportError:
+        pass
+    for folder in candidates:
+        if any((folder / name).is_file() for name in T5_TOKENIZER_FILES):
+            return folder
+    raise FileNotFoundError(
+        f"text_encoder {path.name!r} is a single weight file and no T5 tokenizer was found beside it "
+        f"(looked for {list(T5_TOKENIZER_FILES)} in {[str(c) for c in candidates]}); put the tokenizer files "
+        "there or use the Hugging Face folder of the encoder (config.json, weights, spiece.model)"
+    )
+
+
+def _t5_from_single_file(path: Path, dtype, max_length: int):
+    """A T5 encoder from one .safetensors file in the Hugging Face key layout (as ComfyUI's
+    t5xxl_*.safetensors files), its config read from the tensor shapes."""
+    from safetensors.torch import load_file
+    from transformers import AutoTokenizer, T5Config, T5EncoderModel
+
+    from opensora_sdk.models import T5TextEncoder
+
+    if path.suffix.lower() != ".safetensors":
+        raise ValueError(f"text_encoder {path.name!r}: single-file T5 must be .safetensors (or choose an HF folder)")
+    tensors = load_file(str(path))
+    if "shared.weight" not in tensors or "encoder.block.0.layer.1.DenseReluDense.wi_0.weight" not in tensors:
+        raise ValueError(
+            f"text_encoder {path.name!r} is not a T5 v1.1 encoder in the Hugging Face key layout "
+            "(no 'shared.weight' / gated 'wi_0' keys); Open-Sora v1.2 uses T5-XXL v1.1"
+        )
+    vocab, d_model = tensors["shared.weight"].shape
+    layers = 1 + max(int(k.split(".")[2]) for k in tensors if k.startswith("encoder.block."))
+    heads = tensors["encoder.block.0.layer.0.SelfAttention.relative_attention_bias.weight"].shape[1]
+    inner = tensors["encoder.block.0.layer.0.SelfAttention.q.weight"].shape[0]
+    d_ff = tensors["encoder.block.0.layer.1.DenseReluDense.wi_0.weight"].shape[0]
+    config = T5Config(
+        vocab_size=vocab, d_model=d_model, d_kv=inner // heads, d_ff=d_ff, num_layers=layers, num_heads=heads,
+        feed_forward_proj="gated-gelu", is_encoder_decoder=False, use_cache=False,
+    )
+    model = T5EncoderModel(config)
+    missing, unexpected = model.load_state_dict(tensors, strict=False)
+    missing = [k for k in missing if k != "encoder.embed_tokens.weight"]
+    if missing:
+        raise ValueError(f"text_encoder {path.name!r}: {len(missing)} T5 weights missing, e.g. {missing[:3]}")
+    tokenizer = AutoTokenizer.from_pretrained(str(_t5_tokenizer_folder(path)))
+    return T5TextEncoder(model.to(dtype), tokenizer, model_max_length=max_length, name=str(path))
+
+
+# --------------------------------------------------------------------------------------------
+# Nodes
+# --------------------------------------------------------------------------------------------
+
+
+def _attention_choices() -> list[str]:
+    from opensora_sdk.models.attention import BACKENDS
+
+    return list(BACKENDS)
+
+
+class OpenSoraModelLoader:
+    DESCRIPTION = "Loads the STDiT3 diffusion transformer (Open-Sora v1.2)."
+    CATEGORY = f"{CATEGORY}/loaders"
+    RETURN_TYPES = (MODEL,)
+    RETURN_NAMES = ("model",)
+    FUNCTION = "load"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "model": (model_choices("model"), tip(
+                "(built-in): the small model that ships with the pack. Otherwise a file or Hugging Face folder "
+                "(name/) from models/diffusion_models or models/opensora, e.g. hpcai-tech/OpenSora-STDiT-v3",
+                default=BUILTIN)),
+            "dtype": (list(DTYPES), tip("Weight precision; auto = bf16 on a GPU, fp32 on the CPU", default="auto")),
+            "attention": (_attention_choices(), tip(
+                "Attention kernel: sdpa (PyTorch, always available), flash (flash-attn, CUDA bf16/fp16) or "
+                "xformers; a kernel whose package is missing fails with install instructions", default="sdpa")),
+        }}
+
+    def load(self, model, dtype, attention):
+        return (load_model(model, dtype, attention),)
+
+
+class OpenSoraVAELoader:
+    DESCRIPTION = "Loads the Open-Sora v1.2 video VAE (spatial SD-VAE + temporal VAE, 4 latent channels)."
+    CATEGORY = f"{CATEGORY}/loaders"
+    RETURN_TYPES = (VAE,)
+    RETURN_NAMES = ("vae",)
+    FUNCTION = "load"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "vae": (model_choices("vae"), tip(
+                "(built-in) or a file / Hugging Face folder (name/) from models/vae or models/opensora, "
+                "e.g. hpcai-tech/OpenSora-VAE-v1.2", default=BUILTIN)),
+            "dtype": (list(DTYPES), tip(
+                "Weight precision; auto = bf16 on a GPU, fp32 on the CPU (fp16 keeps the spatial decoder in fp32)",
+                default="auto")),
+        }}
+
+    def load(self, vae, dtype):
+        return (load_vae(vae, dtype),)
+
+
+class OpenSoraTextEncoderLoader:
+    DESCRIPTION = "Loads the T5 text encoder (T5-XXL v1.1 for Open-Sora v1.2)."
+    CATEGORY = f"{CATEGORY}/loaders"
+    RETURN_TYPES = (TEXT_ENCODER,)
+    RETURN_NAMES = ("text_encoder",)
+    FUNCTION = "load"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "text_encoder": (model_choices("text_encoder"), tip(
+                "(built-in), a Hugging Face folder (name/, e.g. DeepFloyd/t5-v1_1-xxl) or a single T5-XXL "
+                ".safetensors such as t5xxl_fp16.safetensors from models/text_encoders or models/opensora",
+                default=BUILTIN)),
+            "dtype": (list(DTYPES), tip(
+                "Weight precision; auto = bf16 on a GPU, fp32 on the CPU (the official runs use fp32)",
+                default="auto")),
+            "max_length": ("INT", tip(
+                "Tokens per prompt; must equal the diffusion model's model_max_length (300 for v1.2). Ignored "
+                "for (built-in)", default=300, min=2, max=4096)),
+        }}
+
+    def load(self, text_encoder, dtype, max_length):
+        return (load_text_encoder(text_encoder, dtype, max_length),)
+
+
+NODES = {
+    "OpenSoraModelLoader": (OpenSoraModelLoader, "Open-Sora Load Diffusion Model"),
+    "OpenSoraVAELoader": (OpenSoraVAELoader, "Open-Sora Load VAE"),
+    "OpenSoraTextEncoderLoader": (OpenSoraTextEncoderLoader, "Open-Sora Load Text Encoder"),
+}

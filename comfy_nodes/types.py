@@ -1,0 +1,82 @@
+"""Socket types of the pack and the objects that travel on them.
+
+Pack objects get pack-private type names, so they cannot be wired into core nodes that expect
+ComfyUI's own MODEL / VAE / CLIP objects. Core types are used only for core values: IMAGE
+([frames, H, W, 3] float in [0, 1]), LATENT (a dict with "samples" [B, 4, T, h, w]), FLOAT.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+MODEL = "OPENSORA_MODEL"
+VAE = "OPENSORA_VAE"
+TEXT_ENCODER = "OPENSORA_T5"
+TEXT = "OPENSORA_TEXT"
+CONDITIONS = "OPENSORA_CONDITIONS"
+
+CATEGORY = "OpenSora"
+BUILTIN = "(built-in)"
+DTYPES = ("auto", "fp32", "bf16", "fp16")
+
+
+def tip(text: str, **options) -> dict:
+    """Widget options with a tooltip (every input has one)."""
+    return {"tooltip": text, **options}
+
+
+@dataclass
+class LoadedModel:
+    """STDiT3 with where it came from; it waits on `offload_device` between uses."""
+
+    transformer: object  # opensora_sdk.models.STDiT3
+    source: str
+    dtype: object  # torch.dtype
+    max_latent_frames: int | None = 120
+
+
+@dataclass
+class LoadedVAE:
+    vae: object  # opensora_sdk.models.VideoAutoencoder
+    source: str
+    dtype: object
+
+
+@dataclass
+class LoadedTextEncoder:
+    encoder: object  # opensora_sdk.models.T5TextEncoder
+    source: str
+
+
+@dataclass
+class TextEmbeds:
+    """The output of OpenSoraTextEncode.
+
+    segments: the processed prompt's loop segments (opensora_sdk.text.PromptSegment; one for a
+    plain prompt); embeddings maps each processed text to (y [1, 1, L, C], mask [1, L]) on the
+    CPU; negative is (y, mask) of the processed negative prompt, or None.
+    """
+
+    prompt: str
+    segments: tuple
+    embeddings: dict
+    negative: tuple | None = None
+
+    def text_for_loop(self, i: int) -> str:
+        from opensora_sdk.text import prompt_for_loop
+
+        return prompt_for_loop(self.segments, i)
+
+    def for_loop(self, i: int) -> tuple:
+        return self.embeddings[self.text_for_loop(i)]
+
+
+@dataclass
+class ConditionList:
+    """Typed conditions (opensora_sdk.conditioning.ImageCondition / VideoCondition) with
+    their pixels as tensors [3, F, H, W] in [-1, 1]; resized to the output at sampling."""
+
+    items: list = field(default_factory=list)
+
+    def plus(self, condition) -> ConditionList:
+        return ConditionList(self.items + [condition])
