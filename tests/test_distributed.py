@@ -58,7 +58,7 @@ def primitives_case(group) -> dict[str, float]:
     g = torch.Generator().manual_seed(1)
     errors = {}
     # all_to_all: global X [P*2, 3, P*4]; rank r holds X[:, :, r-th chunk] and receives X[r-th chunk, :, :].
-    X, G = torch.randn(2 * P, 3, 4 * P, generator=g, dtype=torch.float64), torch.randn(2 * P, 3, 4 * P, generator=g, dtype=torch.float64)
+    X, G = (torch.randn(2 * P, 3, 4 * P, generator=g, dtype=torch.float64) for _ in range(2))
     x = X.chunk(P, 2)[r].clone().requires_grad_()
     y = distributed.all_to_all(x, group, scatter_dim=0, gather_dim=2)  # [2, 3, 4P]
     y.backward(G.chunk(P, 0)[r])
@@ -104,8 +104,9 @@ def model_inputs(model: STDiT3, B: int, T: int, H: int, W: int, x_mask: bool, se
     for b in range(B):
         mask[b, : [5, 8, 3][b % 3]] = 1  # rows with different caption lengths
     y = torch.randn(B, 1, cfg.model_max_length, cfg.caption_channels, generator=g)
-    inputs = dict(x=torch.randn(B, cfg.in_channels, T, H, W, generator=g), timestep=torch.tensor([873.5, 120.25, 500.0][:B]),
-                  y=y, mask=mask, fps=torch.full((B,), 24.0), height=torch.full((B,), 8.0 * H), width=torch.full((B,), 8.0 * W))  # fmt: skip
+    inputs = dict(x=torch.randn(B, cfg.in_channels, T, H, W, generator=g), y=y, mask=mask,
+                  timestep=torch.tensor([873.5, 120.25, 500.0][:B]), fps=torch.full((B,), 24.0),
+                  height=torch.full((B,), 8.0 * H), width=torch.full((B,), 8.0 * W))  # fmt: skip
     if x_mask:
         inputs["x_mask"] = torch.ones(B, T, dtype=torch.bool)
         inputs["x_mask"][:, 0] = False  # a conditioning frame
@@ -113,11 +114,11 @@ def model_inputs(model: STDiT3, B: int, T: int, H: int, W: int, x_mask: bool, se
     return inputs
 
 
-def model_case(group, *, heads, mode, B, T, H, W, x_mask, checkpointing=False) -> dict[str, float]:
+def model_case(group, *, heads, mode, B, T, H, W, x_mask, checkpointing=False, seed=0) -> dict[str, float]:
     """Forward output, input gradient and parameter gradients: SP vs single process."""
     model = tiny_model(heads)
     model.enable_gradient_checkpointing(checkpointing)
-    inputs = model_inputs(model, B, T, H, W, x_mask)
+    inputs = model_inputs(model, B, T, H, W, x_mask, seed=seed)
     weight = torch.randn(B, 2 * model.config.in_channels, T, H, W, generator=torch.Generator().manual_seed(3))
 
     def run():
@@ -294,6 +295,28 @@ def test_torchrun_cli_writes_one_output_equal_to_one_process(tmp_path):
     assert a.shape == b.shape == (64, 64, 3) and int((a - b).abs().max()) <= 1
 
 
+def mesh_worker(rank: int, world: int, port: int, out: str) -> None:
+    os.environ.update(rank_env(rank, world, port))
+    torch.set_num_threads(1)
+    distributed.init_from_env(timeout_s=120)
+    mesh = distributed.make_mesh(2)
+    sums = [distributed._all_reduce(torch.tensor([float(rank)]), g).item() for g in (mesh.sp_group, mesh.dp_group)]
+    # each SP group shards its own batch (inputs drawn from its dp rank)
+    errors = model_case(mesh.sp_group, heads=4, mode="ulysses", B=1, T=2, H=6, W=6, x_mask=False, seed=mesh.dp_rank)
+    torch.save({"mesh": (mesh.dp_size, mesh.sp_size, mesh.dp_rank, mesh.sp_rank), "sums": sums, "errors": errors},
+               Path(out) / f"rank{rank}.pt")  # fmt: skip
+    distributed.shutdown()
+
+
+def test_a_dp_x_sp_mesh_of_4_processes(tmp_path):
+    mp.spawn(mesh_worker, args=(4, free_port(), str(tmp_path)), nprocs=4, join=True)
+    results = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(4)]
+    assert [r["mesh"] for r in results] == [(2, 2, 0, 0), (2, 2, 0, 1), (2, 2, 1, 0), (2, 2, 1, 1)]
+    assert [r["sums"] for r in results] == [[1, 2], [1, 4], [5, 2], [5, 4]]  # SP {0,1} {2,3}; DP {0,2} {1,3}
+    for r in results:
+        assert max(v for k, v in r["errors"].items() if k not in ("mode", "bytes")) < TOL, r["errors"]
+
+
 # ---- single-process checks ------------------------------------------------------------------
 
 
@@ -400,7 +423,8 @@ def test_trainer_with_sp_size_2_matches_one_process(tmp_path):
     summary = json.loads((tmp_path / "sp2" / "summary.json").read_text())
     assert summary["world_size"] == 2 and summary["step"] == 3 and summary["ranks_in_sync"]
     assert summary["last_loss"] == pytest.approx(json.loads((tmp_path / "one" / "summary.json").read_text())["last_loss"], rel=1e-5)
-    norms = [[float(r["grad_norm"]) for r in csv.DictReader(open(tmp_path / d / "logs" / "train_log.csv"))] for d in ("one", "sp2")]
+    logs = [(tmp_path / d / "logs" / "train_log.csv").read_text().splitlines() for d in ("one", "sp2")]
+    norms = [[float(r["grad_norm"]) for r in csv.DictReader(rows)] for rows in logs]
     assert len(norms[0]) == 3 and norms[1] == pytest.approx(norms[0], rel=1e-5)  # Adam alone would hide a gradient scale
     a, b = (load_file(str(tmp_path / d / "checkpoints" / "step-00000003" / "model" / "model.safetensors")) for d in ("one", "sp2"))
     assert a.keys() == b.keys()
