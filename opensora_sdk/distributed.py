@@ -30,8 +30,11 @@ parameter gradients of the ranks of an SP group *average* to the single-process 
 a data-parallel average over all ranks (DDP, FSDP) is right as it is; without DDP, call
 `average_gradients(params, sp_group)`.
 
+`vae_decode_split` spreads the VAE's independent temporal chunks over the ranks (sampling).
+
 Communication is counted (bytes each rank sends, ring / pairwise algorithms) while a
-`count_communication()` block is open; see benchmarks/bench_distributed.py.
+`count_communication()` block is open (a module-level list of open counters, empty unless a
+benchmark opens one); see benchmarks/bench_distributed.py.
 """
 
 from __future__ import annotations
