@@ -495,7 +495,7 @@ def resize_crop(frames, height: int, width: int, mode: str = "bilinear") -> torc
         for index, frame in enumerate(frames):
             image = Image.fromarray(frame).resize((sw, sh), Image.Resampling.BICUBIC)
             crop = np.asarray(image)[top : top + height, left : left + width]  # [height, width, 3]
-            x = torch.from_numpy(np.ascontiguousarray(crop)).permute(2, 0, 1).float().div(255)
+            x = torch.from_numpy(np.array(crop)).permute(2, 0, 1).float().div(255)  # copy: PIL arrays are read-only
             out[:, index] = x.sub(0.5).div(0.5)
     return out
 
