@@ -422,7 +422,6 @@ def main(argv=None) -> dict:
                 stats = torch.stack([torch.as_tensor(window[k], dtype=torch.float64, device=device)
                                      for k in ("loss", "micro", "samples", "tokens", "skipped")])  # fmt: skip
                 stats = accelerator.reduce(stats, "sum") if accelerator.num_processes > 1 else stats
-                stats[2:5] /= cfg.sp_size  # the ranks of a sequence-parallel group share their samples
                 stats[2:] /= cfg.sp_size  # the ranks of an SP group share their samples
                 seconds = time.perf_counter() - window["t0"]
                 total_skipped += int(stats[4])
