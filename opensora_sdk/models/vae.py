@@ -11,9 +11,10 @@ Decoding reverses it chunk by chunk: 5 latent frames -> at most 17 frames of 2D 
 pixels in micro-batches written into a preallocated output, so peak memory is one chunk's
 working set plus the output, whatever the video length. Outputs are not clamped.
 
-Memory options (all off by default, so results match the official code): `micro_batch_size`
-and `micro_frame_size` in the config, and `tiling=SpatialTiling(...)` per call for the 2D
-stage. Randomness: both posteriors are sampled at encode time; pass `generator` to draw every
+Memory options: `micro_batch_size` (4 frames) and `micro_frame_size` (17) in the config, as
+officially; and, per call, `tiling=SpatialTiling(tile_size, overlap)` in pixels for the 2D
+stage (the temporal stage works at latent resolution and is never tiled). Tiling is off by
+default, so results match the official code. Randomness: both posteriors are sampled at encode time; pass `generator` to draw every
 sample from it, or `noise_fn(shape) -> tensor` to supply each draw yourself (tests inject the
 recorded official draws this way). Draw order: one per spatial micro-batch, then one per
 temporal chunk. Without either, draws follow the official code: the spatial ones from the
