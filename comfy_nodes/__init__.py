@@ -37,8 +37,7 @@ def _make_sdk_importable() -> None:
 
 _make_sdk_importable()
 
-from . import comfy_host  # noqa: E402
-from . import conditioning, latent, loaders, sampler, text, vae, video  # noqa: E402
+from . import comfy_host, conditioning, latent, loaders, sampler, text, vae, video  # noqa: E402
 
 _MODULES = (loaders, text, conditioning, latent, sampler, vae, video)
 

@@ -63,11 +63,12 @@ def configure(*, models_dir=None, output_dir=None, input_dir=None) -> None:
 def register_model_folder() -> None:
     """Add <models>/opensora to ComfyUI's folder names (called at pack import, lists nothing)."""
     fp = _modules().get("folder_paths")
-    if fp is None or OPENSORA_FOLDER in fp.folder_names_and_paths:
+    if fp is None:
         return
+    # after any "opensora:" entry of extra_model_paths.yaml (read before the packs load)
     fp.add_model_folder_path(OPENSORA_FOLDER, os.path.join(fp.models_dir, OPENSORA_FOLDER))
-    paths, _ = fp.folder_names_and_paths[OPENSORA_FOLDER]
-    fp.folder_names_and_paths[OPENSORA_FOLDER] = (paths, set(MODEL_EXTENSIONS))
+    paths, extensions = fp.folder_names_and_paths[OPENSORA_FOLDER]
+    fp.folder_names_and_paths[OPENSORA_FOLDER] = (paths, set(extensions) | MODEL_EXTENSIONS)
 
 
 def model_folders(kind: str) -> list[Path]:

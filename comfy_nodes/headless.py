@@ -200,7 +200,8 @@ def _check_value(spec, value) -> str | None:
     if options and value not in options:
         return f"{value!r} is not one of {options}"
     if typ in ("INT", "FLOAT"):
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or (typ == "INT" and isinstance(value, float)):
+        number = isinstance(value, (int, float)) and not isinstance(value, bool)
+        if not number or (typ == "INT" and isinstance(value, float)):
             return f"{value!r} is not {'an integer' if typ == 'INT' else 'a number'}"
         if "min" in opts and value < opts["min"]:
             return f"{value} is smaller than the minimum {opts['min']}"
@@ -237,7 +238,7 @@ def validate(prompt: dict, classes: dict) -> list[str]:
             value = inputs[name]
             if isinstance(value, list):
                 if len(value) != 2 or str(value[0]) not in prompt:
-                    errors.append(f"{where}: input {name!r} is linked to node {value[0]!r}, which is not in the workflow")
+                    errors.append(f"{where}: input {name!r} is linked to node {value[0]!r}, which is not there")
                 continue
             if name in declared:
                 continue

@@ -103,7 +103,8 @@ class SaveVideo:
                 "hidden": dict(_HIDDEN)}
 
     def save(self, video, filename_prefix, format, codec, prompt=None, extra_pnginfo=None):
-        entry = save_frames(video.images, video.fps, filename_prefix, "mp4", 23, workflow_metadata(prompt, extra_pnginfo))
+        meta = workflow_metadata(prompt, extra_pnginfo)
+        entry = save_frames(video.images, video.fps, filename_prefix, "mp4", 23, meta)
         return {"ui": {"images": [entry], "animated": (True,)}}
 
 

@@ -149,13 +149,12 @@ def load_text_encoder(choice: str, dtype: str = "auto", max_length: int = 300) -
 
 def _t5_tokenizer_folder(path: Path) -> Path:
     """Tokenizer files beside a single-file T5, else the T5 tokenizer ComfyUI ships."""
-    candidates = [path.parent]
-    try:
-        import comfy.text_encoders
+    import importlib.util
 
-        candidates.append(Path(comfy.text_encoders.__file__).parent / "t5_tokenizer")
-    except ImportError:
-        pass
+    candidates = [path.parent]
+    comfy = importlib.util.find_spec("comfy") if host.in_comfyui() else None
+    for folder in (comfy.submodule_search_locations or []) if comfy else []:
+        candidates.append(Path(folder) / "text_encoders" / "t5_tokenizer")
     for folder in candidates:
         if any((folder / name).is_file() for name in T5_TOKENIZER_FILES):
             return folder

@@ -62,7 +62,7 @@ def test_node_contract(node_id):
         elif kind in ("INT", "FLOAT"):
             default = opts["default"]
             assert isinstance(default, int if kind == "INT" else (int, float)) and not isinstance(default, bool)
-            assert opts.get("min", default) <= default <= opts.get("max", default), f"{node_id}.{name} default out of range"
+            assert opts.get("min", default) <= default <= opts.get("max", default), f"{node_id}.{name} out of range"
         elif kind == "BOOLEAN":
             assert isinstance(opts["default"], bool)
         elif kind == "STRING":
@@ -132,7 +132,8 @@ def test_nodes_match_the_pipeline_with_conditions(models, pipe):
     frames, fps = vae.OpenSoraVAEDecode().decode(vae_, out, 0, 64)
     px = image[0].permute(2, 0, 1) * 2 - 1
     expected = pipe("a cat", negative_prompt="blurry", motion_score=5.0, camera_motion="pan left", height=32,
-                    width=32, num_frames=34, num_steps=2, seed=7, conditions=[ImageCondition(px, 0), ImageCondition(px, -1)])
+                    width=32, num_frames=34, num_steps=2, seed=7,
+                    conditions=[ImageCondition(px, 0), ImageCondition(px, -1)])
     assert fps == 24.0 and tuple(frames.shape) == (34, 32, 32, 3)
     assert out["samples"].shape == (1, 4, 10, 4, 4) and out["num_frames"] == 34
     np.testing.assert_array_equal(_uint8(frames), expected.frames)
@@ -175,7 +176,8 @@ def test_sampler_input_errors(models):
         sampler.OpenSoraSampler().sample(model, embeds, wrong, 0, 1, 7.0, True)
     conds = conditioning.OpenSoraImageCondition().add(torch.rand(1, 8, 8, 3), 0, 0, 0.0, 0)[0]
     with pytest.raises(ValueError, match="vae is not"):
-        sampler.OpenSoraSampler().sample(model, embeds, latent.empty_latent(32, 32, 17, 24), 0, 1, 7.0, True, None, conds)
+        sampler.OpenSoraSampler().sample(model, embeds, latent.empty_latent(32, 32, 17, 24), 0, 1, 7.0, True,
+                                         None, conds)
     with pytest.raises(ValueError, match="inline JSON"):
         text.encode_prompt(te, 'a cat {"reference_path": "x.png"}')
 
@@ -214,6 +216,7 @@ def test_comfyui_services_are_used_when_present(models, monkeypatch):
 
         def update_absolute(self, value, total=None, preview=None):
             calls["progress"].append((value, total))
+            assert preview == ("JPEG", "image", 512)
 
     def throw():
         calls["interrupt"] += 1
@@ -231,11 +234,20 @@ def test_comfyui_services_are_used_when_present(models, monkeypatch):
     folder_paths = types.SimpleNamespace(folder_names_and_paths={}, get_folder_paths=lambda k: [])
     monkeypatch.setattr(host, "_comfy", {"mm": mm, "utils": types.SimpleNamespace(ProgressBar=ProgressBar),
                                          "folder_paths": folder_paths})
-    monkeypatch.setitem(sys.modules, "latent_preview", types.SimpleNamespace(get_previewer=lambda d, f: None))
+    class Previewer:
+        def decode_latent_to_preview_image(self, fmt, x0):
+            calls.setdefault("previews", []).append(tuple(x0.shape))
+            return ("JPEG", "image", 512)
+
+    formats = []
+    monkeypatch.setitem(sys.modules, "latent_preview", types.SimpleNamespace(
+        get_previewer=lambda device, fmt: formats.append(fmt) or Previewer()))
     model, _, te = models
     embeds = text.encode_prompt(te, "a cat")
     out = sampler.OpenSoraSampler().sample(model, embeds, latent.empty_latent(32, 32, 17, 24), 0, 3, 7.0, True)[0]
     assert calls["progress"] == [(1, 3), (2, 3), (3, 3)] and calls["interrupt"] == 3 and calls["empty"] >= 2
+    assert calls["previews"] == [(1, 4, 4, 4)] * 3  # the middle latent frame of sample 0
+    assert formats[0].latent_channels == 4 and len(formats[0].latent_rgb_factors) == 4
     assert out["samples"].device.type == "cpu"
     with pytest.raises(Interrupted):
         sampler.OpenSoraSampler().sample(model, embeds, latent.empty_latent(32, 32, 17, 24), 0, 3, 7.0, True)
@@ -274,6 +286,8 @@ def test_loaders_read_hf_folders_and_single_files(tmp_path, models, monkeypatch)
     loaded_te = loaders.OpenSoraTextEncoderLoader().load("t5.safetensors", "fp32", te.encoder.model_max_length)[0]
     a, b = text.encode_prompt(loaded_te, "a cat"), text.encode_prompt(te, "a cat")
     assert torch.allclose(a.for_loop(0)[0], b.for_loop(0)[0], atol=1e-6)
+    with pytest.raises(ValueError, match="'stdit.safetensors' is not a T5 v1.1 encoder"):
+        loaders.load_text_encoder("stdit.safetensors")
     with pytest.raises(FileNotFoundError, match="missing.safetensors.*not found in the model folders"):
         loaders.load_model("missing.safetensors")
     with pytest.raises(ValueError, match="dtype='fp64'"):

@@ -73,7 +73,7 @@ def test_api_format_overrides_and_validation(tmp_path, monkeypatch):
     assert frames.shape[1:3] == (64, 32)
     meta = read_metadata(files[0])  # an API prompt has no editor workflow to embed
     assert "workflow" not in meta and json.loads(meta["prompt"])["5"]["inputs"]["width"] == 32
-    with pytest.raises(headless.WorkflowError, match=r"OpenSoraEmptyLatentVideo: width=100 is not allowed.*multiple of 8"):
+    with pytest.raises(headless.WorkflowError, match=r"EmptyLatentVideo: width=100 is not allowed.*multiple of 8"):
         headless.run_workflow(prompt, ["Open-Sora Empty Latent Video.width=100"])
     with pytest.raises(headless.WorkflowError, match=r"input 'steps': 0 is smaller than the minimum 1"):
         headless.run_workflow(prompt, ["Open-Sora Sampler.steps=0"])
