@@ -76,6 +76,11 @@ def prepare(model, text, latent: dict, *, seed: int, steps: int, cfg: float, tim
         raise ValueError(f"latent: expected [batch, 4, frames, h, w], got shape {shape}; use OpenSoraEmptyLatentVideo")
     check_compatible(model, text, shape)
     H, W, N, fps = latent_geometry(latent)
+    if vae is not None and tuple(vae.vae.latent_size(N, H, W)) != shape[2:]:
+        raise ValueError(
+            f"latent: {N} frames of {H}x{W} give latents {tuple(vae.vae.latent_size(N, H, W))} with this VAE, but the "
+            f"latent is {shape[2:]}; make the latent with OpenSoraEmptyLatentVideo for this VAE"
+        )
     device = torch.device(host.torch_device())
     if device.type != "cpu" and device.index is None:
         device = torch.empty(0, device=device).device

@@ -322,3 +322,48 @@ def test_save_video_embeds_workflow_and_counts(tmp_path, monkeypatch):
         node.save(frames, 12.0, "x", "png", 19)
     with pytest.raises(ValueError, match="outside the output folder"):
         node.save(frames, 12.0, "../escape", "mp4", 19)
+
+
+# --------------------------------------------------------------------------------------------
+# Registry metadata
+# --------------------------------------------------------------------------------------------
+
+
+def test_registry_metadata_and_requirements():
+    import tomllib
+
+    config = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    comfy = config["tool"]["comfy"]
+    assert comfy["PublisherId"] and comfy["DisplayName"] and "Icon" in comfy
+    assert config["project"]["version"] and config["project"]["name"] == config["project"]["name"].lower()
+    lines = (ROOT / "requirements.txt").read_text().splitlines()
+    wanted = {line.split(">")[0].split("=")[0].strip().lower() for line in lines if line and not line.startswith("#")}
+    sdk = {d.split(">")[0].split("=")[0].strip().lower() for d in config["project"]["dependencies"]}
+    assert "torch" not in wanted  # ComfyUI brings its own build
+    assert sdk - wanted == {"torch", "accelerate", "pyyaml"}  # the last two only for training
+
+
+def _comfy_cli():
+    exe = Path(sys.executable).with_name("comfy")
+    if not exe.is_file():
+        pytest.skip("comfy-cli is not installed (pip install -e '.[dev]')")
+    return [str(exe), "--skip-prompt", "--no-enable-telemetry", "node"]
+
+
+def test_comfy_cli_validates_and_packs(tmp_path):
+    import zipfile
+
+    clone = tmp_path / "pack"
+    subprocess.run(["git", "clone", "-q", str(ROOT), str(clone)], check=True, timeout=120)
+    env = {**__import__("os").environ, "HOME": str(tmp_path)}
+    validate = subprocess.run(_comfy_cli() + ["validate"], cwd=clone, capture_output=True, text=True, env=env,
+                              timeout=300)
+    said = validate.stdout + validate.stderr
+    assert validate.returncode == 0 and "checks passed" in said and "warnings" not in said, said
+    pack = subprocess.run(_comfy_cli() + ["pack"], cwd=clone, capture_output=True, text=True, env=env, timeout=300)
+    assert pack.returncode == 0, pack.stdout + pack.stderr
+    names = zipfile.ZipFile(clone / "node.zip").namelist()
+    for needed in ("__init__.py", "requirements.txt", "pyproject.toml", "comfy_nodes/__init__.py",
+                   "opensora_sdk/pipeline.py", "workflows/opensora_text_to_video.json"):
+        assert needed in names
+    assert not [n for n in names if n.startswith(("tests/", "benchmarks/", "training/"))]
