@@ -332,6 +332,11 @@ def cmd_workflow_run(args) -> int:
         print(f"opensora workflow run: error: cannot read {args.file!r}: {err}", file=sys.stderr)
         return EXIT_INVALID
     log = None if args.quiet else (lambda message: print(message, file=sys.stderr))
+    steps = None
+    if not args.quiet and sys.stderr.isatty():
+        steps = host.add_progress_listener(
+            lambda value, total, preview: print(f"\r  step {value}/{total}", end="\n" if value == total else "",
+                                                file=sys.stderr, flush=True))
     try:
         _, files = run_workflow(data, args.set or [], log)
     except WorkflowError as err:
@@ -343,6 +348,9 @@ def cmd_workflow_run(args) -> int:
     except host.InterruptedByUser as err:
         print(f"opensora workflow run: {err}", file=sys.stderr)
         return EXIT_INTERRUPTED
+    finally:
+        if steps is not None:
+            host.remove_progress_listener(steps)
     for path in files:
         print(path)
     return EXIT_OK

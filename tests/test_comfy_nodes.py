@@ -132,7 +132,7 @@ def test_nodes_match_the_pipeline_with_conditions(models, pipe):
     frames, fps = vae.OpenSoraVAEDecode().decode(vae_, out, 0, 64)
     px = image[0].permute(2, 0, 1) * 2 - 1
     expected = pipe("a cat", negative_prompt="blurry", motion_score=5.0, camera_motion="pan left", height=32,
-                    width=32, num_frames=34, num_steps=2, seed=7,
+                    width=32, num_frames=34, num_steps=2, guidance_scale=7.0, seed=7,
                     conditions=[ImageCondition(px, 0), ImageCondition(px, -1)])
     assert fps == 24.0 and tuple(frames.shape) == (34, 32, 32, 3)
     assert out["samples"].shape == (1, 4, 10, 4, 4) and out["num_frames"] == 34
@@ -144,8 +144,8 @@ def test_long_video_matches_pipeline_loops(models, pipe):
     embeds = text.OpenSoraTextEncode().encode(te, "|0|a boat|1|a boat at sunset", "", 6.5, -1.0, "none")[0]
     empty = latent.empty_latent(32, 32, 34, 12.0)
     frames, fps = video.OpenSoraLongVideo().generate(model, vae_, embeds, empty, 2, 5, 0.0, 3, 2, 7.0, True, 0, 64)
-    expected = pipe("|0|a boat|1|a boat at sunset", height=32, width=32, num_frames=34, num_steps=2, seed=3, loop=2,
-                    fps=12)
+    expected = pipe("|0|a boat|1|a boat at sunset", height=32, width=32, num_frames=34, num_steps=2,
+                    guidance_scale=7.0, seed=3, loop=2, fps=12)
     assert fps == 12.0 and frames.shape[0] == 51
     np.testing.assert_array_equal(_uint8(frames), expected.frames)
 

@@ -99,6 +99,9 @@ def test_cli_workflow_run(tmp_path):
 
     bad = _cli("workflow", "run", wf, "--set", "Open-Sora Empty Latent Video.num_frames=999", cwd=tmp_path)
     assert bad.returncode == 2 and "num_frames=999 is not allowed" in bad.stderr
+    i2v = str(ROOT / "workflows" / "opensora_image_to_video.json")
+    failed = _cli("workflow", "run", i2v, "--input-dir", str(tmp_path), cwd=tmp_path)
+    assert failed.returncode == 1 and "LoadImage: FileNotFoundError: input file 'opensora_example.png'" in failed.stderr
     missing = _cli("workflow", "run", str(tmp_path / "nope.json"), cwd=tmp_path)
     assert missing.returncode == 2 and "cannot read" in missing.stderr
     unknown = tmp_path / "unknown.json"
