@@ -1,10 +1,13 @@
-"""Writes the example inputs of the workflows (run from anywhere; output is deterministic).
+"""Writes the example inputs of the workflows (deterministic; run from the repository root):
 
     python workflows/inputs/make_inputs.py
 
-opensora_example.png   96x64 still: sky, sun, hills (image-to-video, first frame)
-opensora_example_end.png  the same scene at dusk (first + last frame)
-opensora_example.mp4   34 frames, 96x64, 24 fps: the sun rising (video extension)
+They look like the built-in model's training clips (a coloured shape on a plain background
+with a faint checker, 64x64, 24 fps), so the workflows ask it for what it knows:
+
+opensora_example.png       a red circle on the left of a black background (first frame)
+opensora_example_end.png   the same circle on the right (last frame)
+opensora_example.mp4       34 frames of the circle moving right (video extension)
 """
 
 from __future__ import annotations
@@ -14,21 +17,20 @@ from pathlib import Path
 import numpy as np
 
 HERE = Path(__file__).resolve().parent
-H, W = 64, 96
+SIZE, RADIUS, TILE = 64, 11.0, 8
+RED, BACKGROUND, CHECKER = (220, 40, 40), (15, 15, 15), 16.0
 
 
-def scene(t: float, dusk: bool = False) -> np.ndarray:
-    """uint8 [H, W, 3]: a sky gradient, a sun at height t in [0, 1], green hills."""
-    y, x = np.mgrid[0:H, 0:W].astype(np.float32)
-    top, bottom = (np.array([40, 30, 90]), np.array([250, 120, 60])) if dusk else (
-        np.array([60, 120, 230]), np.array([190, 220, 250]))
-    img = top + (bottom - top) * (y / (H - 1))[..., None]
-    cx, cy = 30 + 40 * t, 48 - 30 * t
-    sun = (x - cx) ** 2 + (y - cy) ** 2 < 64
-    img[sun] = [255, 200, 60] if dusk else [255, 240, 120]
-    hills = y > 46 + 6 * np.sin(x / 9.0)
-    img[hills] = [30, 90, 40] if dusk else [60, 160, 70]
-    return np.clip(img, 0, 255).astype(np.uint8)
+def frame(cx: float, cy: float = 32.0) -> np.ndarray:
+    """uint8 [64, 64, 3]: the red circle centred at (cx, cy), 2x supersampled edges."""
+    ss = 2
+    y, x = (np.mgrid[0 : SIZE * ss, 0 : SIZE * ss].astype(np.float32) + 0.5) / ss
+    odd = (np.floor(x / TILE) + np.floor(y / TILE)) % 2 == 1
+    img = np.clip(np.asarray(BACKGROUND, np.float32) + np.where(odd, CHECKER, -CHECKER)[..., None], 0, 255)
+    inside = (x - cx) ** 2 + (y - cy) ** 2 <= RADIUS**2
+    img = np.where(inside[..., None], np.asarray(RED, np.float32), img)
+    img = img.reshape(SIZE, ss, SIZE, ss, 3).mean(axis=(1, 3))
+    return np.clip(np.rint(img), 0, 255).astype(np.uint8)
 
 
 def main() -> None:
@@ -36,10 +38,10 @@ def main() -> None:
 
     from opensora_sdk.video_io import write_video
 
-    Image.fromarray(scene(0.2)).save(HERE / "opensora_example.png", optimize=True)
-    Image.fromarray(scene(0.9, dusk=True)).save(HERE / "opensora_example_end.png", optimize=True)
-    frames = np.stack([scene(i / 33) for i in range(34)])
-    write_video(frames, HERE / "opensora_example.mp4", 24.0, crf=28)
+    Image.fromarray(frame(14.0)).save(HERE / "opensora_example.png")
+    Image.fromarray(frame(50.0)).save(HERE / "opensora_example_end.png")
+    frames = np.stack([frame(14.0 + 36.0 * i / 50) for i in range(34)])  # the first 34 of a 51-frame crossing
+    write_video(frames, HERE / "opensora_example.mp4", 24.0, crf=20)
 
 
 if __name__ == "__main__":
