@@ -20,6 +20,10 @@ so a seed gives the same clips and captions on every machine.
 Columns `aes` and `flow`: `flow` is the on-screen motion in pixels per frame rescaled to a
 256-pixel frame (0 for still clips), a stand-in for the official optical-flow score; `aes` is
 a placeholder drawn in [4.5, 6.5] (synthetic clips have no aesthetic quality to measure).
+
+`SyntheticStyle` narrows what is drawn (shapes, colours, backgrounds, sizes, travel, and a
+"checker" background texture instead of the thin grid); `generate_dataset(exclude=...)` skips
+clips for which a predicate on the `ClipSpec` is true (held-out attribute combinations).
 """
 
 from __future__ import annotations
@@ -30,6 +34,7 @@ import math
 import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 
@@ -57,6 +62,45 @@ CSV_COLUMNS = (
 )  # fmt: skip
 _UNIT = {"left": (-1, 0), "right": (1, 0), "up": (0, -1), "down": (0, 1), "none": (0, 0)}
 _SUPERSAMPLE = 2
+TEXTURES = ("grid", "checker")
+
+
+@dataclass(frozen=True)
+class SyntheticStyle:
+    """What `sample_clip` draws from (uniformly). The defaults are the original dataset's.
+
+    `radius`: shape radius as a share of the shorter side; `travel`: distance crossed by a
+    moving shape as a share of the room it has; `texture`: "grid" (thin lines every `grid`
+    pixels) or "checker" (tiles of `grid` pixels, alternately `texture_strength` levels
+    brighter or darker than the background: smooth enough for a tiny autoencoder, and still
+    showing camera pans).
+    """
+
+    shapes: tuple = SHAPES
+    colors: tuple = tuple(COLORS)
+    backgrounds: tuple = BACKGROUNDS
+    directions: tuple = DIRECTIONS
+    radius: tuple = (0.12, 0.2)
+    travel: tuple = (0.35, 0.7)
+    texture: str = "grid"
+    texture_strength: float = 16.0
+
+    def __post_init__(self):
+        choices = (("shapes", SHAPES), ("colors", tuple(COLORS)), ("backgrounds", BACKGROUNDS), ("directions", DIRECTIONS))
+        for name, allowed in choices:
+            values = tuple(getattr(self, name))
+            if not values or any(v not in allowed for v in values):
+                raise ValueError(f"SyntheticStyle.{name}={values!r} is not allowed: choose from {list(allowed)}")
+            object.__setattr__(self, name, values)
+        for name in ("radius", "travel"):
+            low, high = (float(v) for v in getattr(self, name))
+            if not 0 < low <= high <= 1:
+                raise ValueError(f"SyntheticStyle.{name}={getattr(self, name)!r} is not allowed: expected 0 < low <= high <= 1")
+            object.__setattr__(self, name, (low, high))
+        if self.texture not in TEXTURES:
+            raise ValueError(f"SyntheticStyle.texture={self.texture!r} is not allowed: choose one of {list(TEXTURES)}")
+        if not any(c != b for b in self.backgrounds for c in self.colors):
+            raise ValueError("SyntheticStyle: every colour equals every background; a shape needs a colour unlike its background")
 
 
 @dataclass(frozen=True)
@@ -74,6 +118,8 @@ class ClipSpec:
     y: float
     radius: float
     grid: int  # grid spacing in pixels
+    texture: str = "grid"  # grid | checker (see SyntheticStyle)
+    texture_strength: float = 16.0
 
 
 def sample_clip(
@@ -84,19 +130,22 @@ def sample_clip(
     *,
     static_fraction: float = 0.1,
     camera_fraction: float = 0.25,
+    style: SyntheticStyle | None = None,
 ) -> ClipSpec:
     """Draw a clip whose shape stays fully inside the frame for all `num_frames` frames."""
-    shape = SHAPES[rng.integers(len(SHAPES))]
-    background = BACKGROUNDS[rng.integers(len(BACKGROUNDS))]
-    colors = [c for c in COLORS if c != background]
+    style = style or SyntheticStyle()
+    shape = style.shapes[rng.integers(len(style.shapes))]
+    backgrounds = [b for b in style.backgrounds if any(c != b for c in style.colors)]
+    background = backgrounds[rng.integers(len(backgrounds))]
+    colors = [c for c in style.colors if c != background]
     color = colors[rng.integers(len(colors))]
     side = min(height, width)
-    radius = float(rng.uniform(0.12, 0.2) * side)
+    radius = float(rng.uniform(*style.radius) * side)
     still = rng.random() < static_fraction
     camera = "static"
     if rng.random() < camera_fraction:
         camera = list(CAMERAS)[rng.integers(len(CAMERAS))]
-    direction = "none" if still else DIRECTIONS[rng.integers(len(DIRECTIONS))]
+    direction = "none" if still else style.directions[rng.integers(len(style.directions))]
     steps = max(num_frames - 1, 1)
     # travel budget on screen: the shape must stay inside with a 1-pixel margin
     room_x, room_y = width - 2 * radius - 2, height - 2 * radius - 2
@@ -105,7 +154,7 @@ def sample_clip(
     speed = cam_speed = 0.0
     if not still:
         room = room_x if obj[0] else room_y
-        speed = float(rng.uniform(0.35, 0.7) * room / steps)
+        speed = float(rng.uniform(*style.travel) * room / steps)
     if camera != "static":
         cam_speed = float(rng.uniform(0.15, 0.3) * min(room_x, room_y) / steps)
     vx, vy = obj[0] * speed + cam[0] * cam_speed, obj[1] * speed + cam[1] * cam_speed
@@ -115,7 +164,8 @@ def sample_clip(
     x = _start(rng, width, radius, vx * steps)
     y = _start(rng, height, radius, vy * steps)
     grid = int(rng.integers(max(4, side // 8), max(5, side // 4) + 1))
-    return ClipSpec(shape, color, background, direction, speed, camera, cam_speed, x, y, radius, grid)
+    return ClipSpec(shape, color, background, direction, speed, camera, cam_speed, x, y, radius, grid,
+                    style.texture, float(style.texture_strength))  # fmt: skip
 
 
 def _start(rng, size: int, radius: float, travel: float) -> float:
@@ -180,12 +230,17 @@ def render_clip(spec: ClipSpec, height: int, width: int, num_frames: int) -> np.
     frames = np.empty((num_frames, height, width, 3), np.uint8)
     for i in range(num_frames):
         sx, sy = cam[0] * spec.camera_speed * i, cam[1] * spec.camera_speed * i  # scene shift
-        gx, gy = (xx - sx) % spec.grid, (yy - sy) % spec.grid
-        on_grid = (gx < 1.0) | (gy < 1.0)
+        if spec.texture == "checker":  # tiles alternately brighter / darker than the background
+            odd = (np.floor((xx - sx) / spec.grid) + np.floor((yy - sy) / spec.grid)) % 2 == 1
+            delta = np.where(odd, spec.texture_strength, -spec.texture_strength).astype(np.float32)
+            img = np.clip(bg + delta[..., None], 0, 255)
+        else:
+            gx, gy = (xx - sx) % spec.grid, (yy - sy) % spec.grid
+            on_grid = (gx < 1.0) | (gy < 1.0)
+            img = np.where(on_grid[..., None], line, bg)
         cx = spec.x + obj[0] * spec.speed * i + sx
         cy = spec.y + obj[1] * spec.speed * i + sy
         inside = _shape_mask(spec.shape, xx - cx, yy - cy, spec.radius)
-        img = np.where(on_grid[..., None], line, bg)
         img = np.where(inside[..., None], fg, img)  # [H*ss, W*ss, 3]
         img = img.reshape(height, ss, width, ss, 3).mean(axis=(1, 3))
         frames[i] = np.clip(np.rint(img), 0, 255).astype(np.uint8)
@@ -219,11 +274,17 @@ def generate_dataset(
     image_fraction: float = 0.0,
     crf: int = 18,
     csv_name: str = "data.csv",
+    style: SyntheticStyle | None = None,
+    exclude: Callable[[ClipSpec], bool] | None = None,
+    max_redraws: int = 1000,
 ) -> Path:
     """Write `num` clips under `out/videos/` (or PNG stills under `out/images/`) and `out/<csv_name>`.
 
     `image_fraction` of the rows are single PNG frames (num_frames 1, fps 120), which the
-    training dataset reads as one-frame videos. Returns the CSV path.
+    training dataset reads as one-frame videos. `style` narrows the draws (`SyntheticStyle`);
+    a clip for which `exclude(spec)` is true is drawn again from the same row's RNG (at most
+    `max_redraws` times), e.g. to hold attribute combinations out of a training set. Returns
+    the CSV path.
     """
     from opensora_sdk.video_io import IMG_FPS, write_video
 
@@ -242,10 +303,15 @@ def generate_dataset(
         rng = np.random.default_rng([seed, i])
         image = rng.random() < image_fraction
         n = 1 if image else num_frames
-        spec = sample_clip(rng, height, width, max(n, 2), static_fraction=static_fraction,
-                           camera_fraction=0.0 if image else camera_fraction)
-        if image:
-            spec = ClipSpec(**{**asdict(spec), "direction": "none", "speed": 0.0})
+        for _ in range(max_redraws):
+            spec = sample_clip(rng, height, width, max(n, 2), static_fraction=static_fraction,
+                               camera_fraction=0.0 if image else camera_fraction, style=style)  # fmt: skip
+            if image:
+                spec = ClipSpec(**{**asdict(spec), "direction": "none", "speed": 0.0})
+            if exclude is None or not exclude(spec):
+                break
+        else:
+            raise ValueError(f"row {i}: every one of {max_redraws} draws was excluded; exclude() leaves (almost) nothing")
         frames = render_clip(spec, height, width, n)
         rel = Path("images", f"{i:06d}.png") if image else Path("videos", f"{i:06d}.mp4")
         (out / rel.parent).mkdir(parents=True, exist_ok=True)

@@ -1,0 +1,393 @@
+"""Train the v1.2 video VAE (2D KL autoencoder + causal temporal VAE) from scratch, on a CPU.
+
+    python training/train_vae.py --config training/configs/tiny_vae.yaml
+    python training/train_vae.py --config training/configs/tiny_vae.yaml --resume latest
+
+The architecture is the official pipeline's (`VideoAutoencoder`, spec 3) at the widths the
+config gives. Training follows spec 10.1 in spirit, in three stages that each start from the
+previous one's weights:
+
+  A. spatial:  the 2D KL autoencoder on single frames; L1 + MSE pixel loss + a small KL.
+               (The official recipe adds 0.1 LPIPS; its VGG weights are a download, so it is
+               left out. The SDXL VAE the official code starts from is not used either.)
+  B. temporal: the temporal VAE on the frozen 2D encoder's latents x_z: L1 reconstruction of
+               x_z, plus, on one-frame inputs (`image_prob` of the steps), the identity loss
+               |z - x_z| that makes an image's temporal latent equal its 2D latent (official
+               stage 1).
+  C. joint:    both parts on pixels, clips of a random length 1..frames (official stage 3's
+               `mixed_video_random`): L1 + MSE pixel loss + a small KL of the temporal posterior.
+
+Then `shift` / `scale` are measured per channel on the data (the pipeline normalises
+z = (z - shift) / scale, so the diffusion model sees latents of unit variance) and the model
+is written with `VideoAutoencoder.save_pretrained` to `output_dir/vae/` (`summary.json` holds
+the measured reconstruction PSNR). Clips are read once into memory (uint8).
+
+Randomness (clip and frame picks, posterior samples) comes from one seeded generator saved in
+each checkpoint. Checkpoints (`output_dir/checkpoints/<stage>-<step>/`: weights, optimizer,
+generator, state.json) are written into a hidden folder renamed into place, so a killed run
+leaves no half-written checkpoint; `--resume latest` continues from the newest one.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import os
+import resource
+import shutil
+import time
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+
+import numpy as np
+import torch
+import yaml
+from einops import rearrange
+from safetensors.torch import load_file
+
+from opensora_sdk.configs import AutoencoderKLConfig, TemporalVAEConfig, VideoAutoencoderConfig
+from opensora_sdk.loading import save_safetensors_atomic, write_json_atomic
+from opensora_sdk.models.vae import VideoAutoencoder
+from opensora_sdk.training.config import apply_override
+from opensora_sdk.training.dataset import read_table
+from opensora_sdk.video_io import read_video
+
+logger = logging.getLogger("train_vae")
+STAGES = ("spatial", "temporal", "joint")
+
+
+# ---- config ---------------------------------------------------------------------------------
+
+
+@dataclass
+class StageSection:
+    steps: int = 1000
+    batch_size: int = 16  # frames (spatial) or clips (temporal, joint)
+    frames: int = 17  # clip length (temporal, joint; the VAE's micro_frame_size)
+    lr: float = 1e-3
+    warmup_steps: int = 100
+    final_lr_ratio: float = 0.1  # cosine decay to lr * this at the last step
+    grad_clip: float = 1.0
+    mse_weight: float = 1.0
+    kl_weight: float = 1e-6  # on the mean KL per latent element
+    image_prob: float = 0.2  # temporal: share of steps with one-frame inputs (identity loss)
+
+
+@dataclass
+class VAETrainConfig:
+    seed: int = 0
+    output_dir: str = "outputs/vae"
+    cpu_threads: int | None = None
+    log_every: int = 50
+    ckpt_every: int = 500
+    data_csv: str | None = None
+    max_clips: int = 512  # clips read into memory (the first ones of the CSV)
+    eval_clips: int = 32  # clips for the final PSNR figures
+    normalize_clips: int = 128  # clips whose latents give shift / scale
+    vae_2d: dict = field(default_factory=dict)  # AutoencoderKLConfig fields
+    vae_temporal: dict = field(default_factory=dict)  # TemporalVAEConfig fields
+    micro_batch_size: int = 17  # frames per 2D call at inference
+    spatial: StageSection = field(default_factory=StageSection)
+    temporal: StageSection = field(default_factory=StageSection)
+    joint: StageSection = field(default_factory=StageSection)
+
+
+def load_config(path, overrides=()) -> VAETrainConfig:
+    data = yaml.safe_load(Path(path).read_text("utf-8")) or {}
+    for assignment in overrides:
+        apply_override(data, assignment)
+    names = {f.name for f in fields(VAETrainConfig)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        raise ValueError(f"{path}: unknown key(s) {unknown}; allowed: {sorted(names)}")
+    for stage in STAGES:
+        section = data.get(stage) or {}
+        allowed = {f.name for f in fields(StageSection)}
+        if set(section) - allowed:
+            raise ValueError(f"{path}: section {stage!r}: unknown key(s) {sorted(set(section) - allowed)}; allowed: {sorted(allowed)}")
+        data[stage] = StageSection(**{k: float(v) if isinstance(v, str) else v for k, v in section.items()})
+    cfg = VAETrainConfig(**data)
+    if not cfg.data_csv:
+        raise ValueError(f"{path}: data_csv is required (a CSV with a path column, e.g. from opensora_sdk.training.synthetic)")
+    return cfg
+
+
+def build_vae(cfg: VAETrainConfig) -> VideoAutoencoder:
+    vae_2d = AutoencoderKLConfig(**cfg.vae_2d)
+    vae_t = TemporalVAEConfig(**cfg.vae_temporal)
+    c = vae_t.embed_dim
+    config = VideoAutoencoderConfig(vae_2d=vae_2d, vae_temporal=vae_t, micro_batch_size=cfg.micro_batch_size,
+                                    shift=(0.0,) * c, scale=(1.0,) * c)  # fmt: skip
+    return VideoAutoencoder(config)
+
+
+# ---- data -----------------------------------------------------------------------------------
+
+
+def load_clips(csv_path: str, max_clips: int) -> torch.Tensor:
+    """uint8 [N, F, H, W, 3] of the first `max_clips` videos of the CSV (all of one size)."""
+    rows = [r for r in read_table(csv_path) if int(r["num_frames"]) > 1][:max_clips]
+    root = Path(csv_path).parent
+    clips = [read_video(root / r["path"])[0] for r in rows]
+    n = min(len(c) for c in clips)
+    return torch.from_numpy(np.stack([c[:n] for c in clips]))
+
+
+def to_pixels(x: torch.Tensor) -> torch.Tensor:
+    """uint8 [..., H, W, 3] -> float [..., 3, H, W] in [-1, 1]."""
+    return x.movedim(-1, -3).float().div(127.5).sub(1.0)
+
+
+def draw_frames(clips, n, gen):
+    idx = torch.randint(clips.shape[0], (n,), generator=gen)
+    t = torch.randint(clips.shape[1], (n,), generator=gen)
+    return to_pixels(clips[idx, t])  # [n, 3, H, W]
+
+
+def draw_clips(clips, n, frames, gen):
+    idx = torch.randint(clips.shape[0], (n,), generator=gen)
+    start = torch.randint(clips.shape[1] - frames + 1, (n,), generator=gen)
+    batch = torch.stack([clips[i, s : s + frames] for i, s in zip(idx.tolist(), start.tolist())])
+    return rearrange(to_pixels(batch), "B T C H W -> B C T H W")
+
+
+# ---- losses ---------------------------------------------------------------------------------
+
+
+def kl_mean(posterior) -> torch.Tensor:
+    """Mean over elements of KL(N(mean, var) || N(0, 1))."""
+    return 0.5 * (posterior.mean.pow(2) + posterior.logvar.exp() - 1.0 - posterior.logvar).mean()
+
+
+def pixel_loss(x, x_rec, s: StageSection) -> tuple[torch.Tensor, float]:
+    """L1 + mse_weight * MSE, and the PSNR (dB, peak-to-peak 2) of the batch for the log."""
+    err = x_rec - x
+    mse = err.pow(2).mean()
+    return err.abs().mean() + s.mse_weight * mse, 10 * math.log10(4.0 / max(mse.item(), 1e-12))
+
+
+def spatial_latents(vae, frames, gen):
+    """frames [n, 3, H, W] -> 2D latents x 0.18215 [n, C, h, w] (sampled) and the posterior."""
+    posterior = vae.spatial.encode(frames)
+    return posterior.sample(gen) * vae.config.spatial_scaling_factor, posterior
+
+
+def stage_loss(stage: str, vae: VideoAutoencoder, clips, s: StageSection, gen) -> tuple[torch.Tensor, dict]:
+    sf = vae.config.spatial_scaling_factor
+    if stage == "spatial":  # A: frames through the 2D autoencoder
+        x = draw_frames(clips, s.batch_size, gen)
+        z, posterior = spatial_latents(vae, x, gen)
+        rec, psnr = pixel_loss(x, vae.spatial.decode(z / sf), s)
+        kl = kl_mean(posterior)
+        return rec + s.kl_weight * kl, {"rec": rec.item(), "psnr": psnr, "kl": kl.item()}
+    if stage == "temporal":  # B: 2D latents through the temporal VAE (2D part frozen)
+        one_frame = torch.rand((), generator=gen).item() < s.image_prob
+        T = 1 if one_frame else s.frames
+        x = draw_clips(clips, s.batch_size, T, gen)
+        with torch.no_grad():
+            x_z, _ = spatial_latents(vae, rearrange(x, "B C T H W -> (B T) C H W"), gen)
+            x_z = rearrange(x_z, "(B T) C h w -> B C T h w", T=T)
+        posterior = vae.temporal_vae.encode(x_z)
+        z = posterior.sample(gen)
+        rec = (vae.temporal_vae.decode(z, num_frames=T) - x_z).abs().mean()
+        loss, logs = rec, {"rec": rec.item()}
+        if one_frame:  # identity: an image's temporal latent is its 2D latent
+            identity = (z - x_z).abs().mean()
+            loss, logs["identity"] = loss + identity, identity.item()
+        kl = kl_mean(posterior)
+        return loss + s.kl_weight * kl, {**logs, "kl": kl.item()}
+    # C: pixels through both, clips of a random length 1..frames
+    T = int(torch.randint(1, s.frames + 1, (), generator=gen))
+    x = draw_clips(clips, s.batch_size, T, gen)
+    x_z, _ = spatial_latents(vae, rearrange(x, "B C T H W -> (B T) C H W"), gen)
+    posterior = vae.temporal_vae.encode(rearrange(x_z, "(B T) C h w -> B C T h w", T=T))
+    x_z_rec = vae.temporal_vae.decode(posterior.sample(gen), num_frames=T)
+    x_rec = vae.spatial.decode(rearrange(x_z_rec, "B C T h w -> (B T) C h w") / sf)
+    rec, psnr = pixel_loss(rearrange(x, "B C T H W -> (B T) C H W"), x_rec, s)
+    kl = kl_mean(posterior)
+    return rec + s.kl_weight * kl, {"rec": rec.item(), "psnr": psnr, "kl": kl.item(), "T": T}
+
+
+def trainable(stage: str, vae: VideoAutoencoder) -> list[torch.nn.Parameter]:
+    modules = {"spatial": [vae.spatial], "temporal": [vae.temporal_vae], "joint": [vae.spatial, vae.temporal_vae]}[stage]
+    return [p for m in modules for p in m.parameters()]
+
+
+def lr_at(step: int, s: StageSection) -> float:
+    if step < s.warmup_steps:
+        return s.lr * (step + 1) / (s.warmup_steps + 1)
+    progress = (step - s.warmup_steps) / max(1, s.steps - s.warmup_steps)
+    return s.lr * (s.final_lr_ratio + (1 - s.final_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
+
+
+# ---- checkpoints ----------------------------------------------------------------------------
+
+
+def save_checkpoint(root: Path, stage: str, step: int, vae, optimizer, gen, extra: dict) -> Path:
+    name = f"{STAGES.index(stage)}-{stage}-{step:07d}"
+    tmp, final = root / f".tmp-{name}", root / name
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    save_safetensors_atomic({k: v.detach().contiguous() for k, v in vae.state_dict().items()}, tmp / "model.safetensors")
+    torch.save({"optimizer": optimizer.state_dict(), "generator": gen.get_state(), "torch": torch.get_rng_state()}, tmp / "state.pt")
+    write_json_atomic({"stage": stage, "step": step, **extra}, tmp / "state.json")  # written last
+    shutil.rmtree(final, ignore_errors=True)
+    os.replace(tmp, final)
+    return final
+
+
+def latest_checkpoint(root: Path) -> Path | None:
+    found = sorted(p for p in root.glob("[0-9]-*") if (p / "state.json").is_file()) if root.is_dir() else []
+    return found[-1] if found else None
+
+
+# ---- evaluation and normalisation ---------------------------------------------------------
+
+
+def psnr_db(a: torch.Tensor, b: torch.Tensor) -> float:
+    """PSNR of two tensors in [-1, 1] after the uint8 rounding a saved video gets."""
+    qa = ((a.clamp(-1, 1) + 1) * 127.5).round()
+    qb = ((b.clamp(-1, 1) + 1) * 127.5).round()
+    mse = (qa - qb).pow(2).mean().item()
+    return float("inf") if mse == 0 else 10 * math.log10(255.0**2 / mse)
+
+
+@torch.no_grad()
+def measure(vae: VideoAutoencoder, clips: torch.Tensor, n_eval: int, n_norm: int, gen) -> dict:
+    """shift/scale from the data, then PSNR of videos, images and the image-to-video first frame.
+
+    The first-frame figure mimics image-to-video: the image's latent replaces the video's first
+    latent frame, the chunk is decoded, and frame 0 is compared with the image.
+    """
+    vae.eval()
+    zs = torch.cat([vae.encode(rearrange(to_pixels(clips[i : i + 4]), "B T C H W -> B C T H W"), generator=gen)
+                    for i in range(0, min(n_norm, len(clips)), 4)])  # fmt: skip  # raw z: shift 0, scale 1 here
+    shift = zs.mean(dim=(0, 2, 3, 4))
+    scale = zs.std(dim=(0, 2, 3, 4))
+    vae.config.shift, vae.config.scale = tuple(shift.tolist()), tuple(scale.tolist())
+    vae.shift.copy_(shift.view_as(vae.shift))
+    vae.scale.copy_(scale.view_as(vae.scale))
+    video_psnr, image_psnr, first_psnr = [], [], []
+    N = clips.shape[1]
+    for i in range(len(clips) - n_eval, len(clips)):
+        x = rearrange(to_pixels(clips[i : i + 1]), "B T C H W -> B C T H W")  # [1, 3, N, H, W]
+        z = vae.encode(x, generator=gen)
+        video_psnr.append(psnr_db(vae.decode(z, N), x))
+        image = x[:, :, :1]
+        z_img = vae.encode(image, generator=gen)
+        image_psnr.append(psnr_db(vae.decode(z_img, 1), image))
+        z = z.clone()
+        z[:, :, :1] = z_img
+        first_psnr.append(psnr_db(vae.decode(z, N)[:, :, :1], image))
+    return {"shift": list(vae.config.shift), "scale": list(vae.config.scale),
+            "video_psnr_db": float(np.mean(video_psnr)), "image_psnr_db": float(np.mean(image_psnr)),
+            "i2v_first_frame_psnr_db": float(np.mean(first_psnr)), "eval_clips": n_eval}  # fmt: skip
+
+
+def cpu_seconds() -> float:
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    return r.ru_utime + r.ru_stime
+
+
+# ---- main -----------------------------------------------------------------------------------
+
+
+def main(argv=None) -> dict:
+    p = argparse.ArgumentParser(description="Train the v1.2 video VAE at tiny widths (see the module docstring).")
+    p.add_argument("--config", required=True)
+    p.add_argument("--resume", default=None, help="'latest' or a checkpoint folder")
+    p.add_argument("--output-dir", default=None)
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key, e.g. spatial.steps=200")
+    args = p.parse_args(argv)
+    cfg = load_config(args.config, args.set + ([f"output_dir={args.output_dir}"] if args.output_dir else []))
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", force=True)
+    if cfg.cpu_threads:
+        torch.set_num_threads(cfg.cpu_threads)
+    out = Path(cfg.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(asdict(cfg), out / "config.json")
+    t0, c0 = time.perf_counter(), cpu_seconds()
+
+    torch.manual_seed(cfg.seed)
+    vae = build_vae(cfg)
+    gen = torch.Generator().manual_seed(cfg.seed)
+    clips = load_clips(cfg.data_csv, cfg.max_clips + cfg.eval_clips)
+    if len(clips) <= cfg.eval_clips:
+        raise ValueError(f"{cfg.data_csv}: {len(clips)} clips; need more than eval_clips={cfg.eval_clips}")
+    train_clips = clips[: len(clips) - cfg.eval_clips]
+    n2d = sum(p.numel() for p in vae.spatial.parameters())
+    nt = sum(p.numel() for p in vae.temporal_vae.parameters())
+    logger.info("VAE: 2D %.2fM + temporal %.2fM parameters; %d training clips of %s", n2d / 1e6, nt / 1e6, len(train_clips),
+                tuple(clips.shape[1:]))  # fmt: skip
+
+    # ---- resume ------------------------------------------------------------------------------
+    ckpt_root = out / "checkpoints"
+    start_stage, start_step, resumed = 0, 0, None
+    if args.resume:
+        resumed = latest_checkpoint(ckpt_root) if args.resume == "latest" else Path(args.resume)
+        if resumed is None:
+            raise FileNotFoundError(f"--resume latest: no checkpoint under {ckpt_root}")
+        state = json.loads((resumed / "state.json").read_text())
+        vae.load_state_dict(load_file(resumed / "model.safetensors"))
+        start_stage, start_step = STAGES.index(state["stage"]), int(state["step"])
+        logger.info("resumed from %s (stage %s, step %d)", resumed, state["stage"], start_step)
+
+    # ---- the three stages --------------------------------------------------------------------
+    log_path = out / "logs" / "vae_log.jsonl"
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    for k, stage in enumerate(STAGES):
+        s = getattr(cfg, stage)
+        if k < start_stage or s.steps == 0:
+            continue
+        vae.requires_grad_(False)
+        params = trainable(stage, vae)
+        for prm in params:
+            prm.requires_grad_(True)
+        vae.train()
+        optimizer = torch.optim.AdamW(params, lr=s.lr, weight_decay=0.0)
+        step = 0
+        if resumed is not None and k == start_stage:
+            saved = torch.load(resumed / "state.pt", weights_only=True)
+            optimizer.load_state_dict(saved["optimizer"])
+            gen.set_state(saved["generator"])
+            torch.set_rng_state(saved["torch"])
+            step = start_step
+        window, tw = [], time.perf_counter()
+        while step < s.steps:
+            for group in optimizer.param_groups:
+                group["lr"] = lr_at(step, s)
+            loss, logs = stage_loss(stage, vae, train_clips, s, gen)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            if s.grad_clip > 0:
+                torch.nn.utils.clip_grad_norm_(params, s.grad_clip)
+            optimizer.step()
+            step += 1
+            window.append(logs)
+            if step % cfg.log_every == 0 or step == s.steps:
+                row = {"stage": stage, "step": step, "lr": lr_at(step - 1, s),
+                       **{key: float(np.mean([w[key] for w in window if key in w])) for key in window[-1]},
+                       "s_per_step": (time.perf_counter() - tw) / len(window), "elapsed_s": time.perf_counter() - t0}  # fmt: skip
+                with open(log_path, "a") as f:
+                    f.write(json.dumps(row) + "\n")
+                logger.info("%s", " ".join(f"{key}={v:.4g}" if isinstance(v, float) else f"{key}={v}" for key, v in row.items()))
+                window, tw = [], time.perf_counter()
+            if step % cfg.ckpt_every == 0 or step == s.steps:
+                save_checkpoint(ckpt_root, stage, step, vae, optimizer, gen, {"elapsed_s": time.perf_counter() - t0})
+        resumed = None
+
+    # ---- shift / scale, figures, export ------------------------------------------------------
+    vae.requires_grad_(False)
+    figures = measure(vae, clips, cfg.eval_clips, min(cfg.normalize_clips, len(train_clips)), gen)
+    vae.save_pretrained(out / "vae")
+    summary = {**figures, "params_2d": n2d, "params_temporal": nt, "wall_s": round(time.perf_counter() - t0, 1),
+               "cpu_s": round(cpu_seconds() - c0, 1)}  # fmt: skip
+    write_json_atomic(summary, out / "summary.json")
+    logger.info("exported %s: %s", out / "vae", json.dumps(summary))
+    return summary
+
+
+if __name__ == "__main__":
+    main()
