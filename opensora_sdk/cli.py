@@ -1,8 +1,14 @@
 """The `opensora` command: `generate` videos, print the `info` of a generation.
 
-    opensora generate --prompt "a red panda eating bamboo" --num-frames 4s --resolution 240p
+    opensora generate --prompt "a red circle moving right on a black background"
+    opensora generate --preset v1.2 --prompt "a red panda eating bamboo" --num-frames 4s --resolution 240p
     opensora generate --preset tiny-random --prompt "a cat" --image-size 64 64 --num-frames 17
-    opensora info --prompt "a cat" --resolution 720p --num-frames 16s --loop 2
+    opensora info --preset v1.2 --prompt "a cat" --resolution 720p --num-frames 16s --loop 2
+
+Without --preset, --model, --vae or --text-encoder the built-in model is used
+(`pipeline.BUILTIN_PRESET`: tiny, trained on synthetic moving shapes, inside the package, offline).
+Size, length, steps and guidance left out come from the preset's defaults (the built-in model:
+64x64, 51 frames, its own steps and guidance), else the official ones (240p 9:16, 4s, 30, 7.0).
 
 The options are the official inference script's (spec 6.2) plus model paths, `--preset`,
 `--negative-prompt`, `--offload` and `--align`. Both commands resolve and check every option
@@ -74,17 +80,18 @@ def _add_generation_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--end-index", type=int, default=None, help="stop before this prompt of --prompt-path")
     g.add_argument("--negative-prompt", default=None, help="text that replaces the null caption in guidance")
 
-    g = p.add_argument_group("size and length")
-    g.add_argument("--resolution", default="240p", help="size table: 144p 240p 360p 480p 720p 1080p ... (default 240p)")
-    g.add_argument("--aspect-ratio", default="9:16", help="H:W, e.g. 9:16 (landscape) or 16:9 (portrait) (default 9:16)")
+    g = p.add_argument_group("size and length (defaults: the preset's, e.g. the built-in model's native 64x64, 51 frames)")
+    g.add_argument("--resolution", default=None, help="size table: 144p 240p 360p 480p 720p 1080p ... (default: preset, else 240p)")
+    g.add_argument("--aspect-ratio", default=None, help="H:W, e.g. 9:16 (landscape) or 16:9 (portrait) (default: preset, else 9:16)")
     g.add_argument("--image-size", nargs=2, type=int, metavar=("H", "W"), help="explicit size in pixels (overrides the table)")
-    g.add_argument("--num-frames", default="4s", help="frames per loop: a number or 2s 4s 8s 16s (51 102 204 408) (default 4s)")
+    g.add_argument("--num-frames", default=None,
+                   help="frames per loop: a number or 2s 4s 8s 16s (51 102 204 408) (default: preset, else 4s)")
     g.add_argument("--fps", type=float, default=24, help="frame rate the model is conditioned on (default 24)")
     g.add_argument("--save-fps", type=float, default=None, help="frame rate written to the file (default --fps)")
 
     g = p.add_argument_group("sampling")
-    g.add_argument("--num-sampling-steps", type=int, default=30, help="rectified-flow steps (default 30)")
-    g.add_argument("--cfg-scale", type=float, default=7.0, help="classifier-free guidance scale (default 7.0)")
+    g.add_argument("--num-sampling-steps", type=int, default=None, help="rectified-flow steps (default: preset, else 30)")
+    g.add_argument("--cfg-scale", type=float, default=None, help="classifier-free guidance scale (default: preset, else 7.0)")
     g.add_argument("--aes", type=float, default=6.5, help="aesthetic score appended to prompts (default 6.5)")
     g.add_argument("--flow", type=float, default=None, help="motion score appended to prompts (default none)")
     g.add_argument("--camera-motion", default=None, choices=CAMERA_MOTIONS, help="camera motion appended to prompts")
@@ -100,7 +107,9 @@ def _add_generation_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--align", type=_align, default=5, help="snap mask-strategy starts to multiples of this (default 5; 'none')")
 
     g = p.add_argument_group("models and memory")
-    g.add_argument("--preset", default=None, help="model preset: v1.2 (default) or tiny-random")
+    g.add_argument("--preset", default=None,
+                   help="model preset: builtin (default without --model/--vae/--text-encoder), v1.2 (default for the "
+                        "components those options leave out), tiny-random")
     g.add_argument("--model", default=None, help="STDiT3 folder, weight file or hub id")
     g.add_argument("--vae", default=None, help="VAE folder, weight file or hub id")
     g.add_argument("--text-encoder", default=None, help="T5 folder or hub id")
@@ -139,24 +148,34 @@ def _one_or_list(values):
     return values[0] if len(values) == 1 else list(values)
 
 
+def _preset_name(args) -> str:
+    """--preset, else v1.2 when a model path is given (it fills the other components), else the built-in model."""
+    from opensora_sdk.pipeline import BUILTIN_PRESET
+
+    if args.preset:
+        return args.preset
+    return "v1.2" if (args.model or args.vae or args.text_encoder) else BUILTIN_PRESET
+
+
 def _plan_kwargs(args) -> dict:
+    from opensora_sdk.pipeline import generation_defaults, get_preset
+
     height, width = args.image_size or (None, None)
+    sized = generation_defaults(
+        get_preset(_preset_name(args)).defaults, resolution=args.resolution, aspect_ratio=args.aspect_ratio,
+        height=height, width=width, num_frames=args.num_frames, num_steps=args.num_sampling_steps,
+        guidance_scale=args.cfg_scale,
+    )
     return dict(
         negative_prompt=args.negative_prompt,
-        resolution=args.resolution,
-        aspect_ratio=args.aspect_ratio,
-        num_frames=args.num_frames,
+        **sized,
         fps=args.fps,
-        num_steps=args.num_sampling_steps,
-        guidance_scale=args.cfg_scale,
         aesthetic_score=args.aes,
         motion_score=args.flow,
         camera_motion=args.camera_motion,
         reference_path=_one_or_list(args.reference_path),
         mask_strategy=_one_or_list(args.mask_strategy),
         seed=args.seed,
-        height=height,
-        width=width,
         loop=args.loop,
         condition_frame_length=args.condition_frame_length,
         condition_frame_edit=args.condition_frame_edit,
@@ -187,7 +206,7 @@ def _configs_and_plan(args):
                 f"--preset {args.preset} builds random weights; it cannot be combined with --model, --vae or "
                 "--text-encoder (leave --preset out to load those)"
             )
-    configs = model_configs(args.preset, model=args.model, vae=args.vae, text_encoder=args.text_encoder)
+    configs = model_configs(_preset_name(args), model=args.model, vae=args.vae, text_encoder=args.text_encoder)
     plan = plan_generation(configs.facts, _read_prompts(args), **_plan_kwargs(args))
     return configs, plan
 
@@ -213,11 +232,13 @@ def _load_pipeline(args, device, dtype, sp_group=None):
         local_files_only=args.local_files_only or None,
         vae_tiling=SpatialTiling(*args.vae_tiling) if args.vae_tiling else None, sp_group=sp_group,
     )
-    preset = get_preset(args.preset or "v1.2")
-    if args.preset and not (args.model or args.vae or args.text_encoder):
-        return OpenSoraPipeline.from_preset(args.preset, **kwargs)
+    name = _preset_name(args)
+    preset = get_preset(name)
+    if not (args.model or args.vae or args.text_encoder):
+        return OpenSoraPipeline.from_preset(name, **kwargs)
     return OpenSoraPipeline.from_pretrained(
-        args.model or preset.transformer, args.vae or preset.vae, args.text_encoder or preset.text_encoder, **kwargs
+        args.model or preset.transformer, args.vae or preset.vae, args.text_encoder or preset.text_encoder,
+        defaults=preset.defaults, max_latent_frames=preset.max_latent_frames, **kwargs,
     )
 
 
@@ -241,7 +262,10 @@ def cmd_generate(args: argparse.Namespace) -> int:
         _, plan = _configs_and_plan(args)
     paths = output_paths(plan, args.save_dir, args.sample_name, args.start_index)
     if is_main:
-        Path(args.save_dir).mkdir(parents=True, exist_ok=True)
+        try:
+            Path(args.save_dir).mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise ValueError(f"--save-dir {args.save_dir!r}: cannot create the folder ({e.strerror})") from e
         for path in paths:
             check_writable(path, num_frames=plan.total_frames)
     if args.save_fps is not None and not args.save_fps > 0:

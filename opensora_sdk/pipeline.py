@@ -8,7 +8,10 @@ conditioned on the end of the previous one. Every argument is checked first by
 `opensora_sdk.plan.plan_generation`, which `opensora info` also uses.
 
 Model selection: `PRESETS` maps a name to a `ModelPreset` (hub ids / folders, or configs for
-random weights). Adding a preset (e.g. a trained built-in model) is one entry there.
+random weights, and the model's own generation defaults). Adding a preset is one entry there.
+`BUILTIN_PRESET` ("builtin": the tiny model trained on synthetic shapes that ships inside the
+package, `opensora_sdk/builtin/tiny/`) is the default of `from_preset`, `opensora generate`
+and the ComfyUI loaders.
 """
 
 from __future__ import annotations
@@ -18,9 +21,9 @@ import dataclasses
 import json
 import os
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import torch
 
@@ -62,6 +65,10 @@ class ModelPreset:
     or a hub repo id) or an architecture to build with random weights: an `STDiT3Config`, a
     `VideoAutoencoderConfig`, and a dict of T5 config fields (used with the built-in tiny
     tokenizer, see `tiny_t5_config`).
+
+    `defaults`: the model's own generation defaults, used when a call leaves them out (keys of
+    `OFFICIAL_DEFAULTS` plus `height` and `width`, e.g. a small model's native size); the
+    others are the official ones (see `generation_defaults`).
     """
 
     description: str
@@ -69,6 +76,17 @@ class ModelPreset:
     vae: str | VideoAutoencoderConfig
     text_encoder: str | dict
     max_latent_frames: int | None = DEFAULT_MAX_LATENT_FRAMES
+    defaults: Mapping[str, Any] = field(default_factory=dict)
+
+
+# The official inference defaults (spec 6.1), used where a preset gives none.
+OFFICIAL_DEFAULTS: dict[str, Any] = {
+    "resolution": "240p", "aspect_ratio": "9:16", "num_frames": "4s", "num_steps": 30, "guidance_scale": 7.0,
+}  # fmt: skip
+DEFAULT_KEYS = (*OFFICIAL_DEFAULTS, "height", "width")
+
+# The built-in model's files, inside the package (written by training/recipes/tiny_builtin.py).
+BUILTIN_DIR = Path(__file__).resolve().parent / "builtin" / "tiny"
 
 
 PRESETS: dict[str, ModelPreset] = {
@@ -81,12 +99,20 @@ PRESETS: dict[str, ModelPreset] = {
         "seconds and draws noise; for tests and wiring checks",
         STDIT3_PRESETS["STDiT3-tiny"], VAE_PRESETS["OpenSoraVAE_V1_2-tiny"], {"d_model": 32},
     ),
+    "builtin": ModelPreset(
+        "the built-in tiny model (STDiT3 hidden 128 x 4, a tiny v1.2 VAE, a 2-layer T5 with random weights) "
+        "trained from scratch on synthetic moving shapes by training/recipes/tiny_builtin.py; ships with "
+        "the package, runs offline on a CPU; 64x64, 51 frames (2 s at 24 fps)",
+        str(BUILTIN_DIR / "transformer"), str(BUILTIN_DIR / "vae"), str(BUILTIN_DIR / "text_encoder"),
+        max_latent_frames=15,  # 51 frames, its training length; longer videos: loop
+        defaults={"height": 64, "width": 64, "num_frames": 51, "num_steps": 20, "guidance_scale": 5.0},
+    ),
 }
 
 
-# The built-in default model: what `opensora_sdk.pipeline.builtin_preset()` returns and what the
-# ComfyUI nodes and workflows load as "(built-in)". Changing the built-in model is this line.
-BUILTIN_PRESET = "tiny-random"
+# The built-in default model: what `from_preset()`, `opensora generate` without model options
+# and the ComfyUI nodes and workflows ("(built-in)") load. Changing the built-in model is this line.
+BUILTIN_PRESET = "builtin"
 
 
 def builtin_preset() -> str:
@@ -98,6 +124,29 @@ def get_preset(name: str) -> ModelPreset:
     if name not in PRESETS:
         raise ValueError(f"preset={name!r} is not known; choose one of {sorted(PRESETS)}")
     return PRESETS[name]
+
+
+def generation_defaults(defaults: Mapping[str, Any] | None = None, **given) -> dict[str, Any]:
+    """Fill the size, length, steps and guidance a call left out (None) from a model's
+    `defaults`, then from `OFFICIAL_DEFAULTS`.
+
+    `given` holds resolution, aspect_ratio, height, width, num_frames, num_steps and
+    guidance_scale. The size is the model's native height x width only when none of
+    resolution, aspect_ratio, height and width is given; otherwise the given ones, with the
+    official resolution / aspect ratio for a missing one.
+    """
+    defaults = dict(defaults or {})
+    unknown = sorted(set(defaults) - set(DEFAULT_KEYS))
+    if unknown:
+        raise ValueError(f"generation defaults {unknown} are not known; allowed: {list(DEFAULT_KEYS)}")
+    out = dict(given)
+    size_keys = ("resolution", "aspect_ratio", "height", "width")
+    if all(given.get(k) is None for k in size_keys) and defaults.get("height") is not None:
+        out["height"], out["width"] = defaults["height"], defaults["width"]
+    for key in OFFICIAL_DEFAULTS:
+        if out.get(key) is None and (key not in size_keys or out.get("height") is None):
+            out[key] = defaults.get(key, OFFICIAL_DEFAULTS[key])
+    return out
 
 
 @dataclass
@@ -226,6 +275,7 @@ class OpenSoraPipeline:
         text_encoder,
         scheduler: RectifiedFlow | None = None,
         *,
+        defaults: Mapping[str, Any] | None = None,
         device=None,
         dtype: torch.dtype | None = None,
         offload: str | None = None,
@@ -256,6 +306,8 @@ class OpenSoraPipeline:
         self.max_latent_frames = max_latent_frames
         self.progress = progress
         self.sources = dict(sources or {})
+        generation_defaults(defaults)  # raises on an unknown key
+        self.defaults = dict(defaults or {})  # the model's own size / length / steps / guidance
         self.sp_group = sp_group  # sequence parallelism: shard STDiT3 over these processes
         self.transformer.set_sequence_parallel_group(sp_group)
         self.device = HOST
@@ -304,7 +356,7 @@ class OpenSoraPipeline:
     @classmethod
     def from_preset(
         cls,
-        name: str = "tiny-random",
+        name: str | None = None,
         *,
         seed: int = 0,
         dtype: torch.dtype | None = None,
@@ -312,11 +364,13 @@ class OpenSoraPipeline:
         local_files_only: bool | None = None,
         **kwargs,
     ) -> OpenSoraPipeline:
-        """A pipeline from `PRESETS[name]`; components given as configs get random weights
-        drawn from `seed` (the global torch RNG is left untouched)."""
+        """A pipeline from `PRESETS[name]` (default `BUILTIN_PRESET`, the built-in tiny model);
+        components given as configs get random weights drawn from `seed` (the global torch RNG
+        is left untouched). The preset's `defaults` become the pipeline's."""
         from opensora_sdk.models import STDiT3, T5TextEncoder, VideoAutoencoder
         from opensora_sdk.models.text_encoder import tiny_t5_config
 
+        name = name or BUILTIN_PRESET
         p = get_preset(name)
         device = torch.device(device) if device is not None else default_device()
         dtype = dtype or default_dtype(device)
@@ -329,6 +383,7 @@ class OpenSoraPipeline:
                 length = (model.config if isinstance(model, torch.nn.Module) else p.transformer).model_max_length
                 te = T5TextEncoder.from_config(tiny_t5_config(**te), model_max_length=length)
         kwargs.setdefault("max_latent_frames", p.max_latent_frames)
+        kwargs.setdefault("defaults", p.defaults)
         pipe = cls.from_pretrained(model, vae, te, dtype=dtype, device=device, local_files_only=local_files_only, **kwargs)
         pipe.sources = {k: (v if isinstance(v, str) else f"random weights (seed {seed})") for k, v in dataclasses.asdict(p).items()
                         if k in ("transformer", "vae", "text_encoder")}
@@ -369,8 +424,11 @@ class OpenSoraPipeline:
         return ModelFacts.from_configs(self.transformer.config, self.vae.config, self.max_latent_frames)
 
     def plan(self, prompt, *, align=_UNSET, **kwargs) -> GenerationPlan:
-        """Resolve and check a call's arguments without running any model (see `__call__`)."""
+        """Resolve and check a call's arguments without running any model (see `__call__`);
+        size, length, steps and guidance left out (None) come from `self.defaults`."""
         align = self.align if align is _UNSET else align
+        keys = ("resolution", "aspect_ratio", "height", "width", "num_frames", "num_steps", "guidance_scale")
+        kwargs.update(generation_defaults(self.defaults, **{k: kwargs.pop(k, None) for k in keys}))
         return plan_generation(self.facts, prompt, align=align, scheduler=self.scheduler, **kwargs)
 
     # ---- generation --------------------------------------------------------------------------
@@ -379,12 +437,12 @@ class OpenSoraPipeline:
         self,
         prompt: str | Sequence[str],
         negative_prompt: str | None = None,
-        resolution: str | None = "240p",
-        aspect_ratio: str | None = "9:16",
-        num_frames: int | str = "4s",
+        resolution: str | None = None,
+        aspect_ratio: str | None = None,
+        num_frames: int | str | None = None,
         fps: float = 24,
-        num_steps: int = 30,
-        guidance_scale: float = 7.0,
+        num_steps: int | None = None,
+        guidance_scale: float | None = None,
         aesthetic_score: float | None = 6.5,
         motion_score: float | None = None,
         camera_motion: str | None = None,
@@ -413,12 +471,16 @@ class OpenSoraPipeline:
                 guidance, with its own text mask ("" or None: the model's null caption,
                 masked with the prompt's mask, as officially).
             resolution, aspect_ratio: a size table entry ("240p", "9:16" = H:W, landscape);
-                `height` and `width` (pixels, rounded to multiples of 8) override them.
+                `height` and `width` (pixels, rounded to multiples of 8) override them. Left
+                out (None): the model's native size where its preset has one (`defaults`,
+                e.g. 64x64 for the built-in model), else 240p 9:16.
             num_frames: pixel frames per loop: an int or "2s"/"4s"/"8s"/"16s" (51..408), at
                 most 408 ("16s", 120 latent frames) per loop for v1.2 (`max_latent_frames`).
+                None: the preset's default, else "4s".
             fps: the frame rate of the output and of the model's conditioning (one frame: 120).
             num_steps, guidance_scale: sampling steps; classifier-free guidance scale
-                (1 runs the conditional branch only).
+                (1 runs the conditional branch only). None: the preset's defaults, else 30
+                and 7.0.
             aesthetic_score, motion_score, camera_motion: appended as the training captions
                 were ("aesthetic score: 6.5." ...); camera_motion one of `text.CAMERA_MOTIONS`.
             conditions: `ImageCondition` / `VideoCondition` objects for every prompt, or one
@@ -510,7 +572,9 @@ class OpenSoraPipeline:
 
 
 __all__ = [
+    "BUILTIN_DIR",
     "BUILTIN_PRESET",
+    "OFFICIAL_DEFAULTS",
     "ModelConfigs",
     "ModelPreset",
     "OpenSoraPipeline",
@@ -519,6 +583,7 @@ __all__ = [
     "builtin_preset",
     "default_device",
     "default_dtype",
+    "generation_defaults",
     "get_preset",
     "model_configs",
 ]

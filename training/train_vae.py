@@ -13,9 +13,17 @@ previous one's weights:
   B. temporal: the temporal VAE on the frozen 2D encoder's latents x_z: L1 reconstruction of
                x_z, plus, on one-frame inputs (`image_prob` of the steps), the identity loss
                |z - x_z| that makes an image's temporal latent equal its 2D latent (official
-               stage 1).
+               stage 1). The 2D posteriors of `temporal_cache_clips` clips are computed once
+               (x_z is drawn from them at each step), so a step costs only the temporal VAE.
   C. joint:    both parts on pixels, clips of a random length 1..frames (official stage 3's
                `mixed_video_random`): L1 + MSE pixel loss + a small KL of the temporal posterior.
+
+Added for image-to-video (not in the official recipe): in stages B and C, a clip is also
+decoded with its first latent frame replaced by the latent of its first frame encoded alone
+(what the pipeline does with a conditioning image), and that decode must match the clip too
+(`first_frame_weight`; in C only frame 0, in pixels). Without it the image's latent and the
+video's first latent drift apart (GroupNorm statistics span the whole chunk), and the first
+frame of an image-to-video clip is not the image.
 
 Then `shift` / `scale` are measured per channel on the data (the pipeline normalises
 z = (z - shift) / scale, so the diffusion model sees latents of unit variance) and the model
@@ -73,6 +81,7 @@ class StageSection:
     mse_weight: float = 1.0
     kl_weight: float = 1e-6  # on the mean KL per latent element
     image_prob: float = 0.2  # temporal: share of steps with one-frame inputs (identity loss)
+    first_frame_weight: float = 1.0  # temporal, joint: image-to-video consistency (see the module docstring)
 
 
 @dataclass
@@ -86,6 +95,7 @@ class VAETrainConfig:
     max_clips: int = 512  # clips read into memory (the first ones of the CSV)
     eval_clips: int = 32  # clips for the final PSNR figures
     normalize_clips: int = 128  # clips whose latents give shift / scale
+    temporal_cache_clips: int = 240  # clips whose 2D posteriors stage B draws from
     vae_2d: dict = field(default_factory=dict)  # AutoencoderKLConfig fields
     vae_temporal: dict = field(default_factory=dict)  # TemporalVAEConfig fields
     micro_batch_size: int = 17  # frames per 2D call at inference
@@ -174,7 +184,29 @@ def spatial_latents(vae, frames, gen):
     return posterior.sample(gen) * vae.config.spatial_scaling_factor, posterior
 
 
-def stage_loss(stage: str, vae: VideoAutoencoder, clips, s: StageSection, gen) -> tuple[torch.Tensor, dict]:
+@torch.no_grad()
+def cache_2d_posteriors(vae: VideoAutoencoder, clips: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean and std of the 2D posterior x 0.18215 for the first n clips: [n, F, C, h, w] each."""
+    sf = vae.config.spatial_scaling_factor
+    means, stds = [], []
+    for clip in clips[:n]:
+        posterior = vae.spatial.encode(to_pixels(clip))  # [F, C, h, w]
+        means.append(posterior.mean * sf)
+        stds.append(posterior.std * sf)
+    return torch.stack(means), torch.stack(stds)
+
+
+def draw_latents(cache, n: int, frames: int, gen) -> torch.Tensor:
+    """x_z [n, C, frames, h, w] sampled from random windows of the cached 2D posteriors."""
+    mean, std = cache
+    idx = torch.randint(mean.shape[0], (n,), generator=gen).tolist()
+    start = torch.randint(mean.shape[1] - frames + 1, (n,), generator=gen).tolist()
+    mu = torch.stack([mean[i, s : s + frames] for i, s in zip(idx, start)])
+    sd = torch.stack([std[i, s : s + frames] for i, s in zip(idx, start)])
+    return rearrange(mu + sd * torch.randn(mu.shape, generator=gen), "B T C h w -> B C T h w")
+
+
+def stage_loss(stage: str, vae: VideoAutoencoder, clips, s: StageSection, gen, cache=None) -> tuple[torch.Tensor, dict]:
     sf = vae.config.spatial_scaling_factor
     if stage == "spatial":  # A: frames through the 2D autoencoder
         x = draw_frames(clips, s.batch_size, gen)
@@ -182,32 +214,42 @@ def stage_loss(stage: str, vae: VideoAutoencoder, clips, s: StageSection, gen) -
         rec, psnr = pixel_loss(x, vae.spatial.decode(z / sf), s)
         kl = kl_mean(posterior)
         return rec + s.kl_weight * kl, {"rec": rec.item(), "psnr": psnr, "kl": kl.item()}
-    if stage == "temporal":  # B: 2D latents through the temporal VAE (2D part frozen)
+    if stage == "temporal":  # B: 2D latents (cached, 2D part frozen) through the temporal VAE
         one_frame = torch.rand((), generator=gen).item() < s.image_prob
         T = 1 if one_frame else s.frames
-        x = draw_clips(clips, s.batch_size, T, gen)
-        with torch.no_grad():
-            x_z, _ = spatial_latents(vae, rearrange(x, "B C T H W -> (B T) C H W"), gen)
-            x_z = rearrange(x_z, "(B T) C h w -> B C T h w", T=T)
+        x_z = draw_latents(cache, s.batch_size, T, gen)
         posterior = vae.temporal_vae.encode(x_z)
         z = posterior.sample(gen)
         rec = (vae.temporal_vae.decode(z, num_frames=T) - x_z).abs().mean()
         loss, logs = rec, {"rec": rec.item()}
-        if one_frame:  # identity: an image's temporal latent is its 2D latent
+        if one_frame and z.shape == x_z.shape:  # identity: an image's temporal latent is its 2D latent
             identity = (z - x_z).abs().mean()
             loss, logs["identity"] = loss + identity, identity.item()
+        if not one_frame and s.first_frame_weight > 0:  # image-to-video: the image's latent leads the chunk
+            z_img = vae.temporal_vae.encode(x_z[:, :, :1]).sample(gen)
+            mixed = vae.temporal_vae.decode(torch.cat([z_img, z[:, :, 1:]], dim=2), num_frames=T)
+            first = (mixed - x_z).abs().mean()
+            loss, logs["first"] = loss + s.first_frame_weight * first, first.item()
         kl = kl_mean(posterior)
         return loss + s.kl_weight * kl, {**logs, "kl": kl.item()}
     # C: pixels through both, clips of a random length 1..frames
     T = int(torch.randint(1, s.frames + 1, (), generator=gen))
     x = draw_clips(clips, s.batch_size, T, gen)
     x_z, _ = spatial_latents(vae, rearrange(x, "B C T H W -> (B T) C H W"), gen)
-    posterior = vae.temporal_vae.encode(rearrange(x_z, "(B T) C h w -> B C T h w", T=T))
-    x_z_rec = vae.temporal_vae.decode(posterior.sample(gen), num_frames=T)
+    x_z = rearrange(x_z, "(B T) C h w -> B C T h w", T=T)
+    posterior = vae.temporal_vae.encode(x_z)
+    z = posterior.sample(gen)
+    x_z_rec = vae.temporal_vae.decode(z, num_frames=T)
     x_rec = vae.spatial.decode(rearrange(x_z_rec, "B C T h w -> (B T) C h w") / sf)
     rec, psnr = pixel_loss(rearrange(x, "B C T H W -> (B T) C H W"), x_rec, s)
     kl = kl_mean(posterior)
-    return rec + s.kl_weight * kl, {"rec": rec.item(), "psnr": psnr, "kl": kl.item(), "T": T}
+    loss, logs = rec + s.kl_weight * kl, {"rec": rec.item(), "psnr": psnr, "kl": kl.item(), "T": T}
+    if T > 1 and s.first_frame_weight > 0:  # image-to-video: frame 0 decoded with the image's latent leading
+        z_img = vae.temporal_vae.encode(x_z[:, :, :1]).sample(gen)
+        mixed = vae.temporal_vae.decode(torch.cat([z_img, z[:, :, 1:]], dim=2), num_frames=T)[:, :, 0]
+        first, first_psnr = pixel_loss(x[:, :, 0], vae.spatial.decode(mixed / sf), s)
+        loss, logs["first_psnr"] = loss + s.first_frame_weight * first, first_psnr
+    return loss, logs
 
 
 def trainable(stage: str, vae: VideoAutoencoder) -> list[torch.nn.Parameter]:
@@ -354,11 +396,16 @@ def main(argv=None) -> dict:
             gen.set_state(saved["generator"])
             torch.set_rng_state(saved["torch"])
             step = start_step
+        cache = None
+        if stage == "temporal":
+            tc = time.perf_counter()
+            cache = cache_2d_posteriors(vae, train_clips, cfg.temporal_cache_clips)
+            logger.info("2D posteriors of %d clips cached in %.0f s", len(cache[0]), time.perf_counter() - tc)
         window, tw = [], time.perf_counter()
         while step < s.steps:
             for group in optimizer.param_groups:
                 group["lr"] = lr_at(step, s)
-            loss, logs = stage_loss(stage, vae, train_clips, s, gen)
+            loss, logs = stage_loss(stage, vae, train_clips, s, gen, cache)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             if s.grad_clip > 0:
@@ -368,7 +415,7 @@ def main(argv=None) -> dict:
             window.append(logs)
             if step % cfg.log_every == 0 or step == s.steps:
                 row = {"stage": stage, "step": step, "lr": lr_at(step - 1, s),
-                       **{key: float(np.mean([w[key] for w in window if key in w])) for key in window[-1]},
+                       **{key: float(np.mean([w[key] for w in window if key in w])) for key in dict.fromkeys(k for w in window for k in w)},
                        "s_per_step": (time.perf_counter() - tw) / len(window), "elapsed_s": time.perf_counter() - t0}  # fmt: skip
                 with open(log_path, "a") as f:
                     f.write(json.dumps(row) + "\n")

@@ -1,0 +1,113 @@
+"""How long the built-in model takes to make its default 2 s clip on this machine's CPU.
+
+    python benchmarks/bench_builtin_speed.py                 # 5 timed runs, torch's thread count
+    python benchmarks/bench_builtin_speed.py --threads 1 --runs 7
+    python benchmarks/bench_builtin_speed.py --cli           # also one `opensora generate` end to end
+
+One pipeline call with the preset's defaults (native 64x64, 51 frames = 2 s at 24 fps, its
+default steps and guidance) per run: text encoding, sampling, VAE decode, uint8 frames. The
+first call is a warm-up (not counted); then the median and min / max of `--runs` calls, each
+with its wall time and this process's CPU time (user + sys), and the split of the median run
+into text / sampling / decode. `--cli` times a fresh `opensora generate --prompt ...` process
+(Python start, imports, loading the models from the package, generating, writing the mp4).
+
+Target (issue #9): under 10 s for the 2 s clip on a 2-core CPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+import torch
+
+from opensora_sdk.pipeline import BUILTIN_PRESET, OpenSoraPipeline
+
+PROMPT = "a yellow square moving right on a gray background"
+
+
+def cpu_s(who=resource.RUSAGE_SELF) -> float:
+    r = resource.getrusage(who)
+    return r.ru_utime + r.ru_stime
+
+
+def timed_call(pipe, seed: int, steps: int | None) -> dict:
+    """One generation, split into text / sampling / decode by wrapping the pipeline's stages."""
+    marks = {}
+
+    def wrap(name, fn):
+        def inner(*a, **k):
+            t = time.perf_counter()
+            try:
+                return fn(*a, **k)
+            finally:
+                marks[name] = marks.get(name, 0.0) + time.perf_counter() - t
+
+        return inner
+
+    pipe.encode_texts = wrap("text_s", type(pipe).encode_texts.__get__(pipe))
+    pipe.vae_decode = wrap("decode_s", type(pipe).vae_decode.__get__(pipe))
+    t0, c0 = time.perf_counter(), cpu_s()
+    video = pipe(PROMPT, seed=seed, num_steps=steps, progress=False)
+    wall, cpu = time.perf_counter() - t0, cpu_s() - c0
+    del pipe.encode_texts, pipe.vae_decode
+    other = wall - sum(marks.values())
+    return {"wall_s": wall, "cpu_s": cpu, **marks, "sampling_and_rest_s": other, "frames": video.num_frames,
+            "size": f"{video.height}x{video.width}"}  # fmt: skip
+
+
+def main(argv=None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--preset", default=BUILTIN_PRESET)
+    p.add_argument("--runs", type=int, default=5)
+    p.add_argument("--steps", type=int, default=None, help="sampling steps (default: the preset's)")
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    p.add_argument("--cli", action="store_true", help="also time one `opensora generate` process end to end")
+    p.add_argument("--json", default=None)
+    args = p.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    t0, c0 = time.perf_counter(), cpu_s()
+    pipe = OpenSoraPipeline.from_preset(args.preset, device="cpu", progress=False)
+    load = {"wall_s": time.perf_counter() - t0, "cpu_s": cpu_s() - c0}
+    plan = pipe.plan(PROMPT, num_steps=args.steps)
+    timed_call(pipe, 0, args.steps)  # warm-up
+    runs = [timed_call(pipe, k + 1, args.steps) for k in range(args.runs)]
+    walls = [r["wall_s"] for r in runs]
+    median = sorted(runs, key=lambda r: r["wall_s"])[len(runs) // 2]
+    report = {
+        "preset": args.preset, "size": f"{plan.height}x{plan.width}", "frames": plan.total_frames, "fps": plan.fps,
+        "steps": plan.num_steps, "guidance": plan.guidance_scale, "threads": torch.get_num_threads(),
+        "cpu_count": os.cpu_count(), "load": load, "median_wall_s": statistics.median(walls), "min_wall_s": min(walls),
+        "max_wall_s": max(walls), "median_cpu_s": statistics.median(r["cpu_s"] for r in runs), "median_run": median, "runs": runs,
+    }  # fmt: skip
+    print(f"{args.preset}: {report['size']}, {report['frames']} frames ({report['frames'] / plan.fps:.2f} s at {plan.fps:g} fps), "
+          f"{plan.num_steps} steps, guidance {plan.guidance_scale}, {report['threads']} threads, {os.cpu_count()} CPUs")
+    print(f"load from the package: {load['wall_s']:.2f} s wall, {load['cpu_s']:.2f} s CPU")
+    print(f"generate ({args.runs} runs): median {report['median_wall_s']:.2f} s wall (min {min(walls):.2f}, max {max(walls):.2f}), "
+          f"median {report['median_cpu_s']:.2f} s CPU")
+    print("median run: " + ", ".join(f"{k.removesuffix('_s')} {median[k]:.2f} s"
+                                     for k in ("text_s", "sampling_and_rest_s", "decode_s")))  # fmt: skip
+    if args.cli:
+        with tempfile.TemporaryDirectory() as tmp:
+            cmd = [sys.executable, "-m", "opensora_sdk", "generate", "--prompt", PROMPT, "--save-dir", tmp, "--no-progress"]
+            env = dict(os.environ, OMP_NUM_THREADS=str(args.threads)) if args.threads else None
+            t, c = time.perf_counter(), cpu_s(resource.RUSAGE_CHILDREN)
+            subprocess.run(cmd, check=True, capture_output=True, env=env)
+            report["cli"] = {"wall_s": time.perf_counter() - t, "cpu_s": cpu_s(resource.RUSAGE_CHILDREN) - c}
+        print(f"`opensora generate` end to end: {report['cli']['wall_s']:.2f} s wall, {report['cli']['cpu_s']:.2f} s CPU")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(report, f, indent=2)
+    return report
+
+
+if __name__ == "__main__":
+    main()

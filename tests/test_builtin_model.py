@@ -1,0 +1,89 @@
+"""The built-in model: weights inside the package, loaded offline, generating what is asked.
+
+The quality floors sit below what `benchmarks/bench_quality.py` measured on the shipped
+weights with the same prompts and seeds (36 held-out prompts; text-to-video colour 77.8%,
+direction 44.4%; image-to-video first-frame PSNR 27.6 dB, direction 72.2%; see
+training/README.md, "The built-in model"). They guard against regressions; the issue's
+targets (colour 90%, direction 80%) are not reached yet. Chance is 1/6 for colour and about
+1/5 for direction.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+import opensora_sdk
+from opensora_sdk import cli
+from opensora_sdk.pipeline import BUILTIN_DIR, BUILTIN_PRESET, OpenSoraPipeline, get_preset
+from opensora_sdk.training.shapes_benchmark import evaluate, held_out_cases, held_out_triples, seen_cases, summarize
+
+MAX_WEIGHT_BYTES = 40 * 10**6
+T2V_COLOR_FLOOR, T2V_DIRECTION_FLOOR = 0.65, 0.30
+I2V_PSNR_FLOOR_DB, I2V_DIRECTION_FLOOR = 25.0, 0.55
+
+
+@pytest.fixture(scope="module")
+def pipe():
+    return OpenSoraPipeline.from_preset("builtin", device="cpu", progress=False)
+
+
+def test_builtin_is_the_default_and_its_files_are_in_the_package():
+    assert BUILTIN_PRESET == "builtin"
+    package = Path(opensora_sdk.__file__).resolve().parent
+    assert BUILTIN_DIR.is_relative_to(package)
+    preset = get_preset("builtin")
+    files = list(BUILTIN_DIR.rglob("*.safetensors"))
+    assert sorted(f.parent.name for f in files) == ["text_encoder", "transformer", "vae"]
+    assert sum(f.stat().st_size for f in files) <= MAX_WEIGHT_BYTES
+    for source in (preset.transformer, preset.vae, preset.text_encoder):
+        assert Path(source).parent == BUILTIN_DIR and (Path(source) / "config.json").is_file()
+    info = json.loads((BUILTIN_DIR / "training.json").read_text())
+    assert info["recipe"] == "training/recipes/tiny_builtin.py"
+
+
+def test_loads_offline_with_its_native_defaults(pipe, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    offline = OpenSoraPipeline.from_preset(device="cpu", progress=False)  # the default preset, no network
+    assert offline.sources["preset"] == "builtin"
+    for a, b in zip(offline.transformer.state_dict().values(), pipe.transformer.state_dict().values()):
+        assert torch.equal(a, b)
+    plan = offline.plan("a red circle moving left on a black background")
+    assert (plan.height, plan.width, plan.total_frames, plan.latent_size) == (64, 64, 51, (15, 8, 8))
+    assert plan.num_steps == get_preset("builtin").defaults["num_steps"]
+    assert offline.plan("x", resolution="144p", aspect_ratio="1:1").height != 64  # explicit sizes still win
+
+
+def test_cli_uses_the_builtin_model_by_default(capsys):
+    assert cli.main(["info", "--prompt", "a red circle moving left on a black background", "--device", "cpu"]) == 0
+    out = capsys.readouterr().out
+    assert "64x64" in out and str(BUILTIN_DIR / "transformer") in out
+
+
+def test_held_out_prompts_are_unseen_combinations():
+    held = set(held_out_triples())
+    assert all((c.color, c.shape, c.direction) in held for c in held_out_cases())
+    assert not any((c.color, c.shape, c.direction) in held for c in seen_cases())
+
+
+@pytest.fixture(scope="module")
+def held_out():
+    return held_out_cases(per_triple=2)  # bench_quality.py's default prompt set
+
+
+@pytest.mark.slow
+def test_text_to_video_follows_held_out_prompts(pipe, held_out):
+    summary = summarize(evaluate(pipe, held_out, seed=0))  # bench_quality.py's seed
+    assert summary["color_accuracy"] >= T2V_COLOR_FLOOR, summary
+    assert summary["direction_accuracy"] >= T2V_DIRECTION_FLOOR, summary
+
+
+@pytest.mark.slow
+def test_image_to_video_keeps_the_first_frame(pipe, held_out):
+    results = evaluate(pipe, held_out, image_to_video=True, seed=10_000)
+    summary = summarize(results)
+    assert summary["first_frame_psnr_db_mean"] >= I2V_PSNR_FLOOR_DB, summary
+    assert summary["direction_accuracy"] >= I2V_DIRECTION_FLOOR, summary
