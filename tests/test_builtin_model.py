@@ -41,6 +41,8 @@ def test_builtin_is_the_default_and_its_files_are_in_the_package():
     assert sum(f.stat().st_size for f in files) <= MAX_WEIGHT_BYTES
     for source in (preset.transformer, preset.vae, preset.text_encoder):
         assert Path(source).parent == BUILTIN_DIR and (Path(source) / "config.json").is_file()
+    tokenizer = json.loads((BUILTIN_DIR / "text_encoder" / "tokenizer_config.json").read_text())
+    assert tokenizer["tokenizer_class"] == "PreTrainedTokenizerFast"  # known to transformers 4 and 5
     info = json.loads((BUILTIN_DIR / "training.json").read_text())
     assert info["recipe"] == "training/recipes/tiny_builtin.py"
 

@@ -120,13 +120,16 @@ def step_vae(work: Path, args) -> None:
 def step_t5(work: Path, args) -> None:
     import torch
 
-    from opensora_sdk.models.text_encoder import T5TextEncoder, tiny_t5_config
+    from opensora_sdk.models.text_encoder import TINY_TOKENIZER_DIR, T5TextEncoder, tiny_t5_config
 
     torch.manual_seed(SEED + 5)
     te = T5TextEncoder.from_config(tiny_t5_config(**T5_FIELDS), model_max_length=MAX_TOKENS)
     folder = work / "text_encoder"
     te.model.save_pretrained(folder)
-    te.tokenizer.save_pretrained(folder)
+    # the built-in tokenizer's own files: they load with every transformers version we support
+    # (a tokenizer saved by transformers 5 names a class that 4.x does not have)
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        shutil.copyfile(TINY_TOKENIZER_DIR / name, folder / name)
 
 
 def step_stdit3(work: Path, args) -> None:
