@@ -427,8 +427,7 @@ class OpenSoraPipeline:
         """Resolve and check a call's arguments without running any model (see `__call__`);
         size, length, steps and guidance left out (None) come from `self.defaults`."""
         align = self.align if align is _UNSET else align
-        keys = ("resolution", "aspect_ratio", "height", "width", "num_frames", "num_steps", "guidance_scale")
-        kwargs.update(generation_defaults(self.defaults, **{k: kwargs.pop(k, None) for k in keys}))
+        kwargs.update(generation_defaults(self.defaults, **{k: kwargs.pop(k, None) for k in DEFAULT_KEYS}))
         return plan_generation(self.facts, prompt, align=align, scheduler=self.scheduler, **kwargs)
 
     # ---- generation --------------------------------------------------------------------------
