@@ -145,6 +145,22 @@ def test_sigterm_then_resume_equals_an_uninterrupted_run(trainer, clips, tmp_pat
     assert [r["loss"] for r in log_rows(stopped)] == [r["loss"] for r in log_rows(tmp_path / "straight")]
 
 
+def test_lr_decay_after_raising_max_steps_equals_one_run(trainer, clips, tmp_path):
+    """A run stopped in its constant phase, resumed with a larger max_steps and a decay, is the
+    run that had those settings from the start (how the built-in recipe is extended)."""
+    first, straight = tmp_path / "first", tmp_path / "straight"
+    decay = ["--set", "optim.decay_steps=3", "--set", "optim.warmup_steps=0"]
+    trainer.main(args_for(clips, first, "--max-steps", "3", "--set", "optim.warmup_steps=0"))
+    resumed = trainer.main(args_for(clips, first, "--max-steps", "7", "--resume", "latest", *decay))
+    trainer.main(args_for(clips, straight, "--max-steps", "7", *decay))
+    assert resumed["step"] == 7
+    lrs = [float(r["lr"]) for r in log_rows(straight)]
+    assert lrs == pytest.approx([5e-4] * 5 + [5e-4 * 2 / 3, 5e-4 / 3])  # factor min(1, (7 - k) / 3)
+    a, b = tensors(first / "checkpoints" / "step-00000007"), tensors(straight / "checkpoints" / "step-00000007")
+    assert not [key for key in a if not torch.equal(a[key], b[key])]
+    assert [r["lr"] for r in log_rows(first)] == [r["lr"] for r in log_rows(straight)]
+
+
 def test_accelerate_launch_two_cpu_processes_stay_in_sync(clips, tmp_path):
     out = tmp_path / "ddp"
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",

@@ -15,6 +15,7 @@ from opensora_sdk.training import checkpoint as ckpt
 from opensora_sdk.training import features as feats
 from opensora_sdk.training.config import load_train_config
 from opensora_sdk.training.ema import EMA
+from opensora_sdk.training.lr_schedule import lr_factor
 
 
 def tiny_stdit3() -> STDiT3:
@@ -206,3 +207,15 @@ def test_config_checks_keys_and_values(tmp_path):
         load_train_config(path, ["text_encoder.from_pretrained=DeepFloyd/t5-v1_1-xxl"])
     with pytest.raises(ValueError, match="key.path=value"):
         load_train_config(path, ["optim.lr"])
+    with pytest.raises(ValueError, match=r"optim.decay_steps=2000 is not allowed: an integer in \[0, max_steps=1000\]"):
+        load_train_config(path, ["optim.decay_steps=2000"])
+
+
+def test_lr_factor_warms_up_holds_then_decays_to_zero():
+    f = [lr_factor(k, warmup_steps=2, max_steps=10, decay_steps=4) for k in range(10)]
+    assert f == pytest.approx([1 / 3, 2 / 3, 1, 1, 1, 1, 1, 3 / 4, 2 / 4, 1 / 4])
+    assert [lr_factor(k, warmup_steps=2, max_steps=10) for k in range(10)] == pytest.approx([1 / 3, 2 / 3] + [1] * 8)
+    assert lr_factor(5, warmup_steps=0, max_steps=6, decay_steps=6) == pytest.approx(1 / 6)
+    # the constant phase does not depend on max_steps: raising it later extends the same run
+    assert [lr_factor(k, warmup_steps=2, max_steps=10, decay_steps=4) for k in range(6)] == [
+        lr_factor(k, warmup_steps=2, max_steps=100, decay_steps=4) for k in range(6)]

@@ -39,6 +39,7 @@ from opensora_sdk.training.buckets import BucketBatchSampler, BucketConfig
 from opensora_sdk.training.config import config_as_dict, load_train_config
 from opensora_sdk.training.dataset import VideoTextDataset, collate_samples
 from opensora_sdk.training.ema import EMA
+from opensora_sdk.training.lr_schedule import lr_factor
 from opensora_sdk.training.masks import MaskGenerator
 
 logger = logging.getLogger("train")
@@ -308,8 +309,8 @@ def main(argv=None) -> dict:
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.optim.lr, betas=cfg.optim.betas, eps=cfg.optim.eps,
                                   weight_decay=cfg.optim.weight_decay, fused=cfg.optim.fused or None)  # fmt: skip
-    warmup = cfg.optim.warmup_steps
-    lr_scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda k: min(1.0, (k + 1) / (warmup + 1)) if warmup else 1.0)
+    schedule = dict(warmup_steps=cfg.optim.warmup_steps, max_steps=cfg.max_steps, decay_steps=cfg.optim.decay_steps)
+    lr_scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda k: lr_factor(k, **schedule))
     model, optimizer = accelerator.prepare(model, optimizer)
     unwrapped = accelerator.unwrap_model(model)
     params = [p for p in model.parameters() if p.requires_grad]

@@ -73,6 +73,7 @@ class OptimSection:
     weight_decay: float = 0.0
     betas: tuple = (0.9, 0.999)
     warmup_steps: int = 1000  # linear warm-up: lr_k = (k+1)/(warmup+1) * lr for k < warmup
+    decay_steps: int = 0  # linear decay to 0 over the last decay_steps of max_steps (0: constant, official)
     grad_clip: float = 1.0
     ema_decay: float = 0.99
     gradient_accumulation_steps: int = 1
@@ -189,6 +190,8 @@ def check_config(cfg: TrainConfig) -> None:
     _check(isinstance(o.betas, (list, tuple)) and len(o.betas) == 2, "optim.betas", o.betas, "two numbers in [0, 1)")
     o.betas = tuple(float(b) for b in o.betas)
     _check(isinstance(o.warmup_steps, int) and o.warmup_steps >= 0, "optim.warmup_steps", o.warmup_steps, "an integer >= 0")
+    _check(isinstance(o.decay_steps, int) and 0 <= o.decay_steps <= cfg.max_steps, "optim.decay_steps", o.decay_steps,
+           f"an integer in [0, max_steps={cfg.max_steps}] (0 = no decay)")
     _check(isinstance(o.grad_clip, (int, float)) and o.grad_clip >= 0, "optim.grad_clip", o.grad_clip, "a number >= 0 (0 = off)")
     _check(_pos_int(o.gradient_accumulation_steps), "optim.gradient_accumulation_steps", o.gradient_accumulation_steps, "an integer >= 1")
     d = cfg.data
