@@ -4,7 +4,7 @@
     python benchmarks/bench_builtin_speed.py --threads 1 --runs 7
     python benchmarks/bench_builtin_speed.py --cli           # also one `opensora generate` end to end
 
-One pipeline call with the preset's defaults (native 64x64, 51 frames = 2 s at 24 fps, its
+One pipeline call with the preset's defaults (native 64x64, 17 frames at 8 fps = 2.1 s, its
 default steps and guidance) per run: text encoding, sampling, VAE decode, uint8 frames. The
 first call is a warm-up (not counted); then the median and min / max of `--runs` calls, each
 with its wall time and this process's CPU time (user + sys), and the split of the median run

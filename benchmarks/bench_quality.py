@@ -13,6 +13,8 @@ motion score, no camera motion) and measured by simple image analysis (see
 ratio), direction of motion (centroid track). Image-to-video: the same prompts, conditioned on
 frame 0 of a rendered clip with those attributes; PSNR of the generated first frame against
 it, and colour / direction again. `--seen N` adds N prompts whose triples training did show.
+"VAE reconstructions" measures rendered clips of the held-out prompts after the model's VAE
+encodes and decodes them: the most a generated clip can score with that VAE.
 
 Targets (issue #9): colour >= 90%, direction >= 80%, first-frame PSNR >= 25 dB.
 """
@@ -29,7 +31,14 @@ from pathlib import Path
 import torch
 
 from opensora_sdk.pipeline import BUILTIN_PRESET, OpenSoraPipeline, get_preset
-from opensora_sdk.training.shapes_benchmark import evaluate, held_out_cases, seen_cases, summarize
+from opensora_sdk.training.shapes_benchmark import (
+    CLIP_FPS,
+    evaluate,
+    evaluate_reconstructions,
+    held_out_cases,
+    seen_cases,
+    summarize,
+)
 
 TARGETS = {"color_accuracy": 0.90, "direction_accuracy": 0.80, "first_frame_psnr_db_mean": 25.0}
 
@@ -76,6 +85,9 @@ def main(argv=None) -> dict:
     if args.seen:
         results["t2v seen"] = evaluate(pipe, seen_cases(count=args.seen), seed=args.seed + 20_000, **call)
     plan = pipe.plan(cases[0].prompt, **call)
+    results["VAE reconstructions"] = evaluate_reconstructions(
+        pipe.vae, cases, height=plan.height, width=plan.width, num_frames=plan.total_frames,
+        frame_interval=max(1, round(CLIP_FPS / plan.fps)), seed=args.seed)  # fmt: skip
     r1 = resource.getrusage(resource.RUSAGE_SELF)
     report["settings"] = {"model": args.model_dir or f"preset {args.preset}", "size": f"{plan.height}x{plan.width}",
                           "frames": plan.total_frames, "steps": plan.num_steps, "guidance": plan.guidance_scale,

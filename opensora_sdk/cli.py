@@ -7,8 +7,9 @@
 
 Without --preset, --model, --vae or --text-encoder the built-in model is used
 (`pipeline.BUILTIN_PRESET`: tiny, trained on synthetic moving shapes, inside the package, offline).
-Size, length, steps and guidance left out come from the preset's defaults (the built-in model:
-64x64, 51 frames, its own steps and guidance), else the official ones (240p 9:16, 4s, 30, 7.0).
+Size, length, frame rate, steps and guidance left out come from the preset's defaults (the
+built-in model: 64x64, 17 frames at 8 fps, its own steps and guidance), else the official ones
+(240p 9:16, 4s, 24 fps, 30, 7.0).
 
 The options are the official inference script's (spec 6.2) plus model paths, `--preset`,
 `--negative-prompt`, `--offload` and `--align`. Both commands resolve and check every option
@@ -80,13 +81,14 @@ def _add_generation_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--end-index", type=int, default=None, help="stop before this prompt of --prompt-path")
     g.add_argument("--negative-prompt", default=None, help="text that replaces the null caption in guidance")
 
-    g = p.add_argument_group("size and length (defaults: the preset's, e.g. the built-in model's native 64x64, 51 frames)")
+    g = p.add_argument_group("size and length (defaults: the preset's, e.g. the built-in model's native 64x64, 17 frames at 8 fps)")
     g.add_argument("--resolution", default=None, help="size table: 144p 240p 360p 480p 720p 1080p ... (default: preset, else 240p)")
     g.add_argument("--aspect-ratio", default=None, help="H:W, e.g. 9:16 (landscape) or 16:9 (portrait) (default: preset, else 9:16)")
     g.add_argument("--image-size", nargs=2, type=int, metavar=("H", "W"), help="explicit size in pixels (overrides the table)")
     g.add_argument("--num-frames", default=None,
                    help="frames per loop: a number or 2s 4s 8s 16s (51 102 204 408) (default: preset, else 4s)")
-    g.add_argument("--fps", type=float, default=24, help="frame rate the model is conditioned on (default 24)")
+    g.add_argument("--fps", type=float, default=None,
+                   help="frame rate of the video and of the model's conditioning (default: preset, e.g. 8 for the built-in model, else 24)")
     g.add_argument("--save-fps", type=float, default=None, help="frame rate written to the file (default --fps)")
 
     g = p.add_argument_group("sampling")
@@ -163,13 +165,12 @@ def _plan_kwargs(args) -> dict:
     height, width = args.image_size or (None, None)
     sized = generation_defaults(
         get_preset(_preset_name(args)).defaults, resolution=args.resolution, aspect_ratio=args.aspect_ratio,
-        height=height, width=width, num_frames=args.num_frames, num_steps=args.num_sampling_steps,
+        height=height, width=width, num_frames=args.num_frames, fps=args.fps, num_steps=args.num_sampling_steps,
         guidance_scale=args.cfg_scale,
     )
     return dict(
         negative_prompt=args.negative_prompt,
         **sized,
-        fps=args.fps,
         aesthetic_score=args.aes,
         motion_score=args.flow,
         camera_motion=args.camera_motion,

@@ -81,7 +81,7 @@ class ModelPreset:
 
 # The official inference defaults (spec 6.1), used where a preset gives none.
 OFFICIAL_DEFAULTS: dict[str, Any] = {
-    "resolution": "240p", "aspect_ratio": "9:16", "num_frames": "4s", "num_steps": 30, "guidance_scale": 7.0,
+    "resolution": "240p", "aspect_ratio": "9:16", "num_frames": "4s", "fps": 24, "num_steps": 30, "guidance_scale": 7.0,
 }  # fmt: skip
 DEFAULT_KEYS = (*OFFICIAL_DEFAULTS, "height", "width")
 
@@ -102,10 +102,12 @@ PRESETS: dict[str, ModelPreset] = {
     "builtin": ModelPreset(
         "the built-in tiny model (STDiT3 hidden 128 x 4, a tiny v1.2 VAE, a 2-layer T5 with random weights) "
         "trained from scratch on synthetic moving shapes by training/recipes/tiny_builtin.py; ships with "
-        "the package, runs offline on a CPU; 64x64, 51 frames (2 s at 24 fps)",
+        "the package, runs offline on a CPU; 64x64, 17 frames at 8 fps (2.1 s, one VAE chunk)",
         str(BUILTIN_DIR / "transformer"), str(BUILTIN_DIR / "vae"), str(BUILTIN_DIR / "text_encoder"),
-        max_latent_frames=15,  # 51 frames, its training length; longer videos: loop
-        defaults={"height": 64, "width": 64, "num_frames": 51, "num_steps": 20, "guidance_scale": 5.0},
+        # trained on 17-frame clips; 34 frames (two chunks) lets loops and extensions carry one
+        # chunk over, beyond its training length
+        max_latent_frames=10,
+        defaults={"height": 64, "width": 64, "num_frames": 17, "fps": 8, "num_steps": 20, "guidance_scale": 5.0},
     ),
 }
 
@@ -127,10 +129,10 @@ def get_preset(name: str) -> ModelPreset:
 
 
 def generation_defaults(defaults: Mapping[str, Any] | None = None, **given) -> dict[str, Any]:
-    """Fill the size, length, steps and guidance a call left out (None) from a model's
-    `defaults`, then from `OFFICIAL_DEFAULTS`.
+    """Fill the size, length, frame rate, steps and guidance a call left out (None) from a
+    model's `defaults`, then from `OFFICIAL_DEFAULTS`.
 
-    `given` holds resolution, aspect_ratio, height, width, num_frames, num_steps and
+    `given` holds resolution, aspect_ratio, height, width, num_frames, fps, num_steps and
     guidance_scale. The size is the model's native height x width only when none of
     resolution, aspect_ratio, height and width is given; otherwise the given ones, with the
     official resolution / aspect ratio for a missing one.
@@ -425,7 +427,7 @@ class OpenSoraPipeline:
 
     def plan(self, prompt, *, align=_UNSET, **kwargs) -> GenerationPlan:
         """Resolve and check a call's arguments without running any model (see `__call__`);
-        size, length, steps and guidance left out (None) come from `self.defaults`."""
+        size, length, frame rate, steps and guidance left out (None) come from `self.defaults`."""
         align = self.align if align is _UNSET else align
         kwargs.update(generation_defaults(self.defaults, **{k: kwargs.pop(k, None) for k in DEFAULT_KEYS}))
         return plan_generation(self.facts, prompt, align=align, scheduler=self.scheduler, **kwargs)
@@ -439,7 +441,7 @@ class OpenSoraPipeline:
         resolution: str | None = None,
         aspect_ratio: str | None = None,
         num_frames: int | str | None = None,
-        fps: float = 24,
+        fps: float | None = None,
         num_steps: int | None = None,
         guidance_scale: float | None = None,
         aesthetic_score: float | None = 6.5,
@@ -477,6 +479,7 @@ class OpenSoraPipeline:
                 most 408 ("16s", 120 latent frames) per loop for v1.2 (`max_latent_frames`).
                 None: the preset's default, else "4s".
             fps: the frame rate of the output and of the model's conditioning (one frame: 120).
+                None: the preset's default (8 for the built-in model), else 24.
             num_steps, guidance_scale: sampling steps; classifier-free guidance scale
                 (1 runs the conditional branch only). None: the preset's defaults, else 30
                 and 7.0.

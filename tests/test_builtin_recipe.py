@@ -16,6 +16,7 @@ TOY = [
     "--vae-set", "spatial.steps=2", "--vae-set", "temporal.steps=2", "--vae-set", "joint.steps=2",
     "--vae-set", "eval_clips=2", "--vae-set", "normalize_clips=4", "--vae-set", "max_clips=24",
     "--vae-set", "temporal_cache_clips=4", "--stdit3-set", "ckpt_every=1",
+    "--stdit3-set", "data.buckets={64px: {17: [1.0, 4]}}", "--stdit3-set", "optim.decay_steps=0",
 ]  # fmt: skip
 
 

@@ -20,11 +20,11 @@ INPUTS = ROOT / "workflows" / "inputs"
 
 # what each workflow must save: (file name prefix, frames of each video or (height, width) of an image)
 EXPECTED = {
-    "opensora_text_to_video.json": {"t2v_00001_.mp4": 51, "t2v_core_00001_.mp4": 51},
-    "opensora_image_to_video.json": {"i2v_00001_.mp4": 51},
-    "opensora_first_last_frame.json": {"first_last_00001_.mp4": 51},
-    "opensora_video_extension.json": {"extend_00001_.mp4": 51},
-    "opensora_long_video.json": {"long_00001_.mp4": 85},  # 2 loops of 51 frames sharing 17
+    "opensora_text_to_video.json": {"t2v_00001_.mp4": 17, "t2v_core_00001_.mp4": 17},
+    "opensora_image_to_video.json": {"i2v_00001_.mp4": 17},
+    "opensora_first_last_frame.json": {"first_last_00001_.mp4": 17},
+    "opensora_video_extension.json": {"extend_00001_.mp4": 34},  # the 17 given frames + 17 new
+    "opensora_long_video.json": {"long_00001_.mp4": 51},  # 2 loops of 34 frames sharing 17
     "opensora_text_to_image.json": {"t2i_00001_.png": 1},
 }
 

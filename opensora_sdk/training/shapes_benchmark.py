@@ -39,6 +39,7 @@ BUILTIN_STYLE = SyntheticStyle(
     texture="checker",
     texture_strength=16.0,
 )
+CLIP_FPS = 24.0  # frame rate of the built-in model's training clips (a model at 8 fps reads every 3rd frame)
 OBJECT_DISTANCE = 60.0  # RGB distance from the background colour that marks object pixels
 MIN_PIXELS = 12  # fewer object pixels than this in a frame: no object in that frame
 MIN_TRAVEL = 0.08  # shortest displacement (share of the frame size) that counts as motion
@@ -104,6 +105,19 @@ def first_frame(case: Case, height: int, width: int, num_frames: int, seed: int,
     spec = sample_clip(np.random.default_rng([seed, 7]), height, width, num_frames, static_fraction=0.0,
                        camera_fraction=0.0, style=only)  # fmt: skip
     return render_clip(spec, height, width, 1)[0], spec
+
+
+def rendered_clip(case: Case, height: int, width: int, num_frames: int, seed: int, frame_interval: int = 1,
+                  style: SyntheticStyle = BUILTIN_STYLE) -> np.ndarray:  # fmt: skip
+    """uint8 [num_frames, H, W, 3]: a clip with `case`'s attributes (static camera) drawn as the
+    training clips are, every `frame_interval`-th frame of (num_frames - 1) * frame_interval + 1."""
+    only = SyntheticStyle(shapes=(case.shape,), colors=(case.color,), backgrounds=(case.background,),
+                          directions=(case.direction,), radius=style.radius, travel=style.travel,
+                          texture=style.texture, texture_strength=style.texture_strength)  # fmt: skip
+    n = (num_frames - 1) * frame_interval + 1
+    spec = sample_clip(np.random.default_rng([seed, 11]), height, width, n, static_fraction=0.0,
+                       camera_fraction=0.0, style=only)  # fmt: skip
+    return render_clip(spec, height, width, n)[::frame_interval]
 
 
 # --------------------------------------------------------------------------------------------
@@ -214,9 +228,7 @@ def evaluate(pipe, cases: list[Case], *, image_to_video: bool = False, seed: int
         videos = pipe([c.prompt for c in chunk], conditions=conditions, seed=seed + start, batch_size=len(chunk),
                       progress=False, **call_kwargs)  # fmt: skip
         for k, (case, video) in enumerate(zip(chunk, videos)):
-            found = analyse_clip(video.frames)
-            row = {"prompt": case.prompt, "background": case.background, **{f"want_{a}": getattr(case, a) for a in ATTRIBUTES},
-                   **{f"got_{a}": found[a] for a in ATTRIBUTES}, "fill": found["fill"], "found": found["found"]}  # fmt: skip
+            row = _result(case, analyse_clip(video.frames))
             if image_to_video:
                 row["first_frame_psnr_db"] = psnr(video.frames[0], images[k])
             results.append(row)
@@ -224,6 +236,29 @@ def evaluate(pipe, cases: list[Case], *, image_to_video: bool = False, seed: int
 
 
 ATTRIBUTES = ("color", "shape", "direction")
+
+
+def evaluate_reconstructions(vae, cases: list[Case], *, height: int, width: int, num_frames: int,
+                             frame_interval: int = 1, seed: int = 0) -> list[dict]:  # fmt: skip
+    """The ceiling the VAE sets: each case's `rendered_clip` encoded and decoded by `vae` (a
+    `VideoAutoencoder`, posterior means), then measured like a generated clip."""
+    import torch
+
+    results = []
+    for k, case in enumerate(cases):
+        clip = rendered_clip(case, height, width, num_frames, seed + k, frame_interval)
+        x = torch.from_numpy(clip).permute(3, 0, 1, 2)[None].float().div(127.5).sub(1)  # [1, 3, N, H, W]
+        with torch.no_grad():
+            y = vae.decode(vae.encode(x.to(vae.device, vae.dtype), sample=False), num_frames=num_frames)
+        frames = y[0].float().clamp(-1, 1).add(1).mul(127.5).round().byte().permute(1, 2, 3, 0).cpu().numpy()
+        results.append(_result(case, analyse_clip(frames)))
+    return results
+
+
+def _result(case: Case, found: dict) -> dict:
+    """One result row: the case's attributes (want_*) and what the analysis found (got_*)."""
+    return {"prompt": case.prompt, "background": case.background, **{f"want_{a}": getattr(case, a) for a in ATTRIBUTES},
+            **{f"got_{a}": found[a] for a in ATTRIBUTES}, "fill": found["fill"], "found": found["found"]}  # fmt: skip
 
 
 def summarize(results: list[dict]) -> dict:

@@ -9,8 +9,8 @@ stdit3 counts as done when it reached max_steps, so raising max_steps continues 
 
   data       synthetic moving shapes (`shapes_benchmark.BUILTIN_STYLE`: 6 colours, 3 shapes,
              4 directions, 3 checker backgrounds, 25% camera pans, 5% still shapes), 64x64,
-             52 frames at 24 fps (the 51-frame bucket takes clips longer than 51 frames, as
-             officially; 51 frames = 2 s = 15 latent frames), with the held-out colour x shape x direction triples
+             52 frames at 24 fps (STDiT3 reads every 3rd frame: 17 frames at 8 fps = 2.1 s =
+             one VAE chunk = 5 latent frames), with the held-out colour x shape x direction triples
              excluded (`held_out_triples`); train.csv holds the captions exactly as the
              pipeline sends them to T5 (`process_prompt`: score suffixes, then cleaning), with
              the aesthetic / motion / camera suffixes each left out at random
@@ -20,7 +20,8 @@ stdit3 counts as done when it reached max_steps, so raising max_steps continues 
              built-in tokenizer: T5 is not trained (its random features are distinct per word,
              and the transformer learns to read them)
   stdit3     training/train.py with training/configs/tiny_builtin.yaml: features (VAE latents
-             + T5 embeddings) computed once, then STDiT3 with frame masks, 10% caption drop, EMA
+             + T5 embeddings) computed once, then STDiT3 with frame masks, 10% caption drop, EMA,
+             constant learning rate then a linear decay over the last steps
   export     EMA transformer and VAE as float16 safetensors, T5 as float32, with a
              training.json (seeds, steps, figures) into WORK/export (and --export DIR)
   bench      benchmarks/bench_quality.py on the exported model

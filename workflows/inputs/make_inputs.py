@@ -3,11 +3,12 @@
     python workflows/inputs/make_inputs.py
 
 They look like the built-in model's training clips (a coloured shape on a plain background
-with a faint checker, 64x64, 24 fps), so the workflows ask it for what it knows:
+with a faint checker, 64x64, 8 fps), so the workflows ask it for what it knows:
 
 opensora_example.png       a red circle on the left of a black background (first frame)
 opensora_example_end.png   the same circle on the right (last frame)
-opensora_example.mp4       34 frames of the circle moving right (video extension)
+opensora_example.mp4       17 frames (8 fps) of the circle moving right, the first half of its
+                           crossing (video extension: the model continues it)
 """
 
 from __future__ import annotations
@@ -40,8 +41,8 @@ def main() -> None:
 
     Image.fromarray(frame(14.0)).save(HERE / "opensora_example.png")
     Image.fromarray(frame(50.0)).save(HERE / "opensora_example_end.png")
-    frames = np.stack([frame(14.0 + 36.0 * i / 50) for i in range(34)])  # the first 34 of a 51-frame crossing
-    write_video(frames, HERE / "opensora_example.mp4", 24.0, crf=20)
+    frames = np.stack([frame(14.0 + 36.0 * i / 32) for i in range(17)])  # the first 17 of a 33-frame crossing
+    write_video(frames, HERE / "opensora_example.mp4", 8.0, crf=20)
 
 
 if __name__ == "__main__":
