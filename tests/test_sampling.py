@@ -12,6 +12,10 @@ from opensora_sdk.schedulers import RectifiedFlow
 
 STEP_TOL = 1e-5
 OUT_TOL = 1e-4
+# The tiny STDiT3's per-step outputs (up to |5.7|, CFG batch of 4) against the golden: 1.53e-5
+# at most on an AVX-512/AMX Xeon, where MKL / oneDNN choose other kernels (other rounding) than
+# where the bundle was checked first; under 1e-5 there. The sampled latent keeps OUT_TOL.
+MODEL_OUT_TOL = 2e-5
 
 
 def _golden_setup(g):
@@ -88,7 +92,7 @@ def test_golden_full_run_with_tiny_stdit3(golden):
         torch.testing.assert_close(x, g[f"step.{i:02d}.z_in"], rtol=0, atol=OUT_TOL, msg=f"step {i} z_in")
         out = model(x, t, **kw)
         calls.append(i)
-        torch.testing.assert_close(out, g[f"step.{i:02d}.model_out"], rtol=0, atol=STEP_TOL, msg=f"step {i} out")
+        torch.testing.assert_close(out, g[f"step.{i:02d}.model_out"], rtol=0, atol=MODEL_OUT_TOL, msg=f"step {i} out")
         return out
 
     with torch.no_grad():
