@@ -9,13 +9,14 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 TOY = [
     "--num-train", "24", "--threads", "2", "--steps", "data,vae,t5,stdit3,export",
     "--vae-set", "spatial.steps=2", "--vae-set", "temporal.steps=2", "--vae-set", "joint.steps=2",
     "--vae-set", "eval_clips=2", "--vae-set", "normalize_clips=4", "--vae-set", "max_clips=24",
-    "--vae-set", "temporal_cache_clips=4", "--stdit3-set", "ckpt_every=1",
+    "--vae-set", "temporal_cache_clips=4", "--vae-set", "decoder.steps=2", "--stdit3-set", "ckpt_every=1",
     "--stdit3-set", "data.buckets={64px: {17: [1.0, 4]}}", "--stdit3-set", "optim.decay_steps=0",
 ]  # fmt: skip
 
@@ -60,3 +61,35 @@ def test_recipe_runs_exports_and_continues(tmp_path):
     second = json.loads((work / "times.json").read_text())
     assert second["stdit3"]["wall_s"] > first["stdit3"]["wall_s"]  # the resumed run adds its time
     assert second["vae"] == first["vae"]
+
+
+@pytest.mark.slow
+def test_decoder_stage_keeps_the_latent_space(tmp_path):
+    """Stage D from a trained VAE (--init, --start-stage decoder): encoders, 2D decoder and
+    shift / scale stay bit-identical (a diffusion model trained on its latents stays valid); only
+    the temporal decoder learns."""
+    from safetensors.torch import load_file
+
+    from opensora_sdk.pipeline import BUILTIN_DIR
+    from opensora_sdk.training import synthetic
+    from opensora_sdk.training.shapes_benchmark import BUILTIN_STYLE
+
+    data = synthetic.generate_dataset(tmp_path / "data", 6, size=64, num_frames=52, style=BUILTIN_STYLE)
+    out = tmp_path / "vae"
+    cmd = [sys.executable, "training/train_vae.py", "--config", "training/configs/tiny_vae.yaml", "--init",
+           str(BUILTIN_DIR / "vae"), "--start-stage", "decoder", "--output-dir", str(out), "--set", f"data_csv={data}",
+           "--set", "decoder.steps=2", "--set", "eval_clips=2", "--set", "cpu_threads=2"]  # fmt: skip
+    done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    before = {k: v.float() for k, v in load_file(str(BUILTIN_DIR / "vae" / "model.safetensors")).items()}
+    after = load_file(str(out / "vae" / "model.safetensors"))
+    assert before.keys() == after.keys()
+    changed = {k for k in before if not torch.equal(before[k], after[k].float())}
+    assert changed and all(k.startswith(("temporal_vae.decoder.", "temporal_vae.post_quant_conv.")) for k in changed)
+    config = json.loads((out / "vae" / "config.json").read_text())
+    assert config["shift"] == json.loads((BUILTIN_DIR / "vae" / "config.json").read_text())["shift"]
+    assert json.loads((out / "summary.json").read_text())["video_psnr_db"] > 15
+
+    no_init = cmd[:4] + cmd[6:]  # the same without --init
+    bad = subprocess.run(no_init, cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert bad.returncode != 0 and "--start-stage decoder needs --init" in bad.stderr

@@ -4,8 +4,8 @@
     python training/train_vae.py --config training/configs/tiny_vae.yaml --resume latest
 
 The architecture is the official pipeline's (`VideoAutoencoder`, spec 3) at the widths the
-config gives. Training follows spec 10.1 in spirit, in three stages that each start from the
-previous one's weights:
+config gives. Training follows spec 10.1 in spirit, in three stages (and an optional fourth)
+that each start from the previous one's weights:
 
   A. spatial:  the 2D KL autoencoder on single frames; L1 + MSE pixel loss + a small KL.
                (The official recipe adds 0.1 LPIPS; its VGG weights are a download, so it is
@@ -17,6 +17,12 @@ previous one's weights:
                (x_z is drawn from them at each step), so a step costs only the temporal VAE.
   C. joint:    both parts on pixels, clips of a random length 1..frames (official stage 3's
                `mixed_video_random`): L1 + MSE pixel loss + a small KL of the temporal posterior.
+  D. decoder:  (optional; after shift / scale are measured) the temporal decoder alone on pixels,
+               clips of `frames` frames read every `frame_interval`-th frame (the frame rate the
+               diffusion model is trained at), encoders, 2D decoder and normalisation frozen: the
+               latent space stays the one a diffusion model may already be trained on, only its
+               decoding gets better (as diffusers' fine-tuned SD VAE decoders). Also trained on
+               the image-to-video decode (the image's latent leading).
 
 Added for image-to-video (not in the official recipe): in stages B and C, a clip is also
 decoded with its first latent frame replaced by the latent of its first frame encoded alone
@@ -25,8 +31,8 @@ decoded with its first latent frame replaced by the latent of its first frame en
 video's first latent drift apart (GroupNorm statistics span the whole chunk), and the first
 frame of an image-to-video clip is not the image.
 
-Then `shift` / `scale` are measured per channel on the data (the pipeline normalises
-z = (z - shift) / scale, so the diffusion model sees latents of unit variance) and the model
+After stage C `shift` / `scale` are measured per channel on the data (the pipeline normalises
+z = (z - shift) / scale, so the diffusion model sees latents of unit variance), and at the end the model
 is written with `VideoAutoencoder.save_pretrained` to `output_dir/vae/` (`summary.json` holds
 the measured reconstruction PSNR). Clips are read once into memory (uint8).
 
@@ -63,7 +69,7 @@ from opensora_sdk.training.dataset import read_table
 from opensora_sdk.video_io import read_video
 
 logger = logging.getLogger("train_vae")
-STAGES = ("spatial", "temporal", "joint")
+STAGES = ("spatial", "temporal", "joint", "decoder")
 
 
 # ---- config ---------------------------------------------------------------------------------
@@ -81,7 +87,8 @@ class StageSection:
     mse_weight: float = 1.0
     kl_weight: float = 1e-6  # on the mean KL per latent element
     image_prob: float = 0.2  # temporal: share of steps with one-frame inputs (identity loss)
-    first_frame_weight: float = 1.0  # temporal, joint: image-to-video consistency (see the module docstring)
+    first_frame_weight: float = 1.0  # temporal, joint, decoder: image-to-video consistency (see the module docstring)
+    frame_interval: int = 1  # decoder: read every n-th frame of the clips
 
 
 @dataclass
@@ -102,6 +109,7 @@ class VAETrainConfig:
     spatial: StageSection = field(default_factory=StageSection)
     temporal: StageSection = field(default_factory=StageSection)
     joint: StageSection = field(default_factory=StageSection)
+    decoder: StageSection = field(default_factory=lambda: StageSection(steps=0))  # off unless configured
 
 
 def load_config(path, overrides=()) -> VAETrainConfig:
@@ -113,7 +121,7 @@ def load_config(path, overrides=()) -> VAETrainConfig:
     if unknown:
         raise ValueError(f"{path}: unknown key(s) {unknown}; allowed: {sorted(names)}")
     for stage in STAGES:
-        section = data.get(stage) or {}
+        section = data.get(stage) or ({"steps": 0} if stage == "decoder" else {})
         allowed = {f.name for f in fields(StageSection)}
         if set(section) - allowed:
             raise ValueError(f"{path}: section {stage!r}: unknown key(s) {sorted(set(section) - allowed)}; allowed: {sorted(allowed)}")
@@ -156,10 +164,11 @@ def draw_frames(clips, n, gen):
     return to_pixels(clips[idx, t])  # [n, 3, H, W]
 
 
-def draw_clips(clips, n, frames, gen):
+def draw_clips(clips, n, frames, gen, interval: int = 1):
+    span = (frames - 1) * interval + 1
     idx = torch.randint(clips.shape[0], (n,), generator=gen)
-    start = torch.randint(clips.shape[1] - frames + 1, (n,), generator=gen)
-    batch = torch.stack([clips[i, s : s + frames] for i, s in zip(idx.tolist(), start.tolist())])
+    start = torch.randint(clips.shape[1] - span + 1, (n,), generator=gen)
+    batch = torch.stack([clips[i, s : s + span : interval] for i, s in zip(idx.tolist(), start.tolist())])
     return rearrange(to_pixels(batch), "B T C H W -> B C T H W")
 
 
@@ -232,6 +241,24 @@ def stage_loss(stage: str, vae: VideoAutoencoder, clips, s: StageSection, gen, c
             loss, logs["first"] = loss + s.first_frame_weight * first, first.item()
         kl = kl_mean(posterior)
         return loss + s.kl_weight * kl, {**logs, "kl": kl.item()}
+    if stage == "decoder":  # D: the temporal decoder on pixels; encoders and normalisation frozen
+        x = draw_clips(clips, s.batch_size, s.frames, gen, s.frame_interval)
+        target = rearrange(x, "B C T H W -> (B T) C H W")
+
+        def decode(z):  # normalised latent -> frames [(B T), 3, H, W]
+            x_z = vae.temporal_vae.decode(z * vae.scale + vae.shift, num_frames=s.frames)
+            return vae.spatial.decode(rearrange(x_z, "B C T h w -> (B T) C h w") / sf)
+
+        with torch.no_grad():
+            z = vae.encode(x, generator=gen)  # normalised, as the diffusion model sees it
+        rec, psnr = pixel_loss(target, decode(z), s)
+        loss, logs = rec, {"rec": rec.item(), "psnr": psnr}
+        if s.first_frame_weight > 0:  # image-to-video: the image's own latent leads the clip
+            with torch.no_grad():
+                z_img = vae.encode(x[:, :, :1], generator=gen)
+            mixed, mixed_psnr = pixel_loss(target, decode(torch.cat([z_img, z[:, :, 1:]], dim=2)), s)
+            loss, logs["i2v_psnr"] = loss + s.first_frame_weight * mixed, mixed_psnr
+        return loss, logs
     # C: pixels through both, clips of a random length 1..frames
     T = int(torch.randint(1, s.frames + 1, (), generator=gen))
     x = draw_clips(clips, s.batch_size, T, gen)
@@ -253,7 +280,8 @@ def stage_loss(stage: str, vae: VideoAutoencoder, clips, s: StageSection, gen, c
 
 
 def trainable(stage: str, vae: VideoAutoencoder) -> list[torch.nn.Parameter]:
-    modules = {"spatial": [vae.spatial], "temporal": [vae.temporal_vae], "joint": [vae.spatial, vae.temporal_vae]}[stage]
+    modules = {"spatial": [vae.spatial], "temporal": [vae.temporal_vae], "joint": [vae.spatial, vae.temporal_vae],
+               "decoder": [vae.temporal_vae.post_quant_conv, vae.temporal_vae.decoder]}[stage]
     return [p for m in modules for p in m.parameters()]
 
 
@@ -297,20 +325,33 @@ def psnr_db(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 @torch.no_grad()
-def measure(vae: VideoAutoencoder, clips: torch.Tensor, n_eval: int, n_norm: int, gen) -> dict:
-    """shift/scale from the data, then PSNR of videos, images and the image-to-video first frame.
+def normalise(vae: VideoAutoencoder, clips: torch.Tensor, n_norm: int, gen) -> None:
+    """Set shift / scale (buffers and config) to the per-channel mean and std of the latents of
+    the first `n_norm` clips, so the diffusion model sees latents of unit variance."""
+    vae.eval()
+    vae.shift.zero_()
+    vae.scale.fill_(1.0)
+    zs = torch.cat([vae.encode(rearrange(to_pixels(clips[i : i + 4]), "B T C H W -> B C T H W"), generator=gen)
+                    for i in range(0, min(n_norm, len(clips)), 4)])  # fmt: skip  # raw z: shift 0, scale 1 here
+    vae.shift.copy_(zs.mean(dim=(0, 2, 3, 4)).view_as(vae.shift))
+    vae.scale.copy_(zs.std(dim=(0, 2, 3, 4)).view_as(vae.scale))
+    sync_normalisation_config(vae)
+
+
+def sync_normalisation_config(vae: VideoAutoencoder) -> None:
+    """The config's shift / scale from the buffers (what save_pretrained writes)."""
+    vae.config.shift, vae.config.scale = tuple(vae.shift.flatten().tolist()), tuple(vae.scale.flatten().tolist())
+
+
+@torch.no_grad()
+def measure(vae: VideoAutoencoder, clips: torch.Tensor, n_eval: int, gen) -> dict:
+    """PSNR of videos, images and the image-to-video first frame on the last `n_eval` clips,
+    with shift / scale.
 
     The first-frame figure mimics image-to-video: the image's latent replaces the video's first
     latent frame, the chunk is decoded, and frame 0 is compared with the image.
     """
     vae.eval()
-    zs = torch.cat([vae.encode(rearrange(to_pixels(clips[i : i + 4]), "B T C H W -> B C T H W"), generator=gen)
-                    for i in range(0, min(n_norm, len(clips)), 4)])  # fmt: skip  # raw z: shift 0, scale 1 here
-    shift = zs.mean(dim=(0, 2, 3, 4))
-    scale = zs.std(dim=(0, 2, 3, 4))
-    vae.config.shift, vae.config.scale = tuple(shift.tolist()), tuple(scale.tolist())
-    vae.shift.copy_(shift.view_as(vae.shift))
-    vae.scale.copy_(scale.view_as(vae.scale))
     video_psnr, image_psnr, first_psnr = [], [], []
     N = clips.shape[1]
     for i in range(len(clips) - n_eval, len(clips)):
@@ -342,7 +383,12 @@ def main(argv=None) -> dict:
     p.add_argument("--resume", default=None, help="'latest' or a checkpoint folder")
     p.add_argument("--output-dir", default=None)
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key, e.g. spatial.steps=200")
+    p.add_argument("--init", default=None, help="start from this trained VAE (folder or file) instead of random weights")
+    p.add_argument("--start-stage", default=STAGES[0], choices=STAGES,
+                   help="skip the stages before this one (with --init; from 'decoder' on, its shift / scale are kept)")
     args = p.parse_args(argv)
+    if args.start_stage != STAGES[0] and not args.init:
+        raise ValueError(f"--start-stage {args.start_stage} needs --init: the stages before it would leave random weights")
     cfg = load_config(args.config, args.set + ([f"output_dir={args.output_dir}"] if args.output_dir else []))
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", force=True)
     if cfg.cpu_threads:
@@ -353,7 +399,7 @@ def main(argv=None) -> dict:
     t0, c0 = time.perf_counter(), cpu_seconds()
 
     torch.manual_seed(cfg.seed)
-    vae = build_vae(cfg)
+    vae = VideoAutoencoder.from_pretrained(args.init, dtype=torch.float32) if args.init else build_vae(cfg)
     gen = torch.Generator().manual_seed(cfg.seed)
     clips = load_clips(cfg.data_csv, cfg.max_clips + cfg.eval_clips)
     if len(clips) <= cfg.eval_clips:
@@ -366,7 +412,7 @@ def main(argv=None) -> dict:
 
     # ---- resume ------------------------------------------------------------------------------
     ckpt_root = out / "checkpoints"
-    start_stage, start_step, resumed = 0, 0, None
+    start_stage, start_step, resumed = STAGES.index(args.start_stage), 0, None
     if args.resume:
         resumed = latest_checkpoint(ckpt_root) if args.resume == "latest" else Path(args.resume)
         if resumed is None:
@@ -375,12 +421,15 @@ def main(argv=None) -> dict:
         vae.load_state_dict(load_file(resumed / "model.safetensors"))
         start_stage, start_step = STAGES.index(state["stage"]), int(state["step"])
         logger.info("resumed from %s (stage %s, step %d)", resumed, state["stage"], start_step)
+        sync_normalisation_config(vae)  # the checkpoint's buffers hold the measured shift / scale
 
-    # ---- the three stages --------------------------------------------------------------------
+    # ---- the stages; shift / scale measured after the joint stage, before the decoder stage --
     log_path = out / "logs" / "vae_log.jsonl"
     log_path.parent.mkdir(parents=True, exist_ok=True)
     for k, stage in enumerate(STAGES):
         s = getattr(cfg, stage)
+        if stage == "decoder" and start_stage < k:
+            normalise(vae, train_clips, min(cfg.normalize_clips, len(train_clips)), gen)
         if k < start_stage or s.steps == 0:
             continue
         vae.requires_grad_(False)
@@ -425,9 +474,9 @@ def main(argv=None) -> dict:
                 save_checkpoint(ckpt_root, stage, step, vae, optimizer, gen, {"elapsed_s": time.perf_counter() - t0})
         resumed = None
 
-    # ---- shift / scale, figures, export ------------------------------------------------------
+    # ---- figures, export ----------------------------------------------------------------------
     vae.requires_grad_(False)
-    figures = measure(vae, clips, cfg.eval_clips, min(cfg.normalize_clips, len(train_clips)), gen)
+    figures = measure(vae, clips, cfg.eval_clips, gen)
     vae.save_pretrained(out / "vae")
     summary = {**figures, "params_2d": n2d, "params_temporal": nt, "wall_s": round(time.perf_counter() - t0, 1),
                "cpu_s": round(cpu_seconds() - c0, 1)}  # fmt: skip

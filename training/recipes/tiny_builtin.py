@@ -15,7 +15,7 @@ stdit3 counts as done when it reached max_steps, so raising max_steps continues 
              pipeline sends them to T5 (`process_prompt`: score suffixes, then cleaning), with
              the aesthetic / motion / camera suffixes each left out at random
   vae        training/train_vae.py with training/configs/tiny_vae.yaml (stages A, B, C, then
-             shift / scale from the data)
+             shift / scale from the data, then D: the temporal decoder alone on 8 fps clips)
   t5         the tiny T5 encoder (d_model 64, 2 layers) with seeded random weights and the
              built-in tokenizer: T5 is not trained (its random features are distinct per word,
              and the transformer learns to read them)
