@@ -96,12 +96,17 @@ def seen_cases(style: SyntheticStyle = BUILTIN_STYLE, count: int = 18) -> list[C
     return cases
 
 
+def case_style(case: Case, style: SyntheticStyle = BUILTIN_STYLE) -> SyntheticStyle:
+    """`style` narrowed to the case's shape, colour, background and direction."""
+    return SyntheticStyle(shapes=(case.shape,), colors=(case.color,), backgrounds=(case.background,),
+                          directions=(case.direction,), radius=style.radius, travel=style.travel,
+                          texture=style.texture, texture_strength=style.texture_strength)  # fmt: skip
+
+
 def first_frame(case: Case, height: int, width: int, num_frames: int, seed: int, style: SyntheticStyle = BUILTIN_STYLE):
     """A conditioning image for `case`: frame 0 of a clip drawn with its attributes (static camera).
     Returns (uint8 [H, W, 3], the clip's `ClipSpec`)."""
-    only = SyntheticStyle(shapes=(case.shape,), colors=(case.color,), backgrounds=(case.background,),
-                          directions=(case.direction,), radius=style.radius, travel=style.travel,
-                          texture=style.texture, texture_strength=style.texture_strength)  # fmt: skip
+    only = case_style(case, style)
     spec = sample_clip(np.random.default_rng([seed, 7]), height, width, num_frames, static_fraction=0.0,
                        camera_fraction=0.0, style=only)  # fmt: skip
     return render_clip(spec, height, width, 1)[0], spec
@@ -111,9 +116,7 @@ def rendered_clip(case: Case, height: int, width: int, num_frames: int, seed: in
                   style: SyntheticStyle = BUILTIN_STYLE) -> np.ndarray:  # fmt: skip
     """uint8 [num_frames, H, W, 3]: a clip with `case`'s attributes (static camera) drawn as the
     training clips are, every `frame_interval`-th frame of (num_frames - 1) * frame_interval + 1."""
-    only = SyntheticStyle(shapes=(case.shape,), colors=(case.color,), backgrounds=(case.background,),
-                          directions=(case.direction,), radius=style.radius, travel=style.travel,
-                          texture=style.texture, texture_strength=style.texture_strength)  # fmt: skip
+    only = case_style(case, style)
     n = (num_frames - 1) * frame_interval + 1
     spec = sample_clip(np.random.default_rng([seed, 11]), height, width, n, static_fraction=0.0,
                        camera_fraction=0.0, style=only)  # fmt: skip
