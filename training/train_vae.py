@@ -383,7 +383,8 @@ def main(argv=None) -> dict:
     p.add_argument("--resume", default=None, help="'latest' or a checkpoint folder")
     p.add_argument("--output-dir", default=None)
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key, e.g. spatial.steps=200")
-    p.add_argument("--init", default=None, help="start from this trained VAE (folder or file) instead of random weights")
+    p.add_argument("--init", default=None,
+                   help="start from this trained VAE (folder or file) instead of random weights (its architecture, not vae_2d / vae_temporal)")
     p.add_argument("--start-stage", default=STAGES[0], choices=STAGES,
                    help="skip the stages before this one (with --init; from 'decoder' on, its shift / scale are kept)")
     args = p.parse_args(argv)
