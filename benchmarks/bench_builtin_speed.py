@@ -28,7 +28,8 @@ import time
 
 import torch
 
-from opensora_sdk.pipeline import BUILTIN_PRESET, OpenSoraPipeline
+from opensora_sdk.pipeline import OpenSoraPipeline
+from opensora_sdk.presets import BUILTIN_PRESET
 
 PROMPT = "a yellow square moving right on a gray background"
 

@@ -30,7 +30,8 @@ from pathlib import Path
 
 import torch
 
-from opensora_sdk.pipeline import BUILTIN_PRESET, OpenSoraPipeline, get_preset
+from opensora_sdk.pipeline import OpenSoraPipeline
+from opensora_sdk.presets import BUILTIN_PRESET, get_preset
 from opensora_sdk.training.shapes_benchmark import (
     CLIP_FPS,
     evaluate,

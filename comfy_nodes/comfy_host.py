@@ -153,7 +153,7 @@ def torch_device():
     mm = _modules().get("mm")
     if mm is not None:
         return mm.get_torch_device()
-    from opensora_sdk.pipeline import default_device
+    from opensora_sdk.placement import default_device
 
     return default_device()
 

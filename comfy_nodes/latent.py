@@ -8,7 +8,7 @@ official tables give them (240p 9:16 is 240x426) and decoded to multiples of 8 (
 
 from __future__ import annotations
 
-from .types import CATEGORY, tip
+from .types import CATEGORY, VAE, tip
 
 CUSTOM = "custom"
 MAX_SIDE = 8192
@@ -67,15 +67,27 @@ def resolve_size(resolution: str, aspect_ratio: str, duration: str, width: int, 
     return h, w, n
 
 
-def empty_latent(height: int, width: int, num_frames: int, fps: float, batch_size: int = 1) -> dict:
+def empty_latent(height: int, width: int, num_frames: int, fps: float, batch_size: int = 1, vae=None,
+                 resolution: str | None = None, aspect_ratio: str | None = None) -> dict:
+    """An empty LATENT with the geometry of `vae` (a LoadedVAE; None: the v1.2 VAE's)."""
     import torch
 
+    from opensora_sdk.configs import VideoAutoencoderConfig
     from opensora_sdk.plan import ModelFacts
+    from opensora_sdk.presets import V1_2
 
-    facts = ModelFacts()
+    config = vae.vae.config if vae is not None else VideoAutoencoderConfig()
+    facts = ModelFacts(
+        latent_channels=config.vae_temporal.embed_dim, micro_frame_size=config.micro_frame_size,
+        time_factor=config.vae_temporal.time_downsample_factor,
+        space_factor=2 ** (len(config.vae_2d.block_out_channels) - 1), max_latent_frames=V1_2.max_latent_frames,
+    )
     T, h, w = facts.latent_size(num_frames, height, width)
     samples = torch.zeros(batch_size, facts.latent_channels, T, h, w)
-    return {"samples": samples, "num_frames": num_frames, "height": height, "width": width, "fps": float(fps)}
+    latent = {"samples": samples, "num_frames": num_frames, "height": height, "width": width, "fps": float(fps)}
+    if resolution is not None:  # a table size: the model is conditioned on the table's exact size
+        latent.update(resolution=resolution, aspect_ratio=aspect_ratio)
+    return latent
 
 
 def latent_geometry(latent: dict) -> tuple[int, int, int, float]:
@@ -127,6 +139,9 @@ class OpenSoraEmptyLatentVideo:
             "fps": ("FLOAT", tip("Frame rate of the video (the model is conditioned on it)",
                                  default=24.0, min=1.0, max=120.0, step=1.0)),
             "batch_size": ("INT", tip("Videos per run; sample k uses seed + k", default=1, min=1, max=64)),
+        }, "optional": {
+            "vae": (VAE, tip("The VAE the video will be decoded with: the latent takes its geometry (channels, "
+                             "frames per latent frame, pixels per latent); without it, the v1.2 VAE's")),
         }}
 
     @classmethod
@@ -140,9 +155,10 @@ class OpenSoraEmptyLatentVideo:
             return str(err)
         return True
 
-    def create(self, resolution, aspect_ratio, duration, width, height, num_frames, fps, batch_size):
+    def create(self, resolution, aspect_ratio, duration, width, height, num_frames, fps, batch_size, vae=None):
         h, w, n = resolve_size(resolution, aspect_ratio, duration, width, height, num_frames)
-        return (empty_latent(h, w, n, fps, batch_size), w, h, n)
+        table = (resolution, aspect_ratio) if resolution != CUSTOM else (None, None)
+        return (empty_latent(h, w, n, fps, batch_size, vae, *table), w, h, n)
 
 
 NODES = {"OpenSoraEmptyLatentVideo": (OpenSoraEmptyLatentVideo, "Open-Sora Empty Latent Video")}

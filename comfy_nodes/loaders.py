@@ -21,7 +21,6 @@ FOLDERS = {
     "vae": ("vae", host.OPENSORA_FOLDER),
     "text_encoder": ("text_encoders", host.OPENSORA_FOLDER),
 }
-T5_TOKENIZER_FILES = ("tokenizer.json", "spiece.model")
 
 
 # --------------------------------------------------------------------------------------------
@@ -59,7 +58,7 @@ def resolve_choice(kind: str, choice: str) -> Path:
 def resolve_dtype(name: str, device):
     """"auto" -> the SDK default for `device` (bf16 on accelerators, fp32 on the CPU)."""
     from opensora_sdk.models.text_encoder import resolve_dtype as sdk_resolve
-    from opensora_sdk.pipeline import default_dtype
+    from opensora_sdk.placement import default_dtype
 
     if name not in DTYPES:
         raise ValueError(f"dtype={name!r} is not allowed: choose one of {list(DTYPES)}")
@@ -78,7 +77,7 @@ def _builtin_pipeline(preset: str):
 
 def builtin_component(name: str):
     """A private copy of one model of the built-in default preset, and its preset name."""
-    from opensora_sdk.pipeline import builtin_preset
+    from opensora_sdk.presets import builtin_preset
 
     preset = builtin_preset()
     return copy.deepcopy(getattr(_builtin_pipeline(preset), name)), preset
@@ -91,15 +90,14 @@ def builtin_component(name: str):
 
 def load_model(choice: str, dtype: str = "auto", attention: str = "sdpa") -> LoadedModel:
     from opensora_sdk.models import STDiT3
-    from opensora_sdk.pipeline import _cast, get_preset
-    from opensora_sdk.plan import DEFAULT_MAX_LATENT_FRAMES
+    from opensora_sdk.presets import V1_2, get_preset
 
     torch_dtype = resolve_dtype(dtype, host.torch_device())
-    max_frames = DEFAULT_MAX_LATENT_FRAMES
+    max_frames = V1_2.max_latent_frames
     if choice == BUILTIN:
         transformer, preset = builtin_component("transformer")
-        _cast(transformer, torch_dtype)
-        source, max_frames = f"built-in preset {preset!r}", get_preset(preset).max_latent_frames
+        transformer.to(torch_dtype)
+        source, max_frames = f"built-in preset {preset!r}", get_preset(preset).latent_frame_limit
     else:
         path = resolve_choice("model", choice)
         transformer = STDiT3.from_pretrained(path, dtype=torch_dtype, device=host.offload_device("unet"))
@@ -111,12 +109,11 @@ def load_model(choice: str, dtype: str = "auto", attention: str = "sdpa") -> Loa
 
 def load_vae(choice: str, dtype: str = "auto") -> LoadedVAE:
     from opensora_sdk.models import VideoAutoencoder
-    from opensora_sdk.pipeline import _cast
 
     torch_dtype = resolve_dtype(dtype, host.torch_device())
     if choice == BUILTIN:
         vae, preset = builtin_component("vae")
-        _cast(vae, torch_dtype)
+        vae.to(torch_dtype)
         source = f"built-in preset {preset!r}"
     else:
         path = resolve_choice("vae", choice)
@@ -140,63 +137,21 @@ def load_text_encoder(choice: str, dtype: str = "auto", max_length: int = 300) -
         if path.is_dir():
             encoder = T5TextEncoder.from_pretrained(path, model_max_length=max_length, dtype=torch_dtype, device="cpu")
         else:
-            encoder = _t5_from_single_file(path, torch_dtype, max_length)
+            encoder = T5TextEncoder.from_single_file(
+                path, tokenizer_search=_bundled_t5_tokenizer_folders(), model_max_length=max_length, dtype=torch_dtype
+            )
         source = str(path)
-    encoder.offload_after_encode = True
-    encoder.offload_device = host.offload_device("text_encoder")
-    return LoadedTextEncoder(encoder, source)
+    return LoadedTextEncoder(encoder, source)  # placed per use by comfy_nodes.placement
 
 
-def _t5_tokenizer_folder(path: Path) -> Path:
-    """Tokenizer files beside a single-file T5, else the T5 tokenizer ComfyUI ships."""
+def _bundled_t5_tokenizer_folders() -> list[Path]:
+    """The T5 tokenizer ComfyUI ships (comfy/text_encoders/t5_tokenizer), when running inside it."""
     import importlib.util
 
-    candidates = [path.parent]
     comfy = importlib.util.find_spec("comfy") if host.in_comfyui() else None
-    for folder in (comfy.submodule_search_locations or []) if comfy else []:
-        candidates.append(Path(folder) / "text_encoders" / "t5_tokenizer")
-    for folder in candidates:
-        if any((folder / name).is_file() for name in T5_TOKENIZER_FILES):
-            return folder
-    raise FileNotFoundError(
-        f"text_encoder {path.name!r} is a single weight file and no T5 tokenizer was found beside it "
-        f"(looked for {list(T5_TOKENIZER_FILES)} in {[str(c) for c in candidates]}); put the tokenizer files "
-        "there or use the Hugging Face folder of the encoder (config.json, weights, spiece.model)"
-    )
-
-
-def _t5_from_single_file(path: Path, dtype, max_length: int):
-    """A T5 encoder from one .safetensors file in the Hugging Face key layout (as ComfyUI's
-    t5xxl_*.safetensors files), its config read from the tensor shapes."""
-    from safetensors.torch import load_file
-    from transformers import AutoTokenizer, T5Config, T5EncoderModel
-
-    from opensora_sdk.models import T5TextEncoder
-
-    if path.suffix.lower() != ".safetensors":
-        raise ValueError(f"text_encoder {path.name!r}: single-file T5 must be .safetensors (or choose an HF folder)")
-    tensors = load_file(str(path))
-    if "shared.weight" not in tensors or "encoder.block.0.layer.1.DenseReluDense.wi_0.weight" not in tensors:
-        raise ValueError(
-            f"text_encoder {path.name!r} is not a T5 v1.1 encoder in the Hugging Face key layout "
-            "(no 'shared.weight' / gated 'wi_0' keys); Open-Sora v1.2 uses T5-XXL v1.1"
-        )
-    vocab, d_model = tensors["shared.weight"].shape
-    layers = 1 + max(int(k.split(".")[2]) for k in tensors if k.startswith("encoder.block."))
-    heads = tensors["encoder.block.0.layer.0.SelfAttention.relative_attention_bias.weight"].shape[1]
-    inner = tensors["encoder.block.0.layer.0.SelfAttention.q.weight"].shape[0]
-    d_ff = tensors["encoder.block.0.layer.1.DenseReluDense.wi_0.weight"].shape[0]
-    config = T5Config(
-        vocab_size=vocab, d_model=d_model, d_kv=inner // heads, d_ff=d_ff, num_layers=layers, num_heads=heads,
-        feed_forward_proj="gated-gelu", is_encoder_decoder=False, use_cache=False,
-    )
-    model = T5EncoderModel(config)
-    missing, unexpected = model.load_state_dict(tensors, strict=False)
-    missing = [k for k in missing if k != "encoder.embed_tokens.weight"]
-    if missing:
-        raise ValueError(f"text_encoder {path.name!r}: {len(missing)} T5 weights missing, e.g. {missing[:3]}")
-    tokenizer = AutoTokenizer.from_pretrained(str(_t5_tokenizer_folder(path)))
-    return T5TextEncoder(model.to(dtype), tokenizer, model_max_length=max_length, name=str(path))
+    if comfy is None:
+        return []
+    return [Path(folder) / "text_encoders" / "t5_tokenizer" for folder in comfy.submodule_search_locations or []]
 
 
 # --------------------------------------------------------------------------------------------

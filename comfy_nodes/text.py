@@ -7,8 +7,6 @@ ComfyUI's text-encoder device and leaves it right after encoding.
 
 from __future__ import annotations
 
-import torch
-
 from . import comfy_host as host
 from .types import CATEGORY, TEXT, TEXT_ENCODER, TextEmbeds, tip
 
@@ -22,23 +20,15 @@ def camera_choices() -> list[str]:
 
 
 def encode_texts(loaded, texts: list[str]) -> dict:
-    """{text: (y [1, 1, L, C], mask [1, L])} on the CPU; T5 is offloaded afterwards."""
-    te = loaded.encoder
-    device = host.text_encoder_device()
-    te.offload_after_encode, te.offload_device = True, host.offload_device("text_encoder")
-    if te.device != torch.device(device):
-        host.make_room(host.module_bytes(te.model), device)
-        if not te.is_offloaded:
-            te.model.to(device)
-        te.device = torch.device(device)
-    unique = list(dict.fromkeys(texts))
-    try:
-        with torch.no_grad():
-            y, mask = te.encode(unique)
-    finally:
-        te.offload()
-        host.soft_empty_cache()
-    return {t: (y[i : i + 1].cpu(), mask[i : i + 1].cpu()) for i, t in enumerate(unique)}
+    """{text: (y [1, 1, L, C], mask [1, L])} on ComfyUI's intermediate device, through the SDK's
+    `encode_texts` (T5 on ComfyUI's text-encoder device, back on its offload device after)."""
+    from opensora_sdk.generation import encode_texts as sdk_encode_texts
+
+    from .placement import placement
+
+    embeddings = sdk_encode_texts(loaded.encoder, placement(), texts)
+    out = host.intermediate_device()
+    return {t: (y.to(out), mask.to(out)) for t, (y, mask) in embeddings.items()}
 
 
 def encode_prompt(loaded, prompt: str, negative_prompt: str = "", aesthetic_score: float = 6.5,
@@ -62,7 +52,7 @@ def encode_prompt(loaded, prompt: str, negative_prompt: str = "", aesthetic_scor
         negative = process_prompt(negative_prompt, aes=None, flow=None, camera_motion=None).text
         texts.append(negative)
     embeddings = encode_texts(loaded, texts)
-    return TextEmbeds(prompt, processed.segments, embeddings, embeddings[negative] if negative else None)
+    return TextEmbeds(prompt, processed.segments, embeddings, negative)
 
 
 class OpenSoraTextEncode:

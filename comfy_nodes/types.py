@@ -53,14 +53,19 @@ class TextEmbeds:
     """The output of OpenSoraTextEncode.
 
     segments: the processed prompt's loop segments (opensora_sdk.text.PromptSegment; one for a
-    plain prompt); embeddings maps each processed text to (y [1, 1, L, C], mask [1, L]) on the
-    CPU; negative is (y, mask) of the processed negative prompt, or None.
+    plain prompt); embeddings maps each processed text (the negative prompt's too) to
+    (y [1, 1, L, C], mask [1, L]) on the CPU; negative_text is the processed negative prompt,
+    or None.
     """
 
     prompt: str
     segments: tuple
     embeddings: dict
-    negative: tuple | None = None
+    negative_text: str | None = None
+
+    @property
+    def negative(self) -> tuple | None:
+        return None if self.negative_text is None else self.embeddings[self.negative_text]
 
     def text_for_loop(self, i: int) -> str:
         from opensora_sdk.text import prompt_for_loop

@@ -7,8 +7,6 @@ the decoder's memory per frame at the cost of faint seams.
 
 from __future__ import annotations
 
-from contextlib import contextmanager
-
 import torch
 
 from . import comfy_host as host
@@ -39,26 +37,6 @@ def validate_tiling(tile_size, tile_overlap):
     except ValueError as err:
         return str(err)
     return True
-
-
-@contextmanager
-def on_device(loaded, device=None):
-    """The VAE on the compute device for the block, back on its offload device after it."""
-    vae = loaded.vae
-    device = device or host.torch_device()
-    host.make_room(host.module_bytes(vae), device)
-    vae.to(device)
-    try:
-        yield vae
-    finally:
-        vae.to(host.offload_device("vae"))
-        host.soft_empty_cache()
-
-
-def encode_pixels(vae, pixels: torch.Tensor, generator=None, tiling=None) -> torch.Tensor:
-    """pixels [1, 3, F, H, W] in [-1, 1] -> latent [1, C, T', h, w] float32 (VAE already on device)."""
-    x = pixels.to(vae.device, vae.dtype)
-    return vae.encode(x, generator=generator, tiling=tiling).float()
 
 
 def to_images(pixels: torch.Tensor) -> torch.Tensor:
@@ -102,11 +80,14 @@ class OpenSoraVAEDecode:
         return validate_tiling(tile_size, tile_overlap)
 
     def decode(self, vae, samples, tile_size, tile_overlap):
+        from opensora_sdk.generation import Models, decode_clip
+
+        from .placement import placement
+
         tiling = make_tiling(tile_size, tile_overlap)
         check_latent_for_vae(samples, vae)
         _, _, num_frames, fps = latent_geometry(samples)
-        with torch.no_grad(), on_device(vae) as model:
-            pixels = model.decode(samples["samples"].to(model.device), num_frames, tiling=tiling)
+        pixels = decode_clip(Models(None, vae.vae, vae_tiling=tiling), placement(), samples["samples"], num_frames)
         return (to_images(pixels), fps)
 
 
@@ -134,6 +115,7 @@ class OpenSoraVAEEncode:
 
     def encode(self, vae, images, fps, tile_size, tile_overlap):
         from .conditioning import frames_to_pixels
+        from .placement import placement
 
         tiling = make_tiling(tile_size, tile_overlap)
         pixels = frames_to_pixels(images)  # [3, F, H, W]
@@ -141,7 +123,7 @@ class OpenSoraVAEEncode:
         if H == 0 or W == 0:
             raise ValueError(f"images: {pixels.shape[2]}x{pixels.shape[3]} pixels is smaller than one 8x8 latent")
         pixels = pixels[:, :, :H, :W]
-        with torch.no_grad(), on_device(vae) as model:
+        with torch.no_grad(), placement().use(vae.vae, "vae") as model:
             z = model.encode(pixels[None].to(model.device, model.dtype), sample=False, tiling=tiling).float()
         latent = {"samples": z.to(host.intermediate_device()), "num_frames": pixels.shape[1], "height": H,
                   "width": W, "fps": float(fps)}

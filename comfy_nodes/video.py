@@ -18,62 +18,27 @@ import json
 import torch
 
 from . import comfy_host as host
-from .sampler import StepCounter, condition_inputs, prepare, run_loop, sampling_inputs
+from .sampler import StepCounter, condition_inputs, node_models, plan_for_latent, sampling_inputs
 from .types import CATEGORY, MODEL, TEXT, VAE, tip
-from .vae import encode_pixels, make_tiling, on_device, to_images, validate_tiling
+from .vae import make_tiling, to_images, validate_tiling
 
 FORMATS = ("mp4", "webm", "gif", "webp", "png")
-
-
-def check_loops(num_frames: int, loops: int, condition_frames: int) -> int:
-    """The frames shared by consecutive clips; ValueError naming the field otherwise."""
-    from opensora_sdk.conditioning import PIXEL_FRAMES_PER_CHUNK, condition_pixel_frames
-
-    if loops == 1:
-        return 0
-    try:
-        overlap = condition_pixel_frames(condition_frames)
-    except ValueError as err:
-        raise ValueError(f"condition_frames={condition_frames}: {err}") from None
-    if num_frames % PIXEL_FRAMES_PER_CHUNK:
-        lo = num_frames // PIXEL_FRAMES_PER_CHUNK * PIXEL_FRAMES_PER_CHUNK
-        raise ValueError(
-            f"num_frames={num_frames} with loops={loops}: each clip must be whole 17-frame VAE chunks so the carried "
-            f"frames are the previous clip's last ones; use {lo or 34} or {lo + 17} frames per clip"
-        )
-    if overlap >= num_frames:
-        raise ValueError(
-            f"condition_frames={condition_frames} ({overlap} video frames) must be shorter than the {num_frames}-frame "
-            "clip; lower condition_frames or make the clip longer"
-        )
-    return overlap
 
 
 def long_video(model, vae, text, latent, *, loops: int, condition_frames: int = 5, condition_edit: float = 0.0,
                seed: int, steps: int, cfg: float, timestep_warp: bool = True, tiling=None, conditions=None,
                align: int | None = 5):
-    """Frames [B, 3, total, H, W] in [-1, 1] (device) and fps; as `opensora generate --loop`."""
-    from opensora_sdk.conditioning import append_loop_reference
+    """Frames [B, 3, total, H, W] in [-1, 1] (host) and fps: the SDK's loops, as `opensora generate --loop`."""
+    from opensora_sdk.generation import CallProgress, iter_clips
 
-    job = prepare(model, text, latent, seed=seed, steps=steps, cfg=cfg, timestep_warp=timestep_warp,
-                  vae=vae, conditions=conditions, align=align)
-    overlap = check_loops(job.num_frames, loops, condition_frames)
-    counter = StepCounter(steps * loops)
-    parts, clip = [], None
-    with torch.no_grad():
-        for i in range(loops):
-            if i > 0:
-                with on_device(vae, job.device) as model_vae:
-                    for b in range(job.shape[0]):
-                        ref = encode_pixels(model_vae, clip[b : b + 1].clamp(-1, 1), job.gens[b])[0]
-                        job.refs[b], job.strategies[b] = append_loop_reference(
-                            job.refs[b], job.strategies[b], ref, i, condition_frames, condition_edit
-                        )
-            latents = run_loop(job, i, counter)
-            with on_device(vae, job.device) as model_vae:
-                clip = model_vae.decode(latents, job.num_frames, tiling=tiling)  # [B, 3, N, H, W]
-            parts.append(clip[:, :, overlap if i > 0 else 0 :].cpu())
-    return torch.cat(parts, dim=2), job.fps
+    from .placement import placement
+
+    plan = plan_for_latent(model, text, latent, vae=vae, seed=seed, steps=steps, cfg=cfg, timestep_warp=timestep_warp,
+                           conditions=conditions, align=align, loops=loops, condition_frames=condition_frames,
+                           condition_edit=condition_edit)
+    progress = CallProgress(steps * loops, StepCounter(steps * loops))
+    clips = iter_clips(node_models(model, vae, tiling), placement(), plan, plan.samples, text.embeddings, progress)
+    return torch.cat([part.cpu() for part in clips], dim=2), plan.fps
 
 
 class OpenSoraLongVideo:

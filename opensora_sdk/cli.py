@@ -62,7 +62,9 @@ def _seed(text: str) -> int | None:
     return value
 
 
-def _align(text: str) -> int | None:
+def _align(text: str) -> int | str | None:
+    if text in ("default", "none"):
+        return None if text == "none" else text
     if text.lower() == "none":
         return None
     try:
@@ -106,7 +108,9 @@ def _add_generation_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--loop", type=int, default=1, help="clips generated one after another, each continuing the last (default 1)")
     g.add_argument("--condition-frame-length", type=int, default=5, help="latent frames carried into the next loop (default 5)")
     g.add_argument("--condition-frame-edit", type=float, default=0.0, help="edit ratio of the carried frames (default 0)")
-    g.add_argument("--align", type=_align, default=5, help="snap mask-strategy starts to multiples of this (default 5; 'none')")
+    g.add_argument("--align", type=_align, default="default",
+                   help="snap mask-strategy starts to multiples of this many latent frames ('none': exact; default: the "
+                        "model family's, 5 for v1.2)")
 
     g = p.add_argument_group("models and memory")
     g.add_argument("--preset", default=None,
@@ -152,7 +156,7 @@ def _one_or_list(values):
 
 def _preset_name(args) -> str:
     """--preset, else v1.2 when a model path is given (it fills the other components), else the built-in model."""
-    from opensora_sdk.pipeline import BUILTIN_PRESET
+    from opensora_sdk.presets import BUILTIN_PRESET
 
     if args.preset:
         return args.preset
@@ -160,28 +164,28 @@ def _preset_name(args) -> str:
 
 
 def _plan_kwargs(args) -> dict:
-    from opensora_sdk.pipeline import generation_defaults, get_preset
+    """Every argument of `plan_generation`: the options, with the preset's defaults filled in."""
+    from opensora_sdk.presets import get_preset, resolve_defaults
 
+    preset = get_preset(_preset_name(args))
     height, width = args.image_size or (None, None)
-    sized = generation_defaults(
-        get_preset(_preset_name(args)).defaults, resolution=args.resolution, aspect_ratio=args.aspect_ratio,
+    sized = resolve_defaults(
+        preset.defaults, preset.family, resolution=args.resolution, aspect_ratio=args.aspect_ratio,
         height=height, width=width, num_frames=args.num_frames, fps=args.fps, num_steps=args.num_sampling_steps,
-        guidance_scale=args.cfg_scale,
+        guidance_scale=args.cfg_scale, **({} if args.align == "default" else {"align": args.align}),
     )
     return dict(
-        negative_prompt=args.negative_prompt,
         **sized,
-        aesthetic_score=args.aes,
-        motion_score=args.flow,
-        camera_motion=args.camera_motion,
+        timestep_warp=True,
+        conditions=(),
         reference_path=_one_or_list(args.reference_path),
         mask_strategy=_one_or_list(args.mask_strategy),
         seed=args.seed,
         loop=args.loop,
         condition_frame_length=args.condition_frame_length,
         condition_frame_edit=args.condition_frame_edit,
-        align=args.align,
         batch_size=args.batch_size,
+        family=preset.family,
     )
 
 
@@ -189,7 +193,7 @@ def _device_and_dtype(args):
     import torch
 
     from opensora_sdk.models.text_encoder import resolve_dtype
-    from opensora_sdk.pipeline import default_device, default_dtype
+    from opensora_sdk.placement import default_device, default_dtype
 
     device = default_device() if args.device == "auto" else torch.device(args.device)
     dtype = default_dtype(device) if args.dtype == "auto" else resolve_dtype(args.dtype)
@@ -197,8 +201,9 @@ def _device_and_dtype(args):
 
 
 def _configs_and_plan(args):
-    from opensora_sdk.pipeline import get_preset, model_configs
-    from opensora_sdk.plan import plan_generation
+    """The architectures (from configs, no weights) and the one plan of this command."""
+    from opensora_sdk.plan import plan_generation, plan_prompts
+    from opensora_sdk.presets import get_preset, model_configs
 
     if args.preset and (args.model or args.vae or args.text_encoder):
         p = get_preset(args.preset)
@@ -208,7 +213,9 @@ def _configs_and_plan(args):
                 "--text-encoder (leave --preset out to load those)"
             )
     configs = model_configs(_preset_name(args), model=args.model, vae=args.vae, text_encoder=args.text_encoder)
-    plan = plan_generation(configs.facts, _read_prompts(args), **_plan_kwargs(args))
+    prompts = plan_prompts(_read_prompts(args), negative_prompt=args.negative_prompt, aesthetic_score=args.aes,
+                           motion_score=args.flow, camera_motion=args.camera_motion)
+    plan = plan_generation(configs.facts, prompts, **_plan_kwargs(args))
     return configs, plan
 
 
@@ -226,7 +233,8 @@ def output_paths(plan, save_dir: str | os.PathLike, sample_name: str | None, sta
 
 def _load_pipeline(args, device, dtype, sp_group=None):
     from opensora_sdk.models.vae_tiling import SpatialTiling
-    from opensora_sdk.pipeline import OpenSoraPipeline, get_preset
+    from opensora_sdk.pipeline import OpenSoraPipeline
+    from opensora_sdk.presets import get_preset
 
     kwargs = dict(
         device=device, dtype=dtype, offload=None if args.offload == "none" else args.offload,
@@ -239,11 +247,22 @@ def _load_pipeline(args, device, dtype, sp_group=None):
         return OpenSoraPipeline.from_preset(name, **kwargs)
     return OpenSoraPipeline.from_pretrained(
         args.model or preset.transformer, args.vae or preset.vae, args.text_encoder or preset.text_encoder,
-        defaults=preset.defaults, max_latent_frames=preset.max_latent_frames, **kwargs,
+        defaults=preset.defaults, max_latent_frames=preset.latent_frame_limit, family=preset.family, **kwargs,
     )
 
 
+def _check_models_fit(configs, pipe) -> None:
+    """The plan was made from configs; the loaded models must have the geometry it assumed."""
+    if pipe.facts != configs.facts:
+        raise ValueError(
+            f"the loaded models do not match the architecture the options were checked against ({pipe.facts} "
+            f"loaded, {configs.facts} planned); give model folders with their config.json"
+        )
+
+
 def cmd_generate(args: argparse.Namespace) -> int:
+    from contextlib import nullcontext
+
     from opensora_sdk.video_io import check_writable
 
     device, dtype = _device_and_dtype(args)
@@ -255,12 +274,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         proc = distributed.init_from_env(backend="gloo" if device.type == "cpu" else None)
         device = proc.device if device.type == proc.device.type else device
     is_main = proc is None or proc.is_main
-    _, plan = _configs_and_plan(args)
-    if proc is not None and args.seed is None:  # --seed random: every rank takes rank 0's draw
-        import torch
-
-        args.seed = int(distributed.broadcast(torch.tensor([plan.seeds[0]]), proc.group))
-        _, plan = _configs_and_plan(args)
+    configs, plan = _configs_and_plan(args)
     paths = output_paths(plan, args.save_dir, args.sample_name, args.start_index)
     if is_main:
         try:
@@ -275,22 +289,21 @@ def cmd_generate(args: argparse.Namespace) -> int:
     pipe = _load_pipeline(args, device, dtype, sp_group=None if proc is None else proc.group)
     if proc is not None:
         pipe.transformer.set_sequence_parallel_group(proc.group, args.sp_mode)
-    kwargs = {**_plan_kwargs(args), "seed": plan.seeds[0]}
-    with warnings.catch_warnings():  # the same plan again, with the loaded models: warned already
-        warnings.simplefilter("ignore")
-        plan = pipe.plan(_read_prompts(args), **kwargs)
-    if is_main:
-        print(f"generating {plan.num_samples} video(s): {plan.height}x{plan.width}, {plan.total_frames} frames, "
-              f"seeds {plan.seeds}" + (f", {proc.world_size} processes" if proc else ""), file=sys.stderr)
-    videos = pipe.generate(plan, progress=not args.no_progress and is_main)
+    _check_models_fit(configs, pipe)
+    together = nullcontext() if proc is None else distributed.fail_together(proc.group)
+    with together:  # a failure on any rank (a write error on rank 0 too) ends every rank
+        plan = pipe.agree(plan)  # rank 0's seeds when --seed random
+        if is_main:
+            print(f"generating {plan.num_samples} video(s): {plan.height}x{plan.width}, {plan.total_frames} frames, "
+                  f"seeds {plan.seeds}" + (f", {proc.world_size} processes" if proc else ""), file=sys.stderr)
+        videos = pipe.generate(plan, progress=not args.no_progress and is_main)
+        if is_main:
+            for video, path in zip(videos, paths):
+                if args.save_fps is not None:
+                    video.fps = float(args.save_fps)
+                print(video.save(path))
     if proc is not None:
         distributed.shutdown()
-    if not is_main:
-        return 0
-    for video, path in zip(videos, paths):
-        if args.save_fps is not None:
-            video.fps = float(args.save_fps)
-        print(video.save(path))
     return 0
 
 

@@ -21,7 +21,6 @@ from dataclasses import dataclass
 from typing import Callable, NamedTuple, Sequence, Union
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 MASK_DEFAULT = ("0", "0", "0", "0", "1", "0")
@@ -239,11 +238,15 @@ class VideoCondition:
 Condition = Union[ImageCondition, VideoCondition]
 
 
-def conditions_to_strategy(conditions: Sequence[Condition], ref_latent_frames: Sequence[int] | None = None) -> str:
-    """The mask-strategy string for typed conditions; condition k uses reference k.
+def conditions_to_groups(
+    conditions: Sequence[Condition], ref_latent_frames: Sequence[int] | None = None
+) -> list[MaskGroup]:
+    """The mask-strategy groups of typed conditions; condition k uses reference k.
 
     ref_latent_frames: the latent length of each reference; needed only to resolve a
     `VideoCondition.length` of None (to the frames from `ref_start` to the reference's end).
+    Without it such a length stays None (enough for planning checks, which read loop, ref_id
+    and target_start only).
     """
     groups = []
     for k, c in enumerate(conditions):
@@ -251,46 +254,25 @@ def conditions_to_strategy(conditions: Sequence[Condition], ref_latent_frames: S
             groups.append(MaskGroup(c.loop, k, 0, c.frame, 1, float(c.edit_ratio)))
         elif isinstance(c, VideoCondition):
             length = c.length
-            if length is None:
-                if ref_latent_frames is None:
-                    raise ValueError(f"conditions[{k}]: length=None needs ref_latent_frames to resolve it")
+            if length is None and ref_latent_frames is not None:
                 t_ref = ref_latent_frames[k]
                 start = _resolve_start(c.ref_start, t_ref, f"conditions[{k}]", "ref_start", f"reference {k}")
                 length = t_ref - start
             groups.append(MaskGroup(c.loop, k, c.ref_start, c.target_start, length, float(c.edit_ratio)))
         else:
             raise TypeError(f"conditions[{k}] is {type(c).__name__}; expected ImageCondition or VideoCondition")
+    return groups
+
+
+def conditions_to_strategy(conditions: Sequence[Condition], ref_latent_frames: Sequence[int] | None = None) -> str:
+    """The mask-strategy string of typed conditions (see `conditions_to_groups`)."""
+    groups = conditions_to_groups(conditions, ref_latent_frames)
+    for k, g in enumerate(groups):
+        if g.length is None:
+            raise ValueError(f"conditions[{k}]: length=None needs ref_latent_frames to resolve it")
     text = format_mask_strategy(groups)
     parse_mask_strategy(text)  # same validation as a user-written string
     return text
-
-
-def _resize_crop_pil(image, height: int, width: int):
-    """Resize to cover (height, width) with PIL bicubic, then centre-crop (official `resize_crop`)."""
-    from PIL import Image
-
-    w, h = image.size
-    rh, rw = height / h, width / w
-    if rh > rw:
-        sh, sw = height, round(w * rh)
-        i, j = 0, int(round((sw - width) / 2.0))
-    else:
-        sh, sw = round(h * rw), width
-        i, j = int(round((sh - height) / 2.0)), 0
-    image = image.resize((sw, sh), Image.BICUBIC)
-    return image.crop((j, i, j + width, i + height))
-
-
-def _resize_crop_tensor(x: Tensor, height: int, width: int, mode: str) -> Tensor:
-    """[3, F, H, W] -> [3, F, height, width]: resize to cover, then centre-crop."""
-    h, w = x.shape[-2:]
-    if (h, w) == (height, width):
-        return x
-    rh, rw = height / h, width / w
-    sh, sw = (height, round(w * rh)) if rh > rw else (round(h * rw), width)
-    y = F.interpolate(x.transpose(0, 1).float(), size=(sh, sw), mode=mode, align_corners=False, antialias=True)
-    i, j = int(round((sh - height) / 2.0)), int(round((sw - width) / 2.0))
-    return y[..., i : i + height, j : j + width].transpose(0, 1)
 
 
 def _check_pixels(x: Tensor, what: str) -> Tensor:
@@ -302,41 +284,51 @@ def _check_pixels(x: Tensor, what: str) -> Tensor:
     return x
 
 
+def _uint8_frames(x: Tensor):
+    """pixels [3, F, H, W] in [-1, 1] -> uint8 frames [F, H, W, 3] (numpy), as a file holds them."""
+    u8 = ((x.detach().float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+    return u8.permute(1, 2, 3, 0).cpu().numpy()
+
+
 def condition_pixels(
     condition: Condition, height: int, width: int, read_video: Callable[[PathLike], Tensor] | None = None
 ) -> Tensor:
     """The condition's pixels as [3, F, height, width] float32 in [-1, 1] (F = 1 for images).
 
-    PIL images and image paths follow the official path (bicubic resize-to-cover, centre
-    crop); tensors of another size are resized to cover with bicubic (images) or bilinear
-    (videos) interpolation and centre-cropped.
+    Every route goes through the one official resize-to-cover + centre crop
+    (`opensora_sdk.video_io.resize_crop`): images with PIL bicubic, videos with bilinear
+    interpolation. A tensor that needs resizing is taken as 8-bit pixels (quantised to the
+    256 levels a file holds, as PIL needs), so a clip passed as a tensor and the same clip
+    passed as a file give the same pixels; a tensor already at (height, width) is used as it
+    is (the official resize is the identity there). `read_video(path)` reads a video path as
+    pixels [3, F, H, W] in [-1, 1] (e.g. `video_io.read_video_pixels`).
     """
+    from opensora_sdk.video_io import load_reference, resize_crop
+
     if isinstance(condition, ImageCondition):
         img = condition.image
-        if isinstance(img, Tensor):
-            x = img.unsqueeze(1) if img.dim() == 3 else img
-            if x.dim() != 4 or x.shape[1] != 1:
-                raise ValueError(
-                    f"ImageCondition.image: expected [3, H, W] or [3, 1, H, W], got {tuple(img.shape)}"
-                )
-            x = _check_pixels(x, "ImageCondition.image").float()
-            return _resize_crop_tensor(x, height, width, "bicubic").clamp(-1, 1)
-        from PIL import Image
-
-        if isinstance(img, (str, os.PathLike)):
-            img = Image.open(img)
-        import numpy as np
-
-        arr = np.array(_resize_crop_pil(img.convert("RGB"), height, width))  # [H, W, 3] uint8
-        x = torch.from_numpy(arr).permute(2, 0, 1).float() / 255.0  # [3, H, W] in [0, 1]
-        return ((x - 0.5) / 0.5).unsqueeze(1)
+        if not isinstance(img, Tensor):  # a path or a PIL image: the official image path
+            x = load_reference(img, height, width)
+            if x.shape[1] != 1:
+                raise ValueError(f"ImageCondition.image={img!r} is a video; use VideoCondition for videos")
+            return x
+        x = img.unsqueeze(1) if img.dim() == 3 else img
+        if x.dim() != 4 or x.shape[1] != 1:
+            raise ValueError(f"ImageCondition.image: expected [3, H, W] or [3, 1, H, W], got {tuple(img.shape)}")
+        x = _check_pixels(x, "ImageCondition.image").float()
+        if tuple(x.shape[-2:]) == (height, width):
+            return x
+        return resize_crop(_uint8_frames(x)[0], height, width, mode="bicubic")
     if isinstance(condition, VideoCondition):
         video = condition.video
         if not isinstance(video, Tensor):
             if read_video is None:
                 raise ValueError(f"VideoCondition.video is a path ({video!r}); pass read_video to load it")
             video = read_video(video)
-        return _resize_crop_tensor(_check_pixels(video, "VideoCondition.video").float(), height, width, "bilinear")
+        x = _check_pixels(video, "VideoCondition.video").float()
+        if tuple(x.shape[-2:]) == (height, width):
+            return x
+        return resize_crop(_uint8_frames(x), height, width, mode="bilinear")
     raise TypeError(f"expected ImageCondition or VideoCondition, got {type(condition).__name__}")
 
 
@@ -442,6 +434,7 @@ __all__ = [
     "concat_loop_videos",
     "condition_pixel_frames",
     "condition_pixels",
+    "conditions_to_groups",
     "conditions_to_strategy",
     "encode_conditions",
     "find_nearest_point",

@@ -1,39 +1,86 @@
-"""Running a `GenerationPlan`: batches, loops, references, sampling and decoding.
+"""The one generation orchestration: models + a placement + a resolved plan -> latents, videos.
 
-    encode every prompt text of the call (T5 once, then it leaves the device)
-    for each batch of samples:
-        references -> VAE latents (per sample, its own generator)
-        for loop i:
-            i > 0: the previous clip, decoded, is re-encoded and appended as a reference with
-                   the group "i,<ref>,-c,0,c,<edit>" (its last c latents start this clip)
-            z = noise per sample -> apply_mask_strategy(z, refs, strategies, i, align)
-            z = sample(STDiT3, z, warped timesteps, CFG) -> clip = VAE.decode(z)
-            keep the clip's frames (after the first loop without its first c/5*17 frames)
+Every front end (the pipeline and so the CLI and the app, the ComfyUI nodes including the
+long-video node, the headless workflow runner) runs generation through these functions;
+none re-implements a step. Each step of generation is exactly one function here:
 
-The previous clip is clamped to [-1, 1] before it is re-encoded (the pixels the video shows;
-the official loop re-encodes the unclamped decoder output). A frame mask that is all ones
-(nothing conditioned) is not passed to the sampler: the official loop takes the mask path
-anyway, but there it changes nothing but one unused noise draw per step.
+    encode_texts        T5 once for every text of the call, then it leaves the device
+    start_batch         one generator per sample (seed + k); references -> VAE latents
+    sample_clip         noise -> mask strategy -> the family's sampler with STDiT3 (CFG)
+    decode_clip         latents -> pixels (chunked, optionally tiled, split over SP ranks)
+    carry_over          loop i > 0: the previous clip re-encoded as the next loop's reference
+    iter_clips          the loops of one batch, each clip's new frames as they are decoded
+    generate            a whole plan -> one `Video` per sample
+
+What differs between model families is data: the plan names its family (scheduler and
+sampling loop, `opensora_sdk.presets.ModelFamily`), the latent geometry comes from the loaded
+VAE, and where each model computes is the `Placement`'s business (`opensora_sdk.placement`).
+
+Randomness: sample k of a plan has its own `torch.Generator` on the compute device seeded with
+its seed, used for its reference encodings, then per loop for its starting noise and its
+re-noising draws, so a sample does not depend on its batch or its front end.
+
+Loops: clip i > 0 starts from the last `condition_frame_length` latent frames of clip i - 1,
+decoded, clamped to [-1, 1] (the pixels the video shows; the official loop re-encodes the
+unclamped decoder output) and re-encoded, with the group "i,<ref>,-c,0,c,<edit>". A frame mask
+that is all ones (nothing conditioned) is not passed to the sampler: the official loop takes
+the mask path anyway, but there it changes nothing but one unused noise draw per step.
 """
 
 from __future__ import annotations
 
 import json
-from typing import Callable
+from dataclasses import dataclass
+from typing import Callable, Iterator, Sequence
 
 import numpy as np
 import torch
 
 from opensora_sdk.conditioning import append_loop_reference, apply_mask_strategy, encode_conditions
+from opensora_sdk.placement import Placement
 from opensora_sdk.plan import GenerationPlan, SamplePlan
-from opensora_sdk.sampling import SamplingInterrupted, sample
+from opensora_sdk.presets import FAMILIES
+from opensora_sdk.sampling import SamplingInterrupted
 from opensora_sdk.video import Video
 
+Embeddings = dict  # {processed text: (y [1, 1, L, C], mask [1, L])}
 
-class _Steps:
-    """Counts steps over the whole call, drives the progress bar and the user's callback."""
 
-    def __init__(self, total: int, callback: Callable | None, progress: bool):
+@dataclass
+class Models:
+    """The models of a generation and how they run.
+
+    text_encoder may be None for front ends that encoded the text elsewhere (ComfyUI);
+    vae_tiling (a `SpatialTiling`) bounds the VAE's working set; sp_group shards STDiT3 and
+    splits the VAE decode over the processes of a torch.distributed group.
+    """
+
+    transformer: torch.nn.Module
+    vae: torch.nn.Module | None
+    text_encoder: object | None = None
+    vae_tiling: object | None = None
+    sp_group: object | None = None
+
+
+@dataclass
+class BatchState:
+    """The per-sample state of one batch across its loops."""
+
+    generators: list[torch.Generator]
+    references: list[list[torch.Tensor]]  # per sample: latents [C, T_ref, h, w] on the device
+    strategies: list[str]  # per sample: mask-strategy string
+
+
+# --------------------------------------------------------------------------------------------
+# Progress over a whole call
+# --------------------------------------------------------------------------------------------
+
+
+class CallProgress:
+    """Counts sampling steps over a whole call (all batches and loops), drives a tqdm bar and
+    the caller's callback(step, total, latent, denoised) with call-wide step numbers."""
+
+    def __init__(self, total: int, callback: Callable | None = None, progress: bool = False):
         from tqdm.auto import tqdm
 
         self.total, self.done, self.user = total, 0, callback
@@ -54,20 +101,198 @@ class _Steps:
         self.bar.close()
 
 
-def run_plan(pipe, plan: GenerationPlan, *, callback: Callable | None = None, progress: bool = True) -> list[Video]:
-    """Generate every sample of `plan` with the models of `pipe` (an `OpenSoraPipeline`)."""
-    texts = [t for s in plan.samples for t in s.loop_prompts]
-    if plan.negative_prompt is not None:
-        texts.append(plan.negative_prompt)
-    steps = _Steps(len(plan.batches()) * plan.loop * plan.num_steps, callback, progress)
+# --------------------------------------------------------------------------------------------
+# The steps
+# --------------------------------------------------------------------------------------------
+
+
+def encode_texts(text_encoder, placement: Placement, texts: Sequence[str]) -> Embeddings:
+    """{text: (y [1, 1, L, C], mask [1, L])} on the compute device, each distinct text once;
+    T5 leaves the device afterwards, also when encoding fails."""
+    unique = list(dict.fromkeys(texts))
+    with torch.no_grad(), placement.use(text_encoder, "text_encoder") as te:
+        y, mask = te.encode(unique)
+    return {t: (y[i : i + 1], mask[i : i + 1]) for i, t in enumerate(unique)}
+
+
+def null_caption(transformer, batch: int, device) -> torch.Tensor:
+    """The model's null caption [batch, 1, L, C] (the official unconditional rows)."""
+    table = transformer.y_embedder.y_embedding
+    return table.to(device)[None, None].expand(batch, 1, *table.shape)
+
+
+def guided_model(transformer, batch: int, uncond_mask: torch.Tensor | None):
+    """STDiT3 as the sampler's model_fn; a negative prompt's mask `uncond_mask` masks the
+    unconditional half instead of the prompt's mask."""
+
+    def fn(x, t, *, y, mask, x_mask=None, **kwargs):
+        if uncond_mask is not None and x.shape[0] == 2 * batch:
+            mask = torch.cat([mask[:batch], uncond_mask], 0)
+        return transformer(x, t, y=y, mask=mask, x_mask=x_mask, **kwargs)
+
+    return fn
+
+
+def _vae_encode(vae, pixels: torch.Tensor, generator, tiling) -> torch.Tensor:
+    """pixels [1, 3, F, H, W] in [-1, 1] -> latent [1, C, T', h, w] float32 (sampled posterior)."""
+    return vae.encode(pixels.to(vae.device, vae.dtype), generator=generator, tiling=tiling).float()
+
+
+def start_batch(models: Models, placement: Placement, plan: GenerationPlan, batch: Sequence[SamplePlan]) -> BatchState:
+    """One generator per sample; its references encoded by the VAE (typed conditions or the
+    official string form, both through the one official resize-crop)."""
+    from opensora_sdk.video_io import load_reference, read_video_pixels
+
+    H, W = plan.height, plan.width
+    gens = [torch.Generator(placement.device).manual_seed(s.seed) for s in batch]
+    refs: list[list[torch.Tensor]] = [[] for _ in batch]
+    strategies = [s.mask_strategy for s in batch]
+    if not any(s.conditions or s.references for s in batch):
+        return BatchState(gens, refs, strategies)
+    if models.vae is None:
+        raise ValueError("conditions are given but no VAE: connect the VAE that encodes the references")
+    with torch.no_grad(), placement.use(models.vae, "vae") as vae:
+        for b, (s, g) in enumerate(zip(batch, gens)):
+            encode = lambda px, g=g: _vae_encode(vae, px, g, models.vae_tiling)  # noqa: E731
+            if s.conditions:
+                refs[b], strategies[b] = encode_conditions(s.conditions, encode, height=H, width=W,
+                                                           read_video=read_video_pixels)
+            else:
+                refs[b] = [encode(load_reference(src, H, W)[None])[0] for src in s.references]
+    return BatchState(gens, refs, strategies)
+
+
+def sample_clip(
+    models: Models,
+    placement: Placement,
+    plan: GenerationPlan,
+    batch: Sequence[SamplePlan],
+    state: BatchState,
+    embeddings: Embeddings,
+    loop_i: int = 0,
+    callback: Callable | None = None,
+) -> torch.Tensor:
+    """Sample loop `loop_i` of a batch -> latents [B, C, T', h, w] float32 on the device."""
+    device, B = placement.device, len(batch)
+    C, (T, h, w) = plan.latent_channels, plan.latent_size
+    H, W, N = plan.height, plan.width, plan.num_frames
+    transformer = models.transformer
+
+    def randn(shape, g):
+        return torch.randn(shape, generator=g, device=device, dtype=torch.float32)
+
+    def renoise(step: int, like: torch.Tensor) -> torch.Tensor:
+        return torch.cat([randn(like[b : b + 1].shape, g) for b, g in enumerate(state.generators)])
+
+    z = torch.cat([randn((1, C, T, h, w), g) for g in state.generators])  # [B, C, T', h, w]
+    z, mask = apply_mask_strategy(z, state.references, state.strategies, loop_i=loop_i, align=plan.align)
+    frame_mask = None if bool((mask == 1).all()) else mask
+
+    y = torch.cat([embeddings[s.loop_prompts[loop_i]][0] for s in batch]).to(device)  # [B, 1, L, C]
+    y_mask = torch.cat([embeddings[s.loop_prompts[loop_i]][1] for s in batch]).to(device)  # [B, L]
+    null = uncond_mask = None
+    if plan.guidance_scale != 1:
+        if plan.negative_prompt is not None:
+            y_neg, m_neg = embeddings[plan.negative_prompt]
+            null, uncond_mask = y_neg.to(device).expand(B, -1, -1, -1), m_neg.to(device).expand(B, -1)
+        else:
+            null = null_caption(transformer, B, device)
+        null = null.to(y.dtype)
+    scheduler = plan.scheduler
+    timesteps = scheduler.timesteps(B, height=H, width=W, num_frames=N, device=device)
+    model_kwargs = {
+        "fps": torch.full((B,), float(plan.model_fps), device=device),
+        "height": torch.full((B,), float(H), device=device),
+        "width": torch.full((B,), float(W), device=device),
+    }
+    sample = FAMILIES[plan.family].sample
+    with torch.no_grad(), placement.use(transformer, "transformer"):
+        return sample(
+            guided_model(transformer, B, uncond_mask), z, timesteps, y=y, y_null=null, y_mask=y_mask,
+            guidance_scale=plan.guidance_scale, frame_mask=frame_mask, model_kwargs=model_kwargs,
+            num_timesteps=scheduler.num_timesteps, noise_sampler=renoise, callback=callback,
+        )
+
+
+def decode_clip(models: Models, placement: Placement, latents: torch.Tensor, num_frames: int) -> torch.Tensor:
+    """latents [B, C, T', h, w] -> pixels [B, 3, num_frames, H, W] (about [-1, 1], the VAE's dtype)."""
+    with torch.no_grad(), placement.use(models.vae, "vae") as vae:
+        if models.sp_group is not None:  # temporal chunks spread over the ranks, then gathered
+            from opensora_sdk.models.vae_parallel import vae_decode_split
+
+            return vae_decode_split(vae, latents, num_frames, models.sp_group, tiling=models.vae_tiling)
+        return vae.decode(latents, num_frames, tiling=models.vae_tiling)
+
+
+def carry_over(
+    models: Models, placement: Placement, plan: GenerationPlan, state: BatchState, clip: torch.Tensor, loop_i: int
+) -> None:
+    """Before loop `loop_i` > 0: the previous clip [B, 3, N, H, W], clamped and re-encoded,
+    becomes each sample's newest reference, its last latents the start of this loop."""
+    with torch.no_grad(), placement.use(models.vae, "vae") as vae:
+        for b, g in enumerate(state.generators):
+            latent = _vae_encode(vae, clip[b : b + 1].clamp(-1, 1), g, models.vae_tiling)[0]  # [C, T', h, w]
+            state.references[b], state.strategies[b] = append_loop_reference(
+                state.references[b], state.strategies[b], latent, loop_i, plan.condition_frame_length,
+                plan.condition_frame_edit,
+            )
+
+
+def iter_clips(
+    models: Models,
+    placement: Placement,
+    plan: GenerationPlan,
+    batch: Sequence[SamplePlan],
+    embeddings: Embeddings,
+    callback: Callable | None = None,
+) -> Iterator[torch.Tensor]:
+    """Every loop of one batch: yields the new pixels of each clip [B, 3, n, H, W] (the first
+    clip whole, later ones without the frames they share with the previous clip)."""
+    state = start_batch(models, placement, plan, batch)
+    clip = None
+    for i in range(plan.loop):
+        if i > 0:
+            carry_over(models, placement, plan, state, clip, i)
+        latents = sample_clip(models, placement, plan, batch, state, embeddings, i, callback)
+        clip = decode_clip(models, placement, latents, plan.num_frames)
+        yield clip[:, :, plan.overlap_frames if i > 0 else 0 :]
+
+
+def generate(
+    models: Models,
+    placement: Placement,
+    plan: GenerationPlan,
+    *,
+    embeddings: Embeddings | None = None,
+    callback: Callable | None = None,
+    progress: bool = False,
+) -> list[Video]:
+    """Generate every sample of `plan`: one `Video` per sample, in order.
+
+    `embeddings` (from `encode_texts`) may be given; otherwise every text of the plan is
+    encoded with `models.text_encoder` first. `callback(step, total, latent, denoised)` is
+    called after every sampling step, counted over the whole call; returning False stops
+    with `SamplingInterrupted` before anything is decoded further.
+    """
+    if embeddings is None:
+        texts = [t for s in plan.samples for t in s.loop_prompts]
+        if plan.negative_prompt is not None:
+            texts.append(plan.negative_prompt)
+        embeddings = encode_texts(models.text_encoder, placement, texts)
+    steps = CallProgress(len(plan.batches()) * plan.loop * plan.num_steps, callback, progress)
     videos: list[Video] = []
     try:
-        with torch.no_grad():
-            embeddings = pipe.encode_texts(texts)
-            for batch in plan.batches():
-                videos += _run_batch(pipe, plan, batch, embeddings, steps)
+        for batch in plan.batches():
+            frames: list[list[np.ndarray]] = [[] for _ in batch]
+            for part in iter_clips(models, placement, plan, batch, embeddings, steps):
+                for b in range(len(batch)):
+                    frames[b].append(Video.from_tensor(part[b]).frames)  # uint8 on the host, per loop
+            videos += [
+                Video(np.concatenate(f) if len(f) > 1 else f[0], plan.fps, video_metadata(plan, s))
+                for s, f in zip(batch, frames)
+            ]
     except SamplingInterrupted as stop:
-        if stop.step != steps.done - 1:  # raised inside sample(): report the call-wide step
+        if stop.step != steps.done - 1:  # raised inside the sampler: report the call-wide step
             raise SamplingInterrupted(steps.done - 1, stop.latent) from stop
         raise
     finally:
@@ -75,94 +300,8 @@ def run_plan(pipe, plan: GenerationPlan, *, callback: Callable | None = None, pr
     return videos
 
 
-def _run_batch(pipe, plan: GenerationPlan, batch: list[SamplePlan], embeddings, steps: _Steps) -> list[Video]:
-    device, B = pipe.device, len(batch)
-    C, (T, h, w) = plan.latent_channels, plan.latent_size
-    H, W, N = plan.height, plan.width, plan.num_frames
-    gens = [torch.Generator(device).manual_seed(s.seed) for s in batch]
-    refs, strategies = zip(*[_references(pipe, plan, s, g) for s, g in zip(batch, gens)]) if B else ((), ())
-    refs, strategies = list(refs), list(strategies)
-
-    uncond_mask = y_null = None
-    if plan.negative_prompt is not None:
-        y_neg, uncond_mask = embeddings[plan.negative_prompt]
-        y_null, uncond_mask = y_neg.expand(B, -1, -1, -1), uncond_mask.expand(B, -1)
-    model_fn = pipe.transformer_fn(B, uncond_mask)
-    scheduler = _with_steps(pipe.scheduler, plan.num_steps)
-    model_kwargs = {
-        "fps": torch.full((B,), float(plan.model_fps), device=device),
-        "height": torch.full((B,), float(H), device=device),
-        "width": torch.full((B,), float(W), device=device),
-    }
-
-    def renoise(step: int, like: torch.Tensor) -> torch.Tensor:
-        return torch.cat([_randn(like[b : b + 1].shape, g, like) for b, g in enumerate(gens)])
-
-    frames: list[list[np.ndarray]] = [[] for _ in batch]
-    clip = None
-    for i in range(plan.loop):
-        if i > 0:
-            for b in range(B):
-                latent = pipe.vae_encode(clip[b : b + 1].clamp(-1, 1), gens[b])[0]  # [C, T', h, w]
-                refs[b], strategies[b] = append_loop_reference(
-                    refs[b], strategies[b], latent, i, plan.condition_frame_length, plan.condition_frame_edit
-                )
-        like = torch.empty(0, device=device)
-        z = torch.cat([_randn((1, C, T, h, w), g, like) for g in gens])  # [B, C, T', h, w]
-        z, mask = apply_mask_strategy(z, refs, strategies, loop_i=i, align=plan.align)
-        frame_mask = None if bool((mask == 1).all()) else mask
-
-        y = torch.cat([embeddings[s.loop_prompts[i]][0] for s in batch])  # [B, 1, L, C]
-        y_mask = torch.cat([embeddings[s.loop_prompts[i]][1] for s in batch])  # [B, L]
-        cfg = plan.guidance_scale != 1
-        null = None
-        if cfg:
-            null = y_null if y_null is not None else pipe.null_embedding(B)
-            null = null.to(y.dtype)
-        timesteps = scheduler.timesteps(B, height=H, width=W, num_frames=N, device=device)
-        with pipe.on_device(pipe.transformer):
-            latents = sample(
-                model_fn, z, timesteps, y=y, y_null=null, y_mask=y_mask, guidance_scale=plan.guidance_scale,
-                frame_mask=frame_mask, model_kwargs=model_kwargs, num_timesteps=scheduler.num_timesteps,
-                noise_sampler=renoise, callback=steps,
-            )
-        clip = pipe.vae_decode(latents, N)  # [B, 3, N, H, W]
-        skip = plan.overlap_frames if i > 0 else 0
-        for b in range(B):
-            frames[b].append(Video.from_tensor(clip[b, :, skip:]).frames)
-    return [
-        Video(np.concatenate(f) if len(f) > 1 else f[0], plan.fps, _metadata(plan, s))
-        for s, f in zip(batch, frames)
-    ]
-
-
-def _randn(shape, generator: torch.Generator, like: torch.Tensor) -> torch.Tensor:
-    return torch.randn(shape, generator=generator, device=like.device, dtype=torch.float32)
-
-
-def _with_steps(scheduler, num_steps: int):
-    import dataclasses
-
-    if scheduler.num_sampling_steps == num_steps:
-        return scheduler
-    return dataclasses.replace(scheduler, num_sampling_steps=num_steps)
-
-
-def _references(pipe, plan: GenerationPlan, s: SamplePlan, gen: torch.Generator) -> tuple[list, str]:
-    """Reference latents [C, T_ref, h, w] of one sample and its mask strategy."""
-    from opensora_sdk.video_io import load_reference
-
-    H, W = plan.height, plan.width
-    if s.conditions:
-        return encode_conditions(
-            s.conditions, lambda px: pipe.vae_encode(px, gen), height=H, width=W,
-            read_video=lambda path: load_reference(path, H, W),
-        )
-    refs = [pipe.vae_encode(load_reference(src, H, W)[None], gen)[0] for src in s.references]
-    return refs, s.mask_strategy
-
-
-def _metadata(plan: GenerationPlan, s: SamplePlan) -> dict[str, str]:
+def video_metadata(plan: GenerationPlan, s: SamplePlan) -> dict[str, str]:
+    """What a saved video records about how it was made (title, seed, every setting)."""
     from opensora_sdk import __version__
 
     params = {
@@ -183,4 +322,18 @@ def _metadata(plan: GenerationPlan, s: SamplePlan) -> dict[str, str]:
     return {"title": s.prompt, "seed": str(s.seed), "opensora": json.dumps(params, ensure_ascii=False)}
 
 
-__all__ = ["run_plan"]
+__all__ = [
+    "BatchState",
+    "CallProgress",
+    "Models",
+    "carry_over",
+    "decode_clip",
+    "encode_texts",
+    "generate",
+    "guided_model",
+    "iter_clips",
+    "null_caption",
+    "sample_clip",
+    "start_batch",
+    "video_metadata",
+]

@@ -1,19 +1,27 @@
 """Planning a generation: every user input resolved and checked before any model runs.
 
-`plan_generation` turns the arguments of `OpenSoraPipeline.__call__` (and of `opensora
-generate` / `opensora info`) into a `GenerationPlan`, a plain dataclass with the output size,
-frame counts, latent shape, token counts, processed prompts per loop, seeds, references and
-mask strategies. It needs only `ModelFacts` (numbers from the model configs), so
-`opensora info` builds the same plan without loading weights, and a bad input (unknown
-resolution, too many frames, a missing reference file, an unknown camera motion, an empty
-prompt, a malformed mask strategy) fails here, before T5, the VAE or STDiT3 run.
+`plan_generation` turns processed prompts and settings into a `GenerationPlan`, a plain
+dataclass with the output size, frame counts, latent shape, token counts, prompts per loop,
+seeds, references and mask strategies, and the sampling schedule. It needs only
+`ModelFacts` (numbers from the model configs or the loaded models), so `opensora info`
+builds the same plan without loading weights, and a bad input (unknown resolution, too many
+frames, a missing reference file, an unknown camera motion, an empty prompt, a malformed mask
+strategy) fails here, before T5, the VAE or STDiT3 run.
+
+Every argument is required: defaults are filled in once, at the edge, by
+`opensora_sdk.presets.resolve_defaults`. The work is split by concern, each a function a
+front end may call on its own (the ComfyUI nodes plan from a LATENT and encoded text):
+
+    plan_prompts     prompts -> processed prompts (cleaning, score suffixes, loop segments)
+    plan_size        size, frames, loops -> `SizePlan` (latent shape, tokens, overlap)
+    plan_samples     references / conditions / mask strategies / seeds -> `SamplePlan`s
+    plan_schedule    steps, guidance, warp -> the scheduler and its timesteps
 
 Frame limits: one clip (one loop) may have at most `ModelFacts.max_latent_frames` latent
-frames, 120 for v1.2: the 408-frame ("16s") clips of its longest training buckets. RoPE has
-no hard position limit, but the model has not seen longer clips and the token count (memory)
-grows with T'. Longer videos are made with `loop`: each loop adds N - overlap frames, and
-then N must be a multiple of 17 (whole VAE chunks, so the carried-over latents are exactly
-the previous clip's last chunks).
+frames, 120 for v1.2: the 408-frame ("16s") clips of its longest training buckets. Longer
+videos are made with `loop`: each loop adds N - overlap frames, and then N must be a
+multiple of 17 (whole VAE chunks, so the carried-over latents are exactly the previous
+clip's last chunks).
 """
 
 from __future__ import annotations
@@ -31,14 +39,14 @@ from opensora_sdk.conditioning import (
     ImageCondition,
     VideoCondition,
     condition_pixel_frames,
+    conditions_to_groups,
     find_nearest_point,
     parse_mask_strategy,
 )
+from opensora_sdk.presets import V1_2, ModelFamily
 from opensora_sdk.sizes import model_fps, parse_num_frames, resolve_image_size
-from opensora_sdk.text import process_prompt
+from opensora_sdk.text import ProcessedPrompt, process_prompt
 
-DEFAULT_MAX_LATENT_FRAMES = 120  # 408 frames ("16s"), the longest v1.2 training clips
-DEFAULT_ALIGN = 5  # the v1.2 inference config's `align`
 _SEED_RANGE = 2**31
 
 
@@ -57,7 +65,7 @@ class ModelFacts:
     space_factor: int = 8  # VAE spatial compression
     patch_size: tuple = (1, 2, 2)  # STDiT3 (t, h, w)
     text_max_length: int = 300  # T5 tokens = STDiT3 model_max_length
-    max_latent_frames: int | None = DEFAULT_MAX_LATENT_FRAMES
+    max_latent_frames: int | None = V1_2.max_latent_frames
 
     def latent_size(self, num_frames: int, height: int, width: int) -> tuple[int, int, int]:
         from opensora_sdk.models.vae import latent_size
@@ -68,7 +76,7 @@ class ModelFacts:
         )
 
     @classmethod
-    def from_configs(cls, transformer, vae, max_latent_frames: int | None = DEFAULT_MAX_LATENT_FRAMES) -> ModelFacts:
+    def from_configs(cls, transformer, vae, max_latent_frames: int | None = V1_2.max_latent_frames) -> ModelFacts:
         """From an `STDiT3Config` and a `VideoAutoencoderConfig`."""
         return cls(
             latent_channels=vae.vae_temporal.embed_dim,
@@ -79,6 +87,11 @@ class ModelFacts:
             text_max_length=transformer.model_max_length,
             max_latent_frames=max_latent_frames,
         )
+
+    @classmethod
+    def from_models(cls, transformer, vae, max_latent_frames: int | None = V1_2.max_latent_frames) -> ModelFacts:
+        """From loaded models (an `STDiT3` and a `VideoAutoencoder`): the geometry they really have."""
+        return cls.from_configs(transformer.config, vae.config, max_latent_frames)
 
 
 # --------------------------------------------------------------------------------------------
@@ -133,6 +146,8 @@ class GenerationPlan:
     resolution: str | None = None
     aspect_ratio: str | None = None
     notes: list[str] = field(default_factory=list)
+    scheduler: Any = None  # the family's scheduler with num_steps (e.g. a RectifiedFlow)
+    family: str = V1_2.name
 
     @property
     def num_samples(self) -> int:
@@ -146,6 +161,11 @@ class GenerationPlan:
     def latent_shape(self) -> tuple[int, int, int, int, int]:
         """[B, C, T', h, w] of one batch of one loop."""
         return (min(self.batch_size, self.num_samples), self.latent_channels, *self.latent_size)
+
+    def with_seeds(self, seeds: Sequence[int]) -> GenerationPlan:
+        """The same plan with sample k seeded `seeds[k]` (how ranks adopt rank 0's draw)."""
+        samples = [dataclasses.replace(s, seed=int(v)) for s, v in zip(self.samples, seeds, strict=True)]
+        return dataclasses.replace(self, samples=samples)
 
     def batches(self) -> list[list[SamplePlan]]:
         return [self.samples[i : i + self.batch_size] for i in range(0, self.num_samples, self.batch_size)]
@@ -305,73 +325,79 @@ def _check_groups(groups, t_latent: int, n_refs: int, loop: int, align: int | No
         starts[key] = g
 
 
-def _typed_groups(conditions: tuple) -> list:
-    """Approximate groups of typed conditions for the checks (length None -> 1)."""
-    from opensora_sdk.conditioning import MaskGroup
-
-    out = []
-    for k, c in enumerate(conditions):
-        if isinstance(c, ImageCondition):
-            out.append(MaskGroup(c.loop, k, 0, c.frame, 1, float(c.edit_ratio)))
-        else:
-            out.append(MaskGroup(c.loop, k, c.ref_start, c.target_start, c.length or 1, float(c.edit_ratio)))
-    return out
+PROMPT_KEYS = ("negative_prompt", "aesthetic_score", "motion_score", "camera_motion")  # plan_prompts' options
 
 
-def plan_generation(
-    facts: ModelFacts,
+@dataclass(frozen=True)
+class PromptPlan:
+    """The prompts of a call: as given, processed for the text encoder, and the processed
+    negative prompt (None: the model's null caption)."""
+
+    prompts: tuple[str, ...]
+    processed: tuple[ProcessedPrompt, ...]
+    negative: str | None
+
+
+def plan_prompts(
     prompt: str | Sequence[str],
     *,
-    negative_prompt: str | None = None,
-    resolution: str | None = "240p",
-    aspect_ratio: str | None = "9:16",
-    num_frames: int | str = "4s",
-    fps: float = 24,
-    num_steps: int = 30,
-    guidance_scale: float = 7.0,
-    aesthetic_score: float | None = 6.5,
-    motion_score: float | None = None,
-    camera_motion: str | None = None,
-    conditions=(),
-    reference_path=None,
-    mask_strategy=None,
-    seed: int | None = None,
-    height: int | None = None,
-    width: int | None = None,
-    loop: int = 1,
-    condition_frame_length: int = 5,
-    condition_frame_edit: float = 0.0,
-    align: int | None = DEFAULT_ALIGN,
-    batch_size: int = 1,
-    scheduler=None,
-) -> GenerationPlan:
-    """Resolve and check every argument; see `OpenSoraPipeline.__call__` for their meaning.
-
-    Raises ValueError / TypeError / FileNotFoundError naming the argument, the value and what
-    is allowed. `scheduler` (a `RectifiedFlow`, default the v1.2 settings) gives the schedule.
-    """
-    from opensora_sdk.schedulers.rflow import RectifiedFlow
-
+    negative_prompt: str | None,
+    aesthetic_score: float | None,
+    motion_score: float | None,
+    camera_motion: str | None,
+) -> PromptPlan:
+    """Clean the prompts, append the score and camera suffixes, split loop segments."""
     prompts = [prompt] if isinstance(prompt, str) else list(prompt) if prompt is not None else []
     if not prompts:
         raise ValueError(f"prompt={prompt!r} is not allowed: give a non-empty string or a list of them")
-    n = len(prompts)
+    processed = []
+    for k, p in enumerate(prompts):
+        try:
+            processed.append(process_prompt(p, aes=aesthetic_score, flow=motion_score, camera_motion=camera_motion))
+        except ValueError as err:
+            raise ValueError(f"prompt {k}: {err}" if len(prompts) > 1 else str(err)) from None
+    negative = None
+    if negative_prompt is not None and negative_prompt != "":
+        negative = process_prompt(negative_prompt, aes=None, flow=None, camera_motion=None).text
+    return PromptPlan(tuple(prompts), tuple(processed), negative)
+
+
+@dataclass(frozen=True)
+class SizePlan:
+    """Output size and length of a generation, and what they mean for the latent."""
+
+    height: int
+    width: int
+    num_frames: int  # pixel frames per loop
+    total_frames: int
+    loop: int
+    condition_frame_length: int
+    overlap_frames: int
+    latent_size: tuple[int, int, int]  # (T', h, w) of one loop
+    video_tokens: int
+    fps: float
+    model_fps: int
+    resolution: str | None
+    aspect_ratio: str | None
+    note: str | None = None
+
+
+def plan_size(
+    facts: ModelFacts,
+    *,
+    resolution: str | None,
+    aspect_ratio: str | None,
+    height: int | None,
+    width: int | None,
+    num_frames: int | str,
+    fps: float,
+    loop: int,
+    condition_frame_length: int,
+) -> SizePlan:
+    """Sizes, frame counts, the latent and token counts; loops checked against whole chunks."""
     loop = _positive_int(loop, "loop")
-    batch_size = _positive_int(batch_size, "batch_size")
-    num_steps = _positive_int(num_steps, "num_steps")
-    if isinstance(guidance_scale, bool) or not isinstance(guidance_scale, (int, float)) or not math.isfinite(guidance_scale):
-        raise ValueError(f"guidance_scale={guidance_scale!r} is not allowed: expected a finite number (1 = no guidance)")
     if isinstance(fps, bool) or not isinstance(fps, (int, float)) or not fps > 0:
         raise ValueError(f"fps={fps!r} is not allowed: expected a positive number")
-    if not isinstance(condition_frame_edit, (int, float)) or not 0.0 <= condition_frame_edit <= 1.0:
-        raise ValueError(f"condition_frame_edit={condition_frame_edit!r} is not allowed: expected a number in [0, 1]")
-    if align is not None:
-        align = _positive_int(align, "align")
-    if seed is not None:
-        if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**63 - n:
-            raise ValueError(f"seed={seed!r} is not allowed: expected an integer >= 0 or None (random)")
-
-    # sizes and frames
     size = resolve_image_size(resolution, aspect_ratio, height=height, width=width, multiple=facts.space_factor)
     H, W = size.height, size.width
     frames = parse_num_frames(num_frames)
@@ -398,27 +424,48 @@ def plan_generation(
                 f"condition_frame_length={condition_frame_length} ({overlap} frames) must be shorter than "
                 f"num_frames={frames} with loop={loop}; allowed: a multiple of 5 below {T}"
             )
-    total = loop * frames - (loop - 1) * overlap
     ph, pw = facts.patch_size[1], facts.patch_size[2]
     tokens = -(-T // facts.patch_size[0]) * -(-h // ph) * -(-w // pw)
+    return SizePlan(
+        height=H, width=W, num_frames=frames, total_frames=loop * frames - (loop - 1) * overlap, loop=loop,
+        condition_frame_length=condition_frame_length, overlap_frames=overlap, latent_size=(T, h, w),
+        video_tokens=tokens, fps=float(fps), model_fps=model_fps(frames, fps),
+        resolution=None if height is not None else resolution,
+        aspect_ratio=None if height is not None else aspect_ratio, note=size.note,
+    )  # fmt: skip
 
-    # prompts
-    processed = []
-    for k, p in enumerate(prompts):
-        try:
-            processed.append(process_prompt(p, aes=aesthetic_score, flow=motion_score, camera_motion=camera_motion))
-        except ValueError as err:
-            raise ValueError(f"prompt {k}: {err}" if n > 1 else str(err)) from None
-    negative = None
-    if negative_prompt is not None and negative_prompt != "":
-        negative = process_prompt(negative_prompt, aes=None, flow=None, camera_motion=None).text
 
-    # conditions
-    notes = [size.note] if size.note else []
+def draw_seed() -> int:
+    """A random base seed (what seed=None means)."""
+    return secrets.randbelow(_SEED_RANGE)
+
+
+def check_seed(seed, num_samples: int = 1) -> int | None:
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**63 - num_samples):
+        raise ValueError(f"seed={seed!r} is not allowed: expected an integer >= 0 or None (random)")
+    return seed
+
+
+def plan_samples(
+    prompts: Sequence[str],
+    processed: Sequence[ProcessedPrompt],
+    *,
+    latent_frames: int,
+    loop: int,
+    conditions,
+    reference_path,
+    mask_strategy,
+    seed: int | None,
+    align: int | None,
+    notes: list[str],
+) -> list[SamplePlan]:
+    """One `SamplePlan` per prompt: its loop prompts, seed (seed + k), references and groups."""
+    n = len(prompts)
+    seed = check_seed(seed, n)
     typed = _conditions_per_prompt(conditions, n)
     refs_in = _per_prompt(reference_path, n, "reference_path")
     ms_in = _per_prompt(mask_strategy, n, "mask_strategy")
-    base = secrets.randbelow(_SEED_RANGE) if seed is None else seed
+    base = draw_seed() if seed is None else seed
     samples = []
     for k, pp in enumerate(processed):
         where = f"prompt {k}"
@@ -438,50 +485,108 @@ def plan_generation(
             source = c.image if isinstance(c, ImageCondition) else c.video
             check_reference_source(source, f"{where} conditions[{j}]")
         if typed[k]:
-            groups = _typed_groups(typed[k])
-            n_refs = len(typed[k])
+            groups, n_refs = conditions_to_groups(typed[k]), len(typed[k])
         else:
             groups, n_refs = parse_mask_strategy(ms), len(refs)
-        _check_groups(groups, T, n_refs, loop, align, f"{where} mask_strategy", notes)
+        _check_groups(groups, latent_frames, n_refs, loop, align, f"{where} mask_strategy", notes)
         samples.append(
             SamplePlan(
-                index=k,
-                prompt=prompts[k],
-                loop_prompts=tuple(pp.for_loop(i) for i in range(loop)),
-                seed=base + k,
-                references=refs,
-                mask_strategy=ms,
-                conditions=typed[k],
+                index=k, prompt=prompts[k], loop_prompts=tuple(pp.for_loop(i) for i in range(loop)), seed=base + k,
+                references=refs, mask_strategy=ms, conditions=typed[k],
             )
         )
+    return samples
 
-    scheduler = dataclasses.replace(scheduler or RectifiedFlow(), num_sampling_steps=num_steps)
-    ts = scheduler.timesteps(1, height=H, width=W, num_frames=frames)
+
+def plan_schedule(
+    family: ModelFamily, *, num_steps: int, guidance_scale: float, timestep_warp: bool, height: int, width: int,
+    num_frames: int,
+):
+    """(scheduler, timesteps of one sample) of the family's sampler."""
+    num_steps = _positive_int(num_steps, "num_steps")
+    if isinstance(guidance_scale, bool) or not isinstance(guidance_scale, (int, float)) or not math.isfinite(guidance_scale):
+        raise ValueError(f"guidance_scale={guidance_scale!r} is not allowed: expected a finite number (1 = no guidance)")
+    scheduler = family.make_scheduler(num_steps, bool(timestep_warp))
+    ts = scheduler.timesteps(1, height=height, width=width, num_frames=num_frames)
+    return scheduler, tuple(float(t[0]) for t in ts)
+
+
+def plan_generation(
+    facts: ModelFacts,
+    prompts: PromptPlan,
+    *,
+    resolution: str | None,
+    aspect_ratio: str | None,
+    height: int | None,
+    width: int | None,
+    num_frames: int | str,
+    fps: float,
+    num_steps: int,
+    guidance_scale: float,
+    timestep_warp: bool,
+    conditions,
+    reference_path,
+    mask_strategy,
+    seed: int | None,
+    loop: int,
+    condition_frame_length: int,
+    condition_frame_edit: float,
+    align: int | None,
+    batch_size: int,
+    family: ModelFamily,
+) -> GenerationPlan:
+    """Resolve and check every argument; see `OpenSoraPipeline.__call__` for their meaning.
+
+    `prompts` comes from `plan_prompts` (or from a front end that processed the text when it
+    encoded it). Raises ValueError / TypeError / FileNotFoundError naming the argument, the
+    value and what is allowed.
+    """
+    batch_size = _positive_int(batch_size, "batch_size")
+    if not isinstance(condition_frame_edit, (int, float)) or not 0.0 <= condition_frame_edit <= 1.0:
+        raise ValueError(f"condition_frame_edit={condition_frame_edit!r} is not allowed: expected a number in [0, 1]")
+    if align is not None:
+        align = _positive_int(align, "align")
+    check_seed(seed, len(prompts.prompts))
+    size = plan_size(
+        facts, resolution=resolution, aspect_ratio=aspect_ratio, height=height, width=width, num_frames=num_frames,
+        fps=fps, loop=loop, condition_frame_length=condition_frame_length,
+    )
+    notes = [size.note] if size.note else []
+    samples = plan_samples(
+        prompts.prompts, prompts.processed, latent_frames=size.latent_size[0], loop=size.loop, conditions=conditions,
+        reference_path=reference_path, mask_strategy=mask_strategy, seed=seed, align=align, notes=notes,
+    )
+    scheduler, timesteps = plan_schedule(
+        family, num_steps=num_steps, guidance_scale=guidance_scale, timestep_warp=timestep_warp, height=size.height,
+        width=size.width, num_frames=size.num_frames,
+    )
     return GenerationPlan(
         samples=samples,
-        negative_prompt=negative,
-        height=H,
-        width=W,
-        num_frames=frames,
-        total_frames=total,
-        loop=loop,
+        negative_prompt=prompts.negative,
+        height=size.height,
+        width=size.width,
+        num_frames=size.num_frames,
+        total_frames=size.total_frames,
+        loop=size.loop,
         condition_frame_length=condition_frame_length,
         condition_frame_edit=float(condition_frame_edit),
-        overlap_frames=overlap,
+        overlap_frames=size.overlap_frames,
         latent_channels=facts.latent_channels,
-        latent_size=(T, h, w),
-        video_tokens=tokens,
+        latent_size=size.latent_size,
+        video_tokens=size.video_tokens,
         text_tokens=facts.text_max_length,
-        fps=float(fps),
-        model_fps=model_fps(frames, fps),
+        fps=size.fps,
+        model_fps=size.model_fps,
         num_steps=num_steps,
         guidance_scale=float(guidance_scale),
-        timesteps=tuple(float(t[0]) for t in ts),
+        timesteps=timesteps,
         align=align,
         batch_size=batch_size,
-        resolution=None if height is not None else resolution,
-        aspect_ratio=None if height is not None else aspect_ratio,
+        resolution=size.resolution,
+        aspect_ratio=size.aspect_ratio,
         notes=notes,
+        scheduler=scheduler,
+        family=family.name,
     )
 
 
@@ -494,11 +599,16 @@ def _longest_clip(facts: ModelFacts) -> int:
 
 
 __all__ = [
-    "DEFAULT_ALIGN",
-    "DEFAULT_MAX_LATENT_FRAMES",
     "GenerationPlan",
     "ModelFacts",
+    "PromptPlan",
     "SamplePlan",
+    "SizePlan",
     "check_reference_source",
+    "draw_seed",
     "plan_generation",
+    "plan_prompts",
+    "plan_samples",
+    "plan_schedule",
+    "plan_size",
 ]

@@ -500,6 +500,13 @@ def resize_crop(frames, height: int, width: int, mode: str = "bilinear") -> torc
     return out
 
 
+def read_video_pixels(path: str | os.PathLike) -> torch.Tensor:
+    """A video file's frames as model pixels ``[3, N, H, W]`` float32 in [-1, 1], at its own size
+    (normalised as `resize_crop` does, so both give the same values at the same size)."""
+    frames, _ = read_video(path)
+    return torch.from_numpy(frames).permute(3, 0, 1, 2).float().div(255).sub(0.5).div(0.5)
+
+
 def load_reference(source, height: int, width: int) -> torch.Tensor:
     """A conditioning reference -> float32 ``[3, F, height, width]`` in [-1, 1] (spec 6.5).
 

@@ -18,7 +18,8 @@ import torch
 
 import opensora_sdk
 from opensora_sdk import cli
-from opensora_sdk.pipeline import BUILTIN_DIR, BUILTIN_PRESET, OpenSoraPipeline, get_preset
+from opensora_sdk.pipeline import OpenSoraPipeline
+from opensora_sdk.presets import BUILTIN_DIR, BUILTIN_PRESET, get_preset
 from opensora_sdk.training.shapes_benchmark import (
     analyse_clip,
     evaluate,

@@ -32,7 +32,8 @@ def recipe(work: Path, *args: str) -> str:
 def test_recipe_runs_exports_and_continues(tmp_path):
     import torch
 
-    from opensora_sdk.pipeline import OpenSoraPipeline, get_preset
+    from opensora_sdk.pipeline import OpenSoraPipeline
+    from opensora_sdk.presets import get_preset
 
     work = tmp_path / "work"
     out = recipe(work, "--stdit3-set", "max_steps=2")
@@ -70,7 +71,7 @@ def test_decoder_stage_keeps_the_latent_space(tmp_path):
     the temporal decoder learns."""
     from safetensors.torch import load_file
 
-    from opensora_sdk.pipeline import BUILTIN_DIR
+    from opensora_sdk.presets import BUILTIN_DIR
     from opensora_sdk.training import synthetic
     from opensora_sdk.training.shapes_benchmark import BUILTIN_STYLE
 

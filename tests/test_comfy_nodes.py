@@ -109,7 +109,8 @@ def models():
 
 @pytest.fixture(scope="module")
 def pipe():
-    from opensora_sdk.pipeline import OpenSoraPipeline, builtin_preset
+    from opensora_sdk.pipeline import OpenSoraPipeline
+    from opensora_sdk.presets import builtin_preset
 
     return OpenSoraPipeline.from_preset(builtin_preset(), device="cpu", dtype=torch.float32, progress=False)
 
@@ -150,7 +151,7 @@ def test_long_video_matches_pipeline_loops(models, pipe):
     np.testing.assert_array_equal(_uint8(frames), expected.frames)
 
 
-def test_bad_sizes_are_rejected_with_clear_messages():
+def test_bad_sizes_are_rejected_with_clear_messages(models):
     check = latent.OpenSoraEmptyLatentVideo.VALIDATE_INPUTS
     assert check("custom", "9:16", "custom", 424, 240, 51) is True
     assert check("240p", "9:16", "4s", 100, 64, 1) is True  # width/height ignored with a table size
@@ -165,7 +166,9 @@ def test_bad_sizes_are_rejected_with_clear_messages():
     assert "tile_size=40" in vae.OpenSoraVAEDecode.VALIDATE_INPUTS(40, 8)
     assert "condition_frames=7" in video.OpenSoraLongVideo.VALIDATE_INPUTS(7, 0, 64)
     with pytest.raises(ValueError, match="multiple of 17|whole 17-frame"):
-        video.check_loops(40, 2, 5)
+        model, vae_, te = models  # the loop check is the SDK's plan, before any model runs
+        video.long_video(model, vae_, text.encode_prompt(te, "a cat"), latent.empty_latent(32, 32, 30, 24), loops=2,
+                         seed=0, steps=1, cfg=1.0)
 
 
 def test_sampler_input_errors(models):

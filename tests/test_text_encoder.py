@@ -325,3 +325,159 @@ def test_processed_prompt_encodes_without_unknown_tokens(tokenizer):
     assert text == CAPTION.replace("background,", "background")
     ids = enc.tokenize([text])["input_ids"][0]
     assert 2 not in ids.tolist()
+
+
+# ---- placement: on_device ---------------------------------------------------------------------
+
+
+def host_ptrs(encoder):
+    return [encoder._host_copy[name].data_ptr() for name, _ in encoder._weights()]
+
+
+def test_on_device_runs_there_and_goes_home_after(tokenizer):
+    enc = make_encoder(tokenizer, model_max_length=16)
+    expected = enc.encode("a cat").y
+    resident = weight_ptrs(enc)
+    with enc.on_device("cpu", home="cpu:0") as inside:  # "cpu:0" stands in for the host
+        assert inside is enc and not enc.is_offloaded and weight_ptrs(enc) == resident
+        out = enc.encode("a cat")
+    assert out.y.device == torch.device("cpu") and torch.equal(out.y, expected)
+    assert enc.is_offloaded and enc.offload_device == torch.device("cpu:0")
+    home = host_ptrs(enc)
+    assert weight_ptrs(enc) == home and home != resident  # the weights left `device` for `home`
+    with enc.on_device("cpu", home="cpu:0"):  # back from the kept host copy, encode, home again
+        assert not enc.is_offloaded and torch.equal(enc.encode("a cat").y, expected)
+    assert host_ptrs(enc) == home and weight_ptrs(enc) == home  # the host copy was made once
+    assert (enc.offload_count, enc.onload_count) == (2, 1)
+    with enc.on_device("cpu", home="cpu"):  # a new home: the stale host copy is dropped
+        pass
+    assert enc._host_copy is None and enc.offload_device == torch.device("cpu")
+
+
+def test_t5_is_off_the_accelerator_after_an_encoding_error(tokenizer):
+    enc = make_encoder(tokenizer, model_max_length=16)
+    state = {k: v.clone() for k, v in enc.model.state_dict().items()}
+    resident = weight_ptrs(enc)
+
+    def fail(*args, **kwargs):
+        assert weight_ptrs(enc) == resident  # T5 runs where the block put it
+        raise RuntimeError("out of memory")
+
+    enc.model.forward = fail
+    with pytest.raises(RuntimeError, match="out of memory"):
+        with enc.on_device("cpu", home="cpu:0"):
+            enc.encode("a cat")
+    assert enc.is_offloaded and weight_ptrs(enc) == host_ptrs(enc) != resident
+    assert all(torch.equal(v, state[k]) for k, v in enc.model.state_dict().items())
+    del enc.model.forward  # the class's forward again
+    with enc.on_device("cpu", home="cpu:0"):
+        assert enc.encode("a cat").y.shape == (1, 1, 16, 32)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_on_device_cuda_round_trip_and_error(tokenizer):
+    enc = make_encoder(tokenizer, model_max_length=16)
+    expected = enc.encode("a cat").y
+    for _ in range(2):
+        with enc.on_device("cuda"):
+            assert all(t.is_cuda for _, t in enc._weights())
+            y = enc.encode("a cat").y
+        assert y.is_cuda and torch.allclose(y.cpu(), expected, atol=1e-5)
+        assert all(t.device.type == "cpu" and t.is_pinned() for _, t in enc._weights())
+    enc.model.forward = lambda *a, **k: 1 / 0
+    with pytest.raises(ZeroDivisionError):
+        with enc.on_device("cuda"):
+            enc.encode("a dog")
+    assert all(t.device.type == "cpu" for _, t in enc._weights())
+
+
+# ---- loading one file (ComfyUI's t5xxl_fp16.safetensors layout) --------------------------------
+
+
+def write_single_file(encoder, path, edit=None):
+    """The encoder's weights as one safetensors file with the tied embedding stored once."""
+    from safetensors.torch import save_file
+
+    tensors = {k: v.clone() for k, v in encoder.model.state_dict().items() if k != "encoder.embed_tokens.weight"}
+    if edit is not None:
+        edit(tensors)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, str(path))
+    return path
+
+
+def test_from_single_file_matches_the_original_and_builds_on_meta(tokenizer, tmp_path, monkeypatch):
+    from transformers import T5EncoderModel
+
+    enc = make_encoder(tokenizer, model_max_length=16)
+    path = write_single_file(enc, tmp_path / "t5" / "t5.safetensors")
+    tokenizer.save_pretrained(str(tmp_path / "t5"))  # beside the weights, as found first
+    built_on, init = [], T5EncoderModel.__init__
+
+    def spy(self, config):
+        init(self, config)
+        built_on.append({p.device.type for p in self.parameters()})
+
+    monkeypatch.setattr(T5EncoderModel, "__init__", spy)
+    loaded = T5TextEncoder.from_single_file(path, model_max_length=16)
+    assert built_on == [{"meta"}]  # no random float32 T5 was made
+    model = loaded.model
+    assert model.encoder.embed_tokens.weight is model.shared.weight
+    assert not any(t.is_meta for _, t in loaded._weights())
+    for field in ("vocab_size", "d_model", "d_kv", "d_ff", "num_layers", "num_heads"):
+        assert getattr(model.config, field) == getattr(enc.model.config, field), field
+    prompts = ["a red circle", CAPTION]
+    torch.testing.assert_close(loaded.encode(prompts).y, enc.encode(prompts).y, atol=1e-6, rtol=0)
+    assert loaded.name == str(path) and loaded.identity == enc.identity
+    half = T5TextEncoder.from_single_file(path, model_max_length=16, dtype="fp16")
+    dtypes = {n: p.dtype for n, p in half.model.named_parameters()}
+    assert dtypes["encoder.block.0.layer.0.SelfAttention.q.weight"] == torch.float16
+    assert dtypes["encoder.block.0.layer.1.DenseReluDense.wo.weight"] == torch.float32  # as from_pretrained
+    assert torch.isfinite(half.encode("a cat").y.float()).all()
+
+
+@pytest.mark.parametrize(
+    "edit, match",
+    [
+        (lambda t: t.update({"encoder.block.0.extra.weight": torch.zeros(2)}), r"(?s)unexpected.*encoder\.block\.0\.extra\.weight"),
+        (lambda t: t.pop("encoder.final_layer_norm.weight"), r"(?s)missing.*encoder\.final_layer_norm\.weight"),
+        (lambda t: t.update({"encoder.final_layer_norm.weight": torch.ones(31)}), r"(?s)shape mismatch.*final_layer_norm"),
+    ],
+    ids=["unexpected", "missing", "mismatched"],
+)
+def test_from_single_file_checks_keys_strictly(tokenizer, tmp_path, edit, match):
+    path = write_single_file(make_encoder(tokenizer), tmp_path / "t5.safetensors", edit)
+    with pytest.raises(CheckpointError, match=match) as err:
+        T5TextEncoder.from_single_file(path, tokenizer=tokenizer)
+    assert str(path) in str(err.value)
+
+
+def test_from_single_file_errors_name_the_file(tokenizer, tmp_path):
+    from safetensors.torch import save_file
+
+    other = tmp_path / "stdit.safetensors"
+    save_file({"x_embedder.proj.weight": torch.zeros(2, 2)}, str(other))
+    with pytest.raises(ValueError, match=r"'stdit.safetensors' is not a T5 v1.1 encoder") as err:
+        T5TextEncoder.from_single_file(other, tokenizer=tokenizer)
+    assert isinstance(err.value, CheckpointError) and str(other) in str(err.value)
+    (tmp_path / "t5.gguf").write_bytes(b"")
+    with pytest.raises(ValueError, match=r"t5\.gguf.*suffix '.gguf'"):
+        T5TextEncoder.from_single_file(tmp_path / "t5.gguf", tokenizer=tokenizer)
+    with pytest.raises(FileNotFoundError, match="absent.safetensors"):
+        T5TextEncoder.from_single_file(tmp_path / "absent.safetensors")
+
+
+def test_from_single_file_finds_the_tokenizer_or_says_where_it_looked(tokenizer, tmp_path):
+    enc = make_encoder(tokenizer, model_max_length=16)
+    path = tmp_path / "weights" / "t5.pt"
+    path.parent.mkdir()
+    torch.save({k: v for k, v in enc.model.state_dict().items() if k != "encoder.embed_tokens.weight"}, path)
+    with pytest.raises(FileNotFoundError, match=r"tokenizer\.json.*weights.*bundled") as err:
+        T5TextEncoder.from_single_file(path, tokenizer_search=[tmp_path / "bundled"])
+    assert "tokenizer=" in str(err.value)
+    tokenizer.save_pretrained(str(tmp_path / "bundled"))
+    found = T5TextEncoder.from_single_file(path, tokenizer_search=[tmp_path / "empty", tmp_path / "bundled"],
+                                           model_max_length=16)
+    given = T5TextEncoder.from_single_file(path, tokenizer=tokenizer, model_max_length=16)
+    for loaded in (found, given):
+        torch.testing.assert_close(loaded.encode("a cat").y, enc.encode("a cat").y, atol=1e-6, rtol=0)

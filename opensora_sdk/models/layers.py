@@ -236,9 +236,10 @@ def rope_frequencies(dim: int, theta: float = 10000.0) -> torch.Tensor:
 class RotaryEmbedding(nn.Module):
     """RoPE on the sequence axis (-2) with **interleaved pairs** (2i, 2i+1), all dims rotated.
 
-    `freqs` [dim/2] is a frozen parameter (it is in the official state dict). Angles are
-    pos * freqs in float32; with `quantize_bf16` the table, the positions and the angles are
-    rounded to bfloat16 as in the official bf16 runs.
+    `freqs` [dim/2] is a frozen parameter (it is in the official state dict). It stays
+    float32 whatever the model is cast to (`.to(dtype)`, `.half()`): angles are pos * freqs
+    in float32; with `quantize_bf16` the table, the positions and the angles are rounded to
+    bfloat16 as in the official bf16 runs.
     """
 
     def __init__(self, dim: int, theta: float = 10000.0):
@@ -249,6 +250,12 @@ class RotaryEmbedding(nn.Module):
     def reset_parameters(self) -> None:
         with torch.no_grad():
             self.freqs.copy_(rope_frequencies(2 * self.freqs.shape[0], self.theta))
+
+    def _apply(self, fn, recurse=True):  # every cast and move goes through here
+        super()._apply(fn, recurse)
+        if self.freqs.is_floating_point() and self.freqs.dtype != torch.float32:
+            self.freqs.data = self.freqs.data.float()
+        return self
 
     def cos_sin(self, seq_len: int, *, device: torch.device, quantize_bf16: bool = False):
         """cos, sin of the angles, each [seq_len, dim] in float32 (frequencies repeated twice)."""

@@ -12,10 +12,12 @@ tokens plus the EOS. The prompts given to `encode` are used as they are: clean t
 with `opensora_sdk.text.process_prompt`.
 
 Memory: the encoder runs in the dtype you choose (official inference: float32, ~19 GB for
-T5-XXL; training used bfloat16). With `offload_after_encode=True` the weights leave the
-accelerator as soon as a batch is encoded and come back on the next encode that needs them;
-the first offload keeps a (pinned) host copy of the frozen weights, so later offloads need no
-transfer and each return is one host-to-device copy.
+T5-XXL; training used bfloat16). `with encoder.on_device("cuda"): encoder.encode(...)` runs T5
+on the accelerator for the block only: the weights go home afterwards, also on error. With
+`offload_after_encode=True` they leave as soon as a batch is encoded and come back on the
+next encode that needs them. The first offload keeps a (pinned) host copy of the frozen
+weights, so later offloads need no transfer and each return is one host-to-device copy.
+Weights from one file (ComfyUI's t5xxl_fp16.safetensors): `from_single_file`.
 An `EmbeddingCache` (in-memory LRU, optionally backed by a folder of .safetensors files)
 skips T5 entirely for prompts it has already seen.
 
@@ -29,6 +31,7 @@ import hashlib
 import json
 import os
 from collections import OrderedDict
+from contextlib import contextmanager
 from pathlib import Path
 from typing import NamedTuple
 
@@ -355,6 +358,51 @@ class T5TextEncoder:
             name="config",
         )
 
+    @classmethod
+    def from_single_file(
+        cls,
+        path: str | os.PathLike,
+        *,
+        tokenizer=None,
+        tokenizer_search=(),
+        model_max_length: int = 300,
+        dtype: torch.dtype | str = torch.float32,
+        device: torch.device | str = "cpu",
+        cache=None,
+        offload_after_encode: bool = False,
+        offload_device: torch.device | str = "cpu",
+    ) -> "T5TextEncoder":
+        """T5 from one weight file in the Hugging Face key layout (ComfyUI's t5xxl_fp16.safetensors).
+
+        The config comes from the tensor shapes; the model is built on the meta device and each
+        tensor is assigned once in `dtype` on `device` (see `models/t5_file.py`). .safetensors is
+        read lazily; .pth/.pt/.bin only through torch.load(weights_only=True). Missing,
+        unexpected or mismatched keys are a CheckpointError naming the file and the keys.
+        `tokenizer`: a tokenizer object or a folder; None takes the first folder among [the
+        file's folder, *tokenizer_search] that holds tokenizer.json or spiece.model.
+        """
+        from opensora_sdk.models.t5_file import find_tokenizer_folder, load_t5_encoder, read_config
+
+        path = Path(path).expanduser()
+        if not path.is_file():
+            raise FileNotFoundError(f"T5 weight file {str(path)!r} not found")
+        dtype, device = resolve_dtype(dtype), torch.device(device)
+        config = read_config(path)  # a file of another kind fails here, before anything loads
+        if tokenizer is None:
+            tokenizer = find_tokenizer_folder(path, tokenizer_search)
+        if isinstance(tokenizer, (str, os.PathLike)):
+            tokenizer = _load_tokenizer_folder(Path(tokenizer))
+        return cls(
+            load_t5_encoder(path, config, dtype, device),
+            tokenizer,
+            model_max_length=model_max_length,
+            device=device,
+            cache=cache,
+            offload_after_encode=offload_after_encode,
+            offload_device=offload_device,
+            name=str(path),
+        )
+
     # ---- facts -------------------------------------------------------------------------
 
     @property
@@ -412,13 +460,13 @@ class T5TextEncoder:
         """
         if self._offloaded:
             return
-        if self.offload_device != self.device:
-            if self._host_copy is None:
-                self._host_copy = {name: self._to_host(t) for name, t in self._weights()}
-            for name, tensor in self._weights():
+        weights = self._weights()
+        if not all(_is_on(t, self.offload_device) for _, t in weights):
+            if not self._host_copy_fits(weights):
+                self._host_copy = {name: self._to_host(t) for name, t in weights}
+            for name, tensor in weights:
                 tensor.data = self._host_copy[name]
-            if self.device.type == "cuda" and torch.cuda.is_available():
-                torch.cuda.empty_cache()
+            _empty_cache(self.device)
         self._offloaded = True
         self.offload_count += 1
 
@@ -426,12 +474,60 @@ class T5TextEncoder:
         """Bring the weights back to `device` (a no-op when they are there)."""
         if not self._offloaded:
             return
-        if self.offload_device != self.device:
-            pinned = self._host_copy is not None and self.device.type == "cuda"
-            for _, tensor in self._weights():
-                tensor.data = tensor.data.to(self.device, non_blocking=pinned)
+        self._move_weights(self.device)
         self._offloaded = False
         self.onload_count += 1
+
+    @contextmanager
+    def on_device(self, device: torch.device | str, home: torch.device | str = "cpu"):
+        """T5 runs on `device` inside the block; its weights wait on `home` after it.
+
+        On entry the weights move to `device` from wherever they are (the kept host copy, or
+        resident on another device); `encode` inside the block returns its tensors on `device`.
+        On leaving, also when the block raises, the weights go back to the host copy on `home`
+        (made once, pinned for CUDA, and reused: later exits copy nothing) and the
+        accelerator's cache is emptied. A different `home` than before drops the old copy.
+        Afterwards `is_offloaded` is True and `device` stays `device`.
+
+            with text_encoder.on_device("cuda"):
+                y, mask = text_encoder.encode(prompts)
+        """
+        device, home = torch.device(device), torch.device(home)
+        if home != self.offload_device:
+            self._host_copy, self.offload_device = None, home
+        was_offloaded = self._offloaded
+        self.device, self._offloaded = device, False  # from here on, the exit puts every weight home
+        try:
+            if device != home:
+                self._adopt_host_copy()
+            self._move_weights(device)
+            self.onload_count += was_offloaded
+            yield self
+        finally:
+            self.offload()
+            _empty_cache(device)
+
+    def _move_weights(self, device: torch.device) -> None:
+        for _, tensor in self._weights():
+            if not _is_on(tensor, device):
+                tensor.data = tensor.data.to(device, non_blocking=device.type == "cuda" and tensor.is_pinned())
+
+    def _adopt_host_copy(self) -> None:
+        """When the weights sit on `offload_device` with no host copy yet, make them the host
+        copy (pinned in place for CUDA), so that leaving `device` later copies nothing back."""
+        weights = self._weights()
+        if self._host_copy_fits(weights) or not all(_is_on(t, self.offload_device) for _, t in weights):
+            return
+        self._host_copy = {}
+        for name, tensor in weights:
+            self._host_copy[name] = tensor.data = self._to_host(tensor)
+
+    def _host_copy_fits(self, weights) -> bool:
+        """Whether the kept host copy still matches the weights (a `model.to(dtype)` voids it)."""
+        copy = self._host_copy
+        return copy is not None and all(
+            name in copy and copy[name].shape == t.shape and copy[name].dtype == t.dtype for name, t in weights
+        )
 
     def _to_host(self, tensor: torch.Tensor) -> torch.Tensor:
         pin = self.device.type == "cuda" and self.offload_device.type == "cpu"
@@ -440,6 +536,8 @@ class T5TextEncoder:
                 return torch.empty_like(tensor, device="cpu", pin_memory=True).copy_(tensor)
             except RuntimeError:  # page-locked memory refused: a plain copy moves slower
                 pass
+        if _is_on(tensor, self.offload_device):
+            return tensor.detach()  # already there: frozen weights need no second copy
         return tensor.detach().to(self.offload_device, copy=True)
 
     # ---- encoding ----------------------------------------------------------------------
@@ -534,12 +632,43 @@ class T5TextEncoder:
         )
 
 
+def _is_on(tensor: torch.Tensor, device: torch.device) -> bool:
+    """Whether `tensor` lives on `device` ("cuda" means the current CUDA device; "cpu:0" is
+    another device than "cpu", as the tests use it to stand in for an accelerator)."""
+    here = tensor.device
+    if here.type != device.type:
+        return False
+    if device.index is None:
+        return device.type != "cuda" or here.index == torch.cuda.current_device()
+    return here.index == device.index
+
+
+def _empty_cache(device: torch.device) -> None:
+    """Return the accelerator's freed blocks to the driver (no-op on the CPU)."""
+    if device.type == "cuda" and torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    elif device.type == "mps" and torch.backends.mps.is_available():
+        torch.mps.empty_cache()
+
+
 def _as_text_list(prompts) -> list[str]:
     if isinstance(prompts, str):
         prompts = [prompts]
     if not isinstance(prompts, (list, tuple)) or not prompts or not all(isinstance(p, str) for p in prompts):
         raise ValueError(f"prompts={prompts!r} is not allowed: expected a string or a non-empty list of strings")
     return list(prompts)
+
+
+def _load_tokenizer_folder(folder: Path):
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(str(folder))
+    except (OSError, ValueError) as err:
+        raise CheckpointError(
+            f"could not load a T5 tokenizer from {str(folder)!r} ({type(err).__name__}: {err}); the folder "
+            "needs tokenizer.json or spiece.model with tokenizer_config.json"
+        ) from err
 
 
 def _transformers_major() -> int:

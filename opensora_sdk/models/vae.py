@@ -22,8 +22,8 @@ default RNG of the model's device, the temporal ones from the CPU RNG in float32
 
 dtypes: float32, bfloat16 and float16. In float16 the spatial decoder runs in float32
 (`vae_2d.force_upcast`, default True): the KL decoder is known to overflow in half precision.
-`from_pretrained(dtype=torch.float16)` keeps its weights in float32, and `decode` upcasts it
-in place (with a warning) if the model was cast with `.half()`. On CUDA, float32 parity with
+`from_pretrained(dtype=torch.float16)` keeps its weights in float32, and so does a cast
+(`.to(torch.float16)`, `.half()`): the model's `_apply` applies the rule, once. On CUDA, float32 parity with
 the official outputs (1e-4) needs TF32 convolutions off (`torch.backends.cudnn.allow_tf32 =
 False`; PyTorch enables them by default): with TF32 the tiny goldens move by up to 8e-3.
 """
@@ -129,6 +129,16 @@ class VideoAutoencoder(nn.Module):
     @property
     def spatial(self) -> AutoencoderKL:
         return self.spatial_vae["module"]
+
+    def _apply(self, fn, recurse=True):  # every cast and move (`.to`, `.half()`) goes through here
+        """After a cast to float16, the spatial decoder goes back to float32 when
+        `vae_2d.force_upcast` (it overflows in half precision): the one place of that rule."""
+        super()._apply(fn, recurse)
+        kl = self.spatial
+        if self.config.vae_2d.force_upcast and kl.post_quant_conv.weight.dtype == torch.float16:
+            kl.decoder.float()
+            kl.post_quant_conv.float()
+        return self
 
     @property
     def dtype(self) -> torch.dtype:
@@ -236,7 +246,7 @@ class VideoAutoencoder(nn.Module):
         Runs chunk by chunk into a preallocated output of the model's dtype.
         """
         _check_latent(latent, num_frames, self)
-        kl = self._spatial_decoder()
+        kl = self.spatial
         z = latent.to(self.device, self.dtype) * self.scale + self.shift
         B, _, _, h, w = z.shape
         f = self.spatial_factor
@@ -270,18 +280,6 @@ class VideoAutoencoder(nn.Module):
         for k, i in enumerate(range(0, z.shape[2], step)):
             n = min(mfs, num_frames - k * mfs)
             yield k * mfs, self.temporal_vae.decode(z[:, :, i : i + step], num_frames=n)
-
-    def _spatial_decoder(self) -> AutoencoderKL:
-        kl = self.spatial
-        if self.config.vae_2d.force_upcast and kl.post_quant_conv.weight.dtype == torch.float16:
-            warnings.warn(
-                "the spatial VAE decoder was in float16; upcasting it to float32 in place "
-                "(vae_2d.force_upcast: it overflows in half precision)",
-                stacklevel=3,
-            )
-            kl.decoder.float()
-            kl.post_quant_conv.float()
-        return kl
 
     # ---- files ---------------------------------------------------------------------------
 

@@ -1,0 +1,145 @@
+"""A T5 encoder from one weight file, such as ComfyUI's t5xxl_fp16.safetensors.
+
+The file holds the Hugging Face T5 encoder keys: ``shared.weight``, ``encoder.block.N....``
+(gated ``wi_0`` / ``wi_1``), ``encoder.final_layer_norm.weight``. The tied
+``encoder.embed_tokens.weight`` may be absent: it is the same table as ``shared.weight``.
+The `T5Config` is read from the tensor shapes, the model is built on the meta device and each
+tensor is assigned once, in the target dtype (no random float32 T5-XXL, ~19 GB, is ever made),
+and the keys are checked strictly. `T5TextEncoder.from_single_file` is the public entry.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from opensora_sdk.loading import CheckpointError, iter_tensors, load_tensors_into, strip_key_prefixes
+
+SUFFIXES = (".safetensors", ".pth", ".pt", ".bin")
+TOKENIZER_FILES = ("tokenizer.json", "spiece.model")
+SHARED, EMBED = "shared.weight", "encoder.embed_tokens.weight"
+_Q = "encoder.block.0.layer.0.SelfAttention.q.weight"
+_BIAS = "encoder.block.0.layer.0.SelfAttention.relative_attention_bias.weight"
+_WI_0 = "encoder.block.0.layer.1.DenseReluDense.wi_0.weight"
+
+
+class NotT5FileError(CheckpointError, ValueError):
+    """The file is not a T5 encoder checkpoint this loader reads (a ValueError too: wrong file given)."""
+
+
+def read_shapes(path: Path) -> dict[str, tuple[int, ...]]:
+    """{key: shape} of a weight file; a .safetensors file is read without loading tensors."""
+    if path.suffix.lower() != ".safetensors":
+        return {key: tuple(t.shape) for key, t in iter_tensors([path])}
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            return {strip_key_prefixes(k): tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+    except Exception as err:  # safetensors raises its own error types for damaged files
+        raise CheckpointError(f"could not read {str(path)!r} as safetensors ({type(err).__name__}: {err})") from err
+
+
+def config_from_shapes(shapes: dict[str, tuple[int, ...]], path: Path):
+    """The T5 v1.1 encoder `T5Config` that the tensor shapes of `path` describe."""
+    from transformers import T5Config
+
+    embed = shapes.get(SHARED) or shapes.get(EMBED)
+    if embed is None or not all(k in shapes for k in (_Q, _BIAS, _WI_0)):
+        raise NotT5FileError(
+            f"{path.name!r} is not a T5 v1.1 encoder in the Hugging Face key layout: {str(path)!r} has no "
+            f"'{SHARED}' / gated 'wi_0' keys (its first keys: {sorted(shapes)[:3]}); Open-Sora v1.2 uses "
+            "T5-XXL v1.1 (e.g. ComfyUI's t5xxl_fp16.safetensors)"
+        )
+    vocab_size, d_model = embed
+    num_buckets, num_heads = shapes[_BIAS]
+    inner = shapes[_Q][0]
+    if inner % num_heads:
+        raise CheckpointError(
+            f"{str(path)!r}: '{_Q}' has {inner} rows, not a multiple of the {num_heads} attention heads "
+            f"that '{_BIAS}' has"
+        )
+    blocks = {k.split(".")[2] for k in shapes if k.startswith("encoder.block.")}
+    return T5Config(
+        vocab_size=vocab_size,
+        d_model=d_model,
+        d_kv=inner // num_heads,
+        d_ff=shapes[_WI_0][0],
+        num_layers=1 + max(int(b) for b in blocks if b.isdigit()),
+        num_heads=num_heads,
+        relative_attention_num_buckets=num_buckets,
+        relative_attention_max_distance=128,
+        dropout_rate=0.0,
+        layer_norm_epsilon=1e-6,
+        feed_forward_proj="gated-gelu",
+        tie_word_embeddings=False,
+        is_encoder_decoder=False,
+        use_cache=False,
+        pad_token_id=0,
+        eos_token_id=1,
+        decoder_start_token_id=0,
+    )
+
+
+def read_config(path: Path):
+    """The `T5Config` of a single-file T5, from its tensor shapes (no tensor is loaded for
+    .safetensors); `NotT5FileError` when the file is of another kind."""
+    if path.suffix.lower() not in SUFFIXES:
+        raise NotT5FileError(
+            f"{str(path)!r} has suffix {path.suffix!r}: a single-file T5 must be one of {list(SUFFIXES)} "
+            "(or pass the encoder's Hugging Face folder to T5TextEncoder.from_pretrained)"
+        )
+    return config_from_shapes(read_shapes(path), path)
+
+
+def load_t5_encoder(path: Path, config, dtype: torch.dtype, device: torch.device):
+    """`T5EncoderModel` from one file: built on meta, tensors assigned in `dtype` on `device`.
+
+    As transformers' `from_pretrained` does, float16 keeps the feed-forward output projections
+    (`wo`) in float32. Missing, unexpected or mismatched keys raise `CheckpointError`.
+    """
+    from transformers import T5EncoderModel
+
+    with torch.device("meta"):
+        model = T5EncoderModel(config)
+    keep_float32 = set()
+    if dtype == torch.float16:
+        keep = set(T5EncoderModel._keep_in_fp32_modules or ())
+        keep_float32 = {k for k in model.state_dict() if keep & set(k.split("."))}
+    tensors = _tied_once(iter_tensors([path]), dtype, device, keep_float32)
+    try:
+        load_tensors_into(model, tensors, dtype=dtype, device=device, keep_float32=keep_float32)
+    except CheckpointError as err:
+        raise CheckpointError(f"{str(path)!r}: {err}") from err
+    model.encoder.embed_tokens.weight = model.shared.weight  # one table, as transformers ties them
+    return model.eval().requires_grad_(False)
+
+
+def _tied_once(tensors, dtype, device, keep_float32):
+    """The file's tensors cast for the model, plus the tied embedding under its other name when
+    the file stores it once (the same cast tensor under both names: no second copy)."""
+    seen = {}
+    for key, tensor in tensors:
+        if tensor.is_floating_point():
+            tensor = tensor.to(device=device, dtype=torch.float32 if key in keep_float32 else dtype)
+        if key in (SHARED, EMBED):
+            seen[key] = tensor
+        yield key, tensor
+    if SHARED in seen and EMBED not in seen:
+        yield EMBED, seen[SHARED]
+    elif EMBED in seen and SHARED not in seen:
+        yield SHARED, seen[EMBED]
+
+
+def find_tokenizer_folder(path: Path, search=()) -> Path:
+    """The first folder of [the file's folder, *search] that holds tokenizer.json or spiece.model."""
+    candidates = [path.parent, *(Path(s) for s in search)]
+    for folder in candidates:
+        if any((folder / name).is_file() for name in TOKENIZER_FILES):
+            return folder
+    raise FileNotFoundError(
+        f"no T5 tokenizer found for {str(path)!r}: looked for {list(TOKENIZER_FILES)} in "
+        f"{[str(c) for c in candidates]}; put the tokenizer files beside the weights, pass "
+        "tokenizer=<folder>, or use the encoder's Hugging Face folder (config.json, weights, spiece.model)"
+    )

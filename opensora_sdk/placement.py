@@ -1,0 +1,122 @@
+"""Placement: where each model computes and where it waits between uses.
+
+The orchestration asks a `Placement` for a model before each stage and gives it back after
+(`with placement.use(model, kind): ...`); the model goes home even when the stage raises.
+Kinds are "transformer", "vae" and "text_encoder". The default policy:
+
+* every model computes on `device`; weights wait on the host (`HOST`);
+* T5 leaves `device` right after encoding, always (the official code keeps a 19 GB T5
+  resident); its host copy is kept, so the way back costs one copy (see `T5TextEncoder`);
+* `offload=None`: STDiT3 and the VAE stay on `device` once used (fastest);
+  `offload="model"`: each goes home after every use, one large model on the device at a time.
+
+ComfyUI's node pack subclasses it (`comfy_nodes.comfy_host.ComfyPlacement`) to take the
+devices from ComfyUI's model management, free memory before a move and never keep a model.
+Dtype is not placement: models apply their own precision rules in `.to()` (STDiT3 keeps its
+RoPE table in float32, a float16 VAE keeps its spatial decoder in float32).
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from typing import Iterator
+
+import torch
+
+HOST = torch.device("cpu")
+KINDS = ("transformer", "vae", "text_encoder")
+OFFLOAD_CHOICES = (None, "model")
+
+
+def default_device() -> torch.device:
+    return torch.device("cuda") if torch.cuda.is_available() else HOST
+
+
+def default_dtype(device: torch.device) -> torch.dtype:
+    """bfloat16 on accelerators (the official inference dtype), float32 on the CPU."""
+    return torch.float32 if torch.device(device).type == "cpu" else torch.bfloat16
+
+
+def normalize_device(device) -> torch.device:
+    """"cuda" -> "cuda:0", as tensors report it (so device comparisons hold)."""
+    device = torch.device(device)
+    if device.type != "cpu" and device.index is None:
+        device = torch.empty(0, device=device).device
+    return device
+
+
+def module_device(module: torch.nn.Module) -> torch.device:
+    return next(module.parameters()).device
+
+
+def _check_kind(kind: str) -> None:
+    if kind not in KINDS:
+        raise ValueError(f"kind={kind!r} is not allowed: choose one of {list(KINDS)}")
+
+
+class Placement:
+    """The SDK's memory policy (see the module docstring). `device`: where models compute."""
+
+    def __init__(self, device=None, offload: str | None = None):
+        if offload not in OFFLOAD_CHOICES:
+            raise ValueError(f"offload={offload!r} is not allowed: choose one of {list(OFFLOAD_CHOICES)}")
+        self.device = normalize_device(device if device is not None else default_device())
+        self.offload = offload
+
+    # ---- the policy (override these) ---------------------------------------------------------
+
+    def compute_device(self, kind: str) -> torch.device:
+        return self.device
+
+    def home(self, kind: str) -> torch.device:
+        """Where a model of `kind` waits between uses."""
+        return HOST
+
+    def keeps(self, kind: str) -> bool:
+        """Whether a model of `kind` stays on its compute device after a use."""
+        return kind != "text_encoder" and self.offload is None
+
+    def make_room(self, num_bytes: int, device: torch.device) -> None:
+        """Called before `num_bytes` of weights move to `device` (ComfyUI frees its models)."""
+
+    def release(self) -> None:
+        """Called after weights left an accelerator."""
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+
+    # ---- moving models -----------------------------------------------------------------------
+
+    @contextmanager
+    def use(self, model, kind: str) -> Iterator:
+        """`model` (a torch module, or a `T5TextEncoder` for kind "text_encoder") on its compute
+        device inside the block; home afterwards, also on error, unless the policy keeps it."""
+        _check_kind(kind)
+        device = self.compute_device(kind)
+        if kind == "text_encoder":
+            self.make_room(_bytes(model.model), device)
+            try:
+                with model.on_device(device, home=self.home(kind)):
+                    yield model
+            finally:
+                self.release()
+            return
+        if module_device(model) != device:
+            self.make_room(_bytes(model), device)
+            model.to(device)
+        try:
+            yield model
+        finally:
+            if not self.keeps(kind):
+                if module_device(model) != self.home(kind):
+                    model.to(self.home(kind))
+                self.release()
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(device={self.device}, offload={self.offload!r})"
+
+
+def _bytes(module: torch.nn.Module) -> int:
+    return sum(t.numel() * t.element_size() for t in list(module.parameters()) + list(module.buffers()))
+
+
+__all__ = ["HOST", "OFFLOAD_CHOICES", "Placement", "default_device", "default_dtype", "module_device", "normalize_device"]
