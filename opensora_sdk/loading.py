@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -314,28 +314,69 @@ def _device_of(t: torch.Tensor) -> torch.device:
     return torch.device("cpu") if t.is_meta else t.device
 
 
-def save_safetensors_atomic(tensors: dict[str, torch.Tensor], path: str | os.PathLike, metadata=None) -> None:
-    """Write a .safetensors file through a temporary file and a rename (never half-written)."""
-    from safetensors.torch import save_file
+def fsync_dir(folder: str | os.PathLike) -> None:
+    """Make the renames in `folder` durable (POSIX; Windows cannot open a folder, so a no-op there)."""
+    if os.name == "nt":
+        return
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
+
+def write_file_atomic(path: str | os.PathLike, write: Callable[[Path], None]) -> Path:
+    """Write `path` so that it is never half-written: `write(tmp)` fills a temporary file in the
+    same folder, which is fsynced, renamed over `path` (`os.replace`) and the folder fsynced.
+    If `write` or the rename fails, the temporary file is removed and `path` keeps its old content."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
-        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp), metadata=metadata)
+        write(tmp)
+        fd = os.open(tmp, os.O_RDWR)  # writable: Windows' fsync needs it
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
         os.replace(tmp, path)
     finally:
         if tmp.exists():
             tmp.unlink()
+    fsync_dir(path.parent)
+    return path
+
+
+def save_safetensors_atomic(tensors: dict[str, torch.Tensor], path: str | os.PathLike, metadata=None) -> None:
+    """Write a .safetensors file through `write_file_atomic` (never half-written)."""
+    from safetensors.torch import save_file
+
+    cpu = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
+    write_file_atomic(path, lambda tmp: save_file(cpu, str(tmp), metadata=metadata))
+
+
+def write_text_atomic(text: str, path: str | os.PathLike) -> None:
+    """Write UTF-8 text through `write_file_atomic` (never half-written)."""
+    write_file_atomic(path, lambda tmp: tmp.write_bytes(text.encode("utf-8")))
 
 
 def write_json_atomic(data, path: str | os.PathLike) -> None:
+    """Write `data` as indented JSON through `write_file_atomic` (never half-written)."""
+    write_text_atomic(json.dumps(data, indent=2) + "\n", path)
+
+
+def append_line(line: str, path: str | os.PathLike) -> None:
+    """Append one line to a log (JSONL, CSV) in a single write, then fsync.
+
+    Logs grow by appending, so they are not renamed into place: a crash can at worst cut the
+    last line, never touch the lines before it."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    data = (line if line.endswith("\n") else line + "\n").encode("utf-8")
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | getattr(os, "O_BINARY", 0), 0o666)
     try:
-        tmp.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
-        os.replace(tmp, path)
+        while data:
+            data = data[os.write(fd, data) :]
+        os.fsync(fd)
     finally:
-        if tmp.exists():
-            tmp.unlink()
+        os.close(fd)

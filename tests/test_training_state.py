@@ -1,7 +1,10 @@
-"""EMA, checkpoints (atomic, loadable by STDiT3.from_pretrained), RNG states, features, config."""
+"""EMA, checkpoints (atomic, loadable by STDiT3.from_pretrained), atomic file writes, RNG
+states, features, config."""
 
 from __future__ import annotations
 
+import json
+import os
 import random
 
 import numpy as np
@@ -9,6 +12,7 @@ import pytest
 import torch
 from torch import nn
 
+from opensora_sdk import loading
 from opensora_sdk.configs import STDIT3_PRESETS, preset
 from opensora_sdk.models.stdit3 import STDiT3
 from opensora_sdk.training import checkpoint as ckpt
@@ -101,7 +105,7 @@ def test_checkpoint_round_trip_loads_with_from_pretrained(tmp_path):
 def test_checkpoint_is_atomic_when_a_save_dies(tmp_path, monkeypatch):
     model = tiny_stdit3()
     good = save(tmp_path, 1, model)
-    real = ckpt.write_stdit3_folder
+    real = ckpt.write_model_folder
     calls = []
 
     def dies_on_ema(state, config, folder):
@@ -110,7 +114,7 @@ def test_checkpoint_is_atomic_when_a_save_dies(tmp_path, monkeypatch):
             raise OSError("disk full")
         real(state, config, folder)
 
-    monkeypatch.setattr(ckpt, "write_stdit3_folder", dies_on_ema)
+    monkeypatch.setattr(ckpt, "write_model_folder", dies_on_ema)
     with pytest.raises(OSError, match="disk full"):
         save(tmp_path, 2, model)
     assert calls == ["model", "ema"]
@@ -118,7 +122,7 @@ def test_checkpoint_is_atomic_when_a_save_dies(tmp_path, monkeypatch):
     assert not (tmp_path / "step-00000002").exists()
     assert ckpt.list_checkpoints(tmp_path) == [good]
     assert ckpt.resolve_resume("latest", tmp_path) == good
-    monkeypatch.setattr(ckpt, "write_stdit3_folder", real)
+    monkeypatch.setattr(ckpt, "write_model_folder", real)
     save(tmp_path, 3, model)
     assert not list(tmp_path.glob(".tmp-*"))  # the next save clears the leftovers
     assert ckpt.resolve_resume("latest", tmp_path).name == "step-00000003"
@@ -135,6 +139,74 @@ def test_keep_last_and_resave_of_the_same_step(tmp_path):
         ckpt.resolve_resume("latest", tmp_path / "empty")
     with pytest.raises(FileNotFoundError, match="not a complete checkpoint"):
         ckpt.resolve_resume(tmp_path / "nothing", tmp_path)
+
+
+# --------------------------------------------------------------------------------------------
+# Atomic file writes (every file training writes goes through them)
+# --------------------------------------------------------------------------------------------
+
+
+def test_a_write_that_dies_leaves_the_previous_file_and_no_partial_one(tmp_path, monkeypatch):
+    import safetensors.torch
+    from safetensors.torch import load_file
+
+    json_path, tensors_path, torch_path = tmp_path / "state.json", tmp_path / "model.safetensors", tmp_path / "optimizer.pt"
+    loading.write_json_atomic({"step": 1}, json_path)
+    loading.save_safetensors_atomic({"w": torch.ones(4)}, tensors_path)
+    ckpt._torch_save({"step": 1}, torch_path)
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+
+    def dies_midway(tensors, filename, metadata=None):  # half a file on disk, then the crash
+        with open(filename, "wb") as f:
+            f.write(b"\x00" * 7)
+        raise OSError("disk full")
+
+    monkeypatch.setattr(safetensors.torch, "save_file", dies_midway)
+    with pytest.raises(OSError, match="disk full"):
+        loading.save_safetensors_atomic({"w": torch.zeros(4)}, tensors_path)
+    monkeypatch.undo()
+
+    def killed(src, dst):  # the process dies after writing the temp file, before the rename
+        raise OSError("killed before the rename")
+
+    monkeypatch.setattr(os, "replace", killed)
+    for write in (lambda: loading.write_json_atomic({"step": 2}, json_path),
+                  lambda: loading.save_safetensors_atomic({"w": torch.zeros(4)}, tensors_path),
+                  lambda: ckpt._torch_save({"step": 2}, torch_path),
+                  lambda: loading.write_text_atomic("step,loss\n", tmp_path / "log.csv")):  # fmt: skip
+        with pytest.raises(OSError, match="killed before the rename"):
+            write()
+    monkeypatch.undo()
+
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before  # no temp file, no partial file
+    assert json.loads(json_path.read_text()) == {"step": 1}
+    assert torch.equal(load_file(str(tensors_path))["w"], torch.ones(4))
+    assert torch.load(torch_path, weights_only=True) == {"step": 1}
+
+
+def test_atomic_writes_fsync_the_file_and_the_folder(tmp_path, monkeypatch):
+    synced = []
+    real_fsync = os.fsync
+
+    def spy(fd):
+        synced.append(os.fstat(fd).st_ino)
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", spy)
+    path = tmp_path / "sub" / "summary.json"
+    loading.write_json_atomic({"a": 1}, path)
+    assert path.stat().st_ino in synced  # the temp file, renamed into place
+    if os.name != "nt":  # a folder cannot be fsynced on Windows
+        assert path.parent.stat().st_ino in synced
+    synced.clear()
+    folder = save(tmp_path / "checkpoints", 1, tiny_stdit3())
+    assert (folder / "state.json").stat().st_ino in synced and (folder / "model" / "model.safetensors").stat().st_ino in synced
+    if os.name != "nt":
+        assert folder.parent.stat().st_ino in synced  # the checkpoint folder's rename
+    synced.clear()
+    loading.append_line("1,0.5", tmp_path / "log.csv")
+    loading.append_line("2,0.4", tmp_path / "log.csv")
+    assert (tmp_path / "log.csv").read_text() == "1,0.5\n2,0.4\n" and len(synced) == 2
 
 
 def test_rng_state_round_trip():

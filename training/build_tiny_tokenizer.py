@@ -130,11 +130,13 @@ SPECIAL_TOKENS_MAP = {"pad_token": PAD, "eos_token": EOS, "unk_token": UNK}
 
 def write_tiny_tokenizer(out_dir: str | Path = DEFAULT_OUT) -> Path:
     """Write tokenizer.json, tokenizer_config.json and special_tokens_map.json to `out_dir`."""
+    from opensora_sdk.loading import write_file_atomic, write_text_atomic
+
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    build_tiny_tokenizer().save(str(out / "tokenizer.json"), pretty=False)
+    tokenizer = build_tiny_tokenizer()
+    write_file_atomic(out / "tokenizer.json", lambda tmp: tokenizer.save(str(tmp), pretty=False))
     for name, data in (("tokenizer_config.json", TOKENIZER_CONFIG), ("special_tokens_map.json", SPECIAL_TOKENS_MAP)):
-        (out / name).write_text(json.dumps(data, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+        write_text_atomic(json.dumps(data, indent=2, sort_keys=True) + "\n", out / name)
     return out
 
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 import argparse
 import csv
 import dataclasses
-import json
+import io
 import logging
 import resource
 import signal
@@ -28,7 +28,7 @@ from accelerate.utils import DistributedType, set_seed
 from tqdm.auto import tqdm
 
 from opensora_sdk.configs import STDIT3_PRESETS, VAE_PRESETS, STDiT3Config, preset, read_config_json
-from opensora_sdk.loading import iter_tensors, resolve_checkpoint
+from opensora_sdk.loading import append_line, iter_tensors, resolve_checkpoint, write_json_atomic, write_text_atomic
 from opensora_sdk.models.stdit3 import STDiT3, infer_config
 from opensora_sdk.models.text_encoder import T5TextEncoder, resolve_dtype, tiny_t5_config
 from opensora_sdk.models.vae import VideoAutoencoder
@@ -174,23 +174,28 @@ def peak_memory_mib(device) -> float:
 
 
 class CSVLog:
-    """Rows in logs/train_log.csv: a fresh file, or on resume the old rows up to the resumed step."""
+    """Rows in logs/train_log.csv: a fresh file, or on resume the old rows up to the resumed step
+    (rewritten atomically; a row cut short by a crash is dropped). New rows are appended."""
 
     def __init__(self, path: Path, resume_step: int | None):
         self.path = path
-        path.parent.mkdir(parents=True, exist_ok=True)
         rows = []
         if path.exists() and resume_step is not None:
             with open(path, newline="") as f:
-                rows = [r for r in csv.DictReader(f) if int(r["step"]) <= resume_step]
-        with open(path, "w", newline="") as f:
-            writer = csv.DictWriter(f, LOG_COLUMNS)
-            writer.writeheader()
-            writer.writerows(rows)
+                rows = [r for r in csv.DictReader(f) if None not in r.values() and int(r["step"]) <= resume_step]
+        write_text_atomic(csv_text(rows, header=True), path)
 
     def write(self, row: dict) -> None:
-        with open(self.path, "a", newline="") as f:
-            csv.DictWriter(f, LOG_COLUMNS).writerow({k: row.get(k, "") for k in LOG_COLUMNS})
+        append_line(csv_text([{k: row.get(k, "") for k in LOG_COLUMNS}], header=False), self.path)
+
+
+def csv_text(rows: list[dict], header: bool) -> str:
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, LOG_COLUMNS)
+    if header:
+        writer.writeheader()
+    writer.writerows(rows)
+    return buffer.getvalue()
 
 
 def main(argv=None) -> dict:
@@ -228,7 +233,7 @@ def main(argv=None) -> dict:
         out.mkdir(parents=True, exist_ok=True)
         if not args.resume and ckpt.list_checkpoints(out / "checkpoints"):
             logger.warning("%s already holds checkpoints; this run starts from scratch (use --resume latest to continue)", out)
-        (out / "config.json").write_text(json.dumps(config_as_dict(cfg), indent=2) + "\n")
+        write_json_atomic(config_as_dict(cfg), out / "config.json")
 
     # ---- the diffusion model (seeded on its own, so the frozen models' order does not matter)
     torch.manual_seed(cfg.seed)
@@ -459,7 +464,7 @@ def main(argv=None) -> dict:
                "param_digest": [float(d.sum()) for d in digests], "checkpoint": str(saved_at) if saved_at else None,
                "peak_mem_mib": round(peak_memory_mib(device), 1), "wall_s": round(time.perf_counter() - t_start, 2)}  # fmt: skip
     if is_main:
-        (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+        write_json_atomic(summary, out / "summary.json")
     if use_tb:
         accelerator.end_training()
     return summary

@@ -37,9 +37,11 @@ is written with `VideoAutoencoder.save_pretrained` to `output_dir/vae/` (`summar
 the measured reconstruction PSNR). Clips are read once into memory (uint8).
 
 Randomness (clip and frame picks, posterior samples) comes from one seeded generator saved in
-each checkpoint. Checkpoints (`output_dir/checkpoints/<stage>-<step>/`: weights, optimizer,
-generator, state.json) are written into a hidden folder renamed into place, so a killed run
-leaves no half-written checkpoint; `--resume latest` continues from the newest one.
+each checkpoint. Checkpoints are those of `opensora_sdk.training.checkpoint`, one root per stage
+(`output_dir/checkpoints/<k>-<stage>/step-NNNNNNNN/`: `model/` (loads with
+`VideoAutoencoder.from_pretrained`), optimizer, RNG states with the generator, state.json with the
+stage), written into a hidden folder renamed into place, so a killed run leaves no half-written
+checkpoint; `--resume latest` continues from the newest one of the latest stage.
 """
 
 from __future__ import annotations
@@ -48,9 +50,7 @@ import argparse
 import json
 import logging
 import math
-import os
 import resource
-import shutil
 import time
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -59,11 +59,11 @@ import numpy as np
 import torch
 import yaml
 from einops import rearrange
-from safetensors.torch import load_file
 
 from opensora_sdk.configs import AutoencoderKLConfig, TemporalVAEConfig, VideoAutoencoderConfig
-from opensora_sdk.loading import save_safetensors_atomic, write_json_atomic
+from opensora_sdk.loading import append_line, write_json_atomic
 from opensora_sdk.models.vae import VideoAutoencoder
+from opensora_sdk.training import checkpoint as ckpt
 from opensora_sdk.training.config import apply_override
 from opensora_sdk.training.dataset import read_table
 from opensora_sdk.video_io import read_video
@@ -292,25 +292,12 @@ def lr_at(step: int, s: StageSection) -> float:
     return s.lr * (s.final_lr_ratio + (1 - s.final_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
 
 
-# ---- checkpoints ----------------------------------------------------------------------------
+# ---- checkpoints: opensora_sdk.training.checkpoint's, one root per stage ---------------------
 
 
-def save_checkpoint(root: Path, stage: str, step: int, vae, optimizer, gen, extra: dict) -> Path:
-    name = f"{STAGES.index(stage)}-{stage}-{step:07d}"
-    tmp, final = root / f".tmp-{name}", root / name
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    save_safetensors_atomic({k: v.detach().contiguous() for k, v in vae.state_dict().items()}, tmp / "model.safetensors")
-    torch.save({"optimizer": optimizer.state_dict(), "generator": gen.get_state(), "torch": torch.get_rng_state()}, tmp / "state.pt")
-    write_json_atomic({"stage": stage, "step": step, **extra}, tmp / "state.json")  # written last
-    shutil.rmtree(final, ignore_errors=True)
-    os.replace(tmp, final)
-    return final
-
-
-def latest_checkpoint(root: Path) -> Path | None:
-    found = sorted(p for p in root.glob("[0-9]-*") if (p / "state.json").is_file()) if root.is_dir() else []
-    return found[-1] if found else None
+def stage_root(ckpt_root: Path, stage: str) -> Path:
+    """`checkpoints/<k>-<stage>/` (k orders the stages), holding step-NNNNNNNN folders."""
+    return ckpt_root / f"{STAGES.index(stage)}-{stage}"
 
 
 # ---- evaluation and normalisation ---------------------------------------------------------
@@ -415,18 +402,19 @@ def main(argv=None) -> dict:
     ckpt_root = out / "checkpoints"
     start_stage, start_step, resumed = STAGES.index(args.start_stage), 0, None
     if args.resume:
-        resumed = latest_checkpoint(ckpt_root) if args.resume == "latest" else Path(args.resume)
-        if resumed is None:
-            raise FileNotFoundError(f"--resume latest: no checkpoint under {ckpt_root}")
-        state = json.loads((resumed / "state.json").read_text())
-        vae.load_state_dict(load_file(resumed / "model.safetensors"))
-        start_stage, start_step = STAGES.index(state["stage"]), int(state["step"])
-        logger.info("resumed from %s (stage %s, step %d)", resumed, state["stage"], start_step)
+        folder = ckpt.resolve_resume(args.resume, *(stage_root(ckpt_root, s) for s in STAGES))
+        resumed = ckpt.load_checkpoint(folder)
+        stage = resumed.train_state.get("stage")
+        if stage not in STAGES or None in (resumed.model_state, resumed.optimizer_state, resumed.rng_state):
+            raise ValueError(f"--resume {str(folder)!r}: not a train_vae checkpoint (stage {stage!r}, allowed {list(STAGES)}; "
+                             "needs model/model.safetensors, optimizer.pt and rng/rank0.pt)")  # fmt: skip
+        vae.load_state_dict(resumed.model_state)
+        start_stage, start_step = STAGES.index(stage), int(resumed.train_state["step"])
+        logger.info("resumed from %s (stage %s, step %d)", folder, stage, start_step)
         sync_normalisation_config(vae)  # the checkpoint's buffers hold the measured shift / scale
 
     # ---- the stages; shift / scale measured after the joint stage, before the decoder stage --
     log_path = out / "logs" / "vae_log.jsonl"
-    log_path.parent.mkdir(parents=True, exist_ok=True)
     for k, stage in enumerate(STAGES):
         s = getattr(cfg, stage)
         if stage == "decoder" and start_stage < k:
@@ -441,10 +429,8 @@ def main(argv=None) -> dict:
         optimizer = torch.optim.AdamW(params, lr=s.lr, weight_decay=0.0)
         step = 0
         if resumed is not None and k == start_stage:
-            saved = torch.load(resumed / "state.pt", weights_only=True)
-            optimizer.load_state_dict(saved["optimizer"])
-            gen.set_state(saved["generator"])
-            torch.set_rng_state(saved["torch"])
+            optimizer.load_state_dict(resumed.optimizer_state)
+            ckpt.restore_rng_state(resumed.rng_state, {"vae": gen})
             step = start_step
         cache = None
         if stage == "temporal":
@@ -467,12 +453,14 @@ def main(argv=None) -> dict:
                 row = {"stage": stage, "step": step, "lr": lr_at(step - 1, s),
                        **{key: float(np.mean([w[key] for w in window if key in w])) for key in dict.fromkeys(k for w in window for k in w)},
                        "s_per_step": (time.perf_counter() - tw) / len(window), "elapsed_s": time.perf_counter() - t0}  # fmt: skip
-                with open(log_path, "a") as f:
-                    f.write(json.dumps(row) + "\n")
+                append_line(json.dumps(row), log_path)
                 logger.info("%s", " ".join(f"{key}={v:.4g}" if isinstance(v, float) else f"{key}={v}" for key, v in row.items()))
                 window, tw = [], time.perf_counter()
             if step % cfg.ckpt_every == 0 or step == s.steps:
-                save_checkpoint(ckpt_root, stage, step, vae, optimizer, gen, {"elapsed_s": time.perf_counter() - t0})
+                ckpt.save_checkpoint(stage_root(ckpt_root, stage), step, rank=0, is_main=True, barrier=lambda: None,
+                                     model_config=vae.config, model_state=vae.state_dict(), ema_state=None,
+                                     optimizer_state=optimizer.state_dict(), rng_state=ckpt.capture_rng_state({"vae": gen}),
+                                     train_state={"stage": stage, "elapsed_s": time.perf_counter() - t0})  # fmt: skip
         resumed = None
 
     # ---- figures, export ----------------------------------------------------------------------

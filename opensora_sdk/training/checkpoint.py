@@ -1,8 +1,9 @@
 """Training checkpoints: everything needed to continue a run exactly, written atomically.
 
-Layout of `<output>/checkpoints/step-00000200/`:
+One format for both trainers (training/train.py: STDiT3; training/train_vae.py: the video VAE,
+one checkpoint root per stage). Layout of `<output>/checkpoints/step-00000200/`:
 
-    model/          config.json + model.safetensors   raw weights  (STDiT3.from_pretrained)
+    model/          config.json + model.safetensors   raw weights  (STDiT3 / VideoAutoencoder.from_pretrained)
     ema/            config.json + model.safetensors   EMA weights  (STDiT3.from_pretrained)
     optimizer.pt    optimizer state (optimizer/rank{r}.pt per rank when it is sharded)
     lr_scheduler.pt learning-rate scheduler state
@@ -14,7 +15,9 @@ Layout of `<output>/checkpoints/step-00000200/`:
 Every rank writes its files into `.tmp-step-00000200/`; after a barrier the main process
 renames it to `step-00000200` (`os.replace`, atomic on one filesystem). A run killed while
 saving leaves only a `.tmp-*` folder, which `list_checkpoints` ignores and the next save
-removes. The folder's files are loaded with `torch.load(weights_only=True)`.
+removes. Every file goes through `opensora_sdk.loading`'s atomic writers (temp file, fsync,
+rename, fsync of the folder), and the folder rename is fsynced too. The folder's files are loaded
+with `torch.load(weights_only=True)`.
 """
 
 from __future__ import annotations
@@ -29,8 +32,9 @@ from typing import Callable, Mapping, NamedTuple
 import numpy as np
 import torch
 
-from opensora_sdk.configs import STDiT3Config, config_to_dict
-from opensora_sdk.loading import save_safetensors_atomic, write_json_atomic
+from opensora_sdk.configs import STDiT3Config, VideoAutoencoderConfig, config_to_dict
+from opensora_sdk.loading import fsync_dir, save_safetensors_atomic, write_file_atomic, write_json_atomic
+from opensora_sdk.models.vae import official_config_dict
 
 PREFIX = "step-"
 TEMP_PREFIX = ".tmp-" + PREFIX
@@ -52,30 +56,42 @@ def list_checkpoints(root: str | os.PathLike) -> list[Path]:
     return sorted(found, key=lambda p: int(p.name[len(PREFIX) :]))
 
 
-def resolve_resume(value: str | os.PathLike, root: str | os.PathLike) -> Path:
-    """`--resume latest` -> the newest checkpoint under `root`; a path -> that checkpoint."""
+def resolve_resume(value: str | os.PathLike, *roots: str | os.PathLike) -> Path:
+    """`--resume latest` -> the newest checkpoint of the last of `roots` (in run order) that has
+    one; a path -> that checkpoint."""
     if str(value) == "latest":
-        found = list_checkpoints(root)
-        if not found:
-            raise FileNotFoundError(f"--resume latest: no complete checkpoint (step-N/state.json) under {str(root)!r}")
-        return found[-1]
+        for root in reversed(roots):
+            found = list_checkpoints(root)
+            if found:
+                return found[-1]
+        where = " or ".join(repr(str(r)) for r in roots)
+        raise FileNotFoundError(f"--resume latest: no complete checkpoint (step-N/state.json) under {where}")
     folder = Path(value)
     if not (folder / "state.json").is_file():
         raise FileNotFoundError(
             f"--resume {str(value)!r}: not a complete checkpoint folder (no state.json); "
-            f"pass 'latest' or a folder such as {str(Path(root) / checkpoint_name(200))!r}"
+            f"pass 'latest' or a folder such as {str(Path(roots[-1]) / checkpoint_name(200))!r}"
         )
     return folder
 
 
-def write_stdit3_folder(state_dict: Mapping[str, torch.Tensor], config: STDiT3Config, folder: str | os.PathLike) -> None:
-    """model.safetensors + config.json in the layout of `STDiT3.save_pretrained`."""
+def model_config_json(config: STDiT3Config | VideoAutoencoderConfig, dtype: str) -> dict:
+    """config.json of a model folder, as the model's `save_pretrained` writes it."""
+    if isinstance(config, STDiT3Config):
+        return {"architectures": ["STDiT3"], "model_type": "STDiT3", **config_to_dict(config), "torch_dtype": dtype}
+    if isinstance(config, VideoAutoencoderConfig):
+        return {**official_config_dict(config), "torch_dtype": dtype}
+    raise TypeError(f"model_config: {type(config).__name__} is not supported; allowed: STDiT3Config, VideoAutoencoderConfig")
+
+
+def write_model_folder(state_dict: Mapping[str, torch.Tensor], config: STDiT3Config | VideoAutoencoderConfig,
+                       folder: str | os.PathLike) -> None:  # fmt: skip
+    """model.safetensors + config.json in the layout of the model's `save_pretrained`."""
     folder = Path(folder)
     first = next(iter(state_dict.values()))
     dtype = str(first.dtype).removeprefix("torch.")
     save_safetensors_atomic(dict(state_dict), folder / "model.safetensors", metadata={"format": "pt"})
-    data = {"architectures": ["STDiT3"], "model_type": "STDiT3", **config_to_dict(config), "torch_dtype": dtype}
-    write_json_atomic(data, folder / "config.json")
+    write_json_atomic(model_config_json(config, dtype), folder / "config.json")
 
 
 # --------------------------------------------------------------------------------------------
@@ -140,7 +156,7 @@ def save_checkpoint(
     rank: int,
     is_main: bool,
     barrier: Callable[[], None],
-    model_config: STDiT3Config,
+    model_config: STDiT3Config | VideoAutoencoderConfig,
     model_state: Mapping[str, torch.Tensor] | None,
     ema_state: Mapping[str, torch.Tensor] | None,
     optimizer_state: dict | None,
@@ -172,9 +188,9 @@ def save_checkpoint(
         _torch_save(optimizer_state, tmp / "optimizer" / f"rank{rank}.pt")
     if is_main:
         if model_state is not None:
-            write_stdit3_folder(model_state, model_config, tmp / "model")
+            write_model_folder(model_state, model_config, tmp / "model")
         if ema_state is not None:
-            write_stdit3_folder(ema_state, model_config, tmp / "ema")
+            write_model_folder(ema_state, model_config, tmp / "ema")
         if optimizer_state is not None and not optimizer_sharded:
             _torch_save(optimizer_state, tmp / "optimizer.pt")
         for name, value in (("lr_scheduler.pt", scheduler_state), ("grad_scaler.pt", scaler_state)):
@@ -194,10 +210,7 @@ def save_checkpoint(
 
 
 def _torch_save(obj, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    part = path.with_name(path.name + ".part")
-    torch.save(obj, part)
-    os.replace(part, path)
+    write_file_atomic(path, lambda tmp: torch.save(obj, tmp))
 
 
 def _commit(tmp: Path, final: Path) -> None:
@@ -207,6 +220,7 @@ def _commit(tmp: Path, final: Path) -> None:
         old = final.with_name(f".old-{final.name}-{os.getpid()}")
         os.replace(final, old)
     os.replace(tmp, final)
+    fsync_dir(final.parent)
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
 

@@ -331,21 +331,18 @@ def generate_dataset(
 
 
 def write_csv(rows: list[dict], path: str | os.PathLike, columns=None) -> Path:
-    """Write rows to a CSV through a temporary file and a rename (never half-written)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    """Write rows to a CSV through `write_file_atomic` (never half-written)."""
+    from opensora_sdk.loading import write_file_atomic
+
     columns = list(columns or (rows[0].keys() if rows else CSV_COLUMNS))
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
+
+    def write(tmp: Path) -> None:
         with open(tmp, "w", newline="", encoding="utf-8") as f:
             writer = csv.DictWriter(f, fieldnames=columns)
             writer.writeheader()
             writer.writerows(rows)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-    return path
+
+    return write_file_atomic(path, write)
 
 
 def main(argv=None) -> None:

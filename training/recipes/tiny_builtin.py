@@ -150,6 +150,7 @@ def step_stdit3(work: Path, args) -> None:
 def step_export(work: Path, args) -> None:
     import torch
 
+    from opensora_sdk.loading import write_json_atomic
     from opensora_sdk.models import STDiT3, VideoAutoencoder
     from opensora_sdk.training.checkpoint import list_checkpoints
 
@@ -169,7 +170,7 @@ def step_export(work: Path, args) -> None:
         "vae": {k: v for k, v in vae_summary.items() if k not in ("shift", "scale")}, "t5": T5_FIELDS,
         "weights_bytes": sum(p.stat().st_size for p in out.rglob("*.safetensors")),
     }  # fmt: skip
-    (out / "training.json").write_text(json.dumps(info, indent=2) + "\n")
+    write_json_atomic(info, out / "training.json")
     if args.export:
         target = Path(args.export)
         shutil.rmtree(target, ignore_errors=True)
@@ -228,6 +229,8 @@ def main(argv=None) -> None:
     unknown = sorted(set(wanted + args.force) - set(STEPS))
     if unknown:
         raise SystemExit(f"unknown step(s) {unknown}; choose from {list(STEPS)}")
+    from opensora_sdk.loading import write_json_atomic
+
     times_path = work / "times.json"
     times = json.loads(times_path.read_text()) if times_path.is_file() else {}
     ran = False
@@ -246,7 +249,7 @@ def main(argv=None) -> None:
         ran = True  # every later step depends on this one: redo them too
         times[step] = {"wall_s": round(before["wall_s"] + time.perf_counter() - t0, 1),
                        "cpu_s": round(before["cpu_s"] + cpu_seconds() - c0, 1)}
-        times_path.write_text(json.dumps(times, indent=2) + "\n")
+        write_json_atomic(times, times_path)
         print(f"== {step}: {times[step]['wall_s']:.0f} s wall, {times[step]['cpu_s']:.0f} s CPU", flush=True)
     total = {k: round(sum(t[k] for t in times.values()), 1) for k in ("wall_s", "cpu_s")}
     print(f"total (steps run so far): {total['wall_s'] / 60:.1f} min wall, {total['cpu_s'] / 60:.1f} min CPU")
