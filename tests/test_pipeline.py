@@ -187,6 +187,74 @@ def test_image_reference_forms_agree(pipe, tmp_path):
     assert pipe.plan("a cat", reference_path=str(path), num_frames=5).samples[0].mask_strategy == "0"
 
 
+def test_typed_and_string_references_resize_to_the_same_latents(pipe, tmp_path, monkeypatch):
+    """A 5-frame 100x150 clip and an 80x120 image (non-trivial pixels, neither at the output
+    size) conditioning a 64x64 video: given as files (the official string form) or as tensors
+    (typed conditions, as ComfyUI passes them), the VAE sees the same pixels and the videos are
+    identical; both go through the one official resize-crop."""
+    from PIL import Image
+
+    from opensora_sdk.video_io import read_video_pixels, resize_crop
+
+    yy, xx = torch.meshgrid(torch.linspace(0, 1, 100), torch.linspace(0, 1, 150), indexing="ij")
+    clip = torch.stack([(xx * (1 + f) * 255) % 256 for f in range(5)])  # [5, 100, 150] stripes moving
+    clip = torch.stack([clip, (yy * 255).expand_as(clip), (clip + yy * 90) % 256], -1).byte().numpy()
+    Video(clip, 8).save(tmp_path / "clip.mp4")
+    pixels = (torch.rand(80, 120, 3, generator=torch.Generator().manual_seed(3)) * 255).byte().numpy()
+    Image.fromarray(pixels).save(tmp_path / "image.png")
+    encodes = []
+    original = pipe.vae.encode
+
+    def spy(x, *args, **kwargs):
+        encodes.append(x.detach().clone())
+        return original(x, *args, **kwargs)
+
+    monkeypatch.setattr(pipe.vae, "encode", spy)
+    common = dict(num_frames=17, seed=8, align=None, **SIZE)
+    by_path = pipe("a cat", reference_path=f"{tmp_path / 'image.png'};{tmp_path / 'clip.mp4'}",
+                   mask_strategy="0,0,0,0,1;0,1,0,1,2", **common)
+    image_px = torch.from_numpy(pixels).permute(2, 0, 1).float() / 127.5 - 1  # [3, 80, 120]
+    typed = pipe("a cat", conditions=[ImageCondition(image_px), VideoCondition(read_video_pixels(tmp_path / "clip.mp4"),
+                 target_start=1, length=2)], **common)
+    assert len(encodes) == 4 and encodes[0].shape == (1, 3, 1, 64, 64) and encodes[1].shape == (1, 3, 5, 64, 64)
+    assert torch.equal(encodes[0], encodes[2]) and torch.equal(encodes[1], encodes[3])
+    assert np.array_equal(by_path.frames, typed.frames)
+    # the pixels are the official resize: PIL bicubic for the image, bilinear for the clip
+    torch.testing.assert_close(encodes[0][0], resize_crop(pixels, 64, 64, mode="bicubic"), rtol=0, atol=0)
+    assert float(encodes[1].std()) > 0.2  # not a constant clip
+
+
+def test_t5_leaves_the_device_when_encoding_fails(pipe, monkeypatch):
+    """The placement gives T5 back even when its forward raises (spy on its on_device block)."""
+    te = pipe.text_encoder
+    events = []
+    original = te.on_device
+
+    def spy(device, home="cpu"):
+        events.append(("enter", str(device)))
+        block = original(device, home)
+
+        class Watched:
+            def __enter__(self):
+                return block.__enter__()
+
+            def __exit__(self, *exc):
+                out = block.__exit__(*exc)
+                events.append(("exit", te.is_offloaded, exc[0].__name__ if exc[0] else None))
+                return out
+
+        return Watched()
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("T5 ran out of memory")
+
+    monkeypatch.setattr(te, "on_device", spy)
+    monkeypatch.setattr(te.model, "forward", broken)
+    with pytest.raises(RuntimeError, match="T5 ran out of memory"):
+        pipe("a prompt never seen before", num_frames=5, seed=1, **SIZE)
+    assert events == [("enter", "cpu"), ("exit", True, "RuntimeError")]
+
+
 def test_first_and_last_frame(pipe, monkeypatch):
     encodes = record(pipe.vae, "encode", monkeypatch)
     kept, callback = final_latents(2)

@@ -132,7 +132,7 @@ def test_warp_golden_mixed_batch_and_scale(golden):
 def test_sampler_schedule_golden(golden):
     g = golden("rflow_sample")
     sched = g.meta["scheduler"]
-    rf = RectifiedFlow(num_sampling_steps=sched["num_sampling_steps"], cfg_scale=sched["cfg_scale"])
+    rf = RectifiedFlow(num_sampling_steps=sched["num_sampling_steps"])
     ts = rf.timesteps(2, height=g["in.args.height"], width=g["in.args.width"], num_frames=g["in.args.num_frames"])
     for i, t in enumerate(ts):
         torch.testing.assert_close(torch.cat([t, t]), g[f"step.{i:02d}.t"], rtol=0, atol=1e-5)

@@ -20,7 +20,7 @@ MODEL_OUT_TOL = 2e-5
 
 def _golden_setup(g):
     sched = g.meta["scheduler"]
-    rf = RectifiedFlow(num_sampling_steps=sched["num_sampling_steps"], cfg_scale=sched["cfg_scale"])
+    rf = RectifiedFlow(num_sampling_steps=sched["num_sampling_steps"])
     args = g.with_prefix("in.args.")
     ts = rf.timesteps(2, height=args["height"], width=args["width"], num_frames=args["num_frames"])
     return rf, args, ts
@@ -35,7 +35,7 @@ def _run_golden(g, model_fn, **kw):
         y=g["in.y"],
         y_null=kw.pop("y_null", g["in.y"]),
         y_mask=g["in.y_mask"],
-        guidance_scale=rf.cfg_scale,
+        guidance_scale=g.meta["scheduler"]["cfg_scale"],
         frame_mask=g["in.masks"],
         model_kwargs=args,
         **kw,

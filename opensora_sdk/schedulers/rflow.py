@@ -165,9 +165,11 @@ def mean_flat(x: Tensor, mask: Tensor | None = None) -> Tensor:
 class RectifiedFlow:
     """Settings of the rectified-flow scheduler, with the official field names.
 
-    Defaults are those of the v1.2 inference and training configs (30 steps, CFG 7.0, timestep
-    warp on, logit-normal training times); note that the official class's own constructor
-    defaults are 10 steps, CFG 4.0, no warp and uniform training times.
+    Defaults are those of the v1.2 inference and training configs (30 steps, timestep warp
+    on, logit-normal training times); note that the official class's own constructor
+    defaults are 10 steps, no warp and uniform training times. The guidance scale is not a
+    scheduler setting here (the official class carries `cfg_scale`): the sampler takes it,
+    and its default lives in the family's defaults table (`opensora_sdk.presets`).
 
     `official_bf16` and `degenerate_warp` select the reference numerics described in the
     module docstring; the defaults (float32, "clamp") never return an undenoised latent.
@@ -175,7 +177,6 @@ class RectifiedFlow:
 
     num_sampling_steps: int = 30
     num_timesteps: int = 1000
-    cfg_scale: float = 7.0
     use_discrete_timesteps: bool = False
     use_timestep_transform: bool = True
     transform_scale: float = 1.0
