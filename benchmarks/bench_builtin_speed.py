@@ -40,7 +40,10 @@ def cpu_s(who=resource.RUSAGE_SELF) -> float:
 
 
 def timed_call(pipe, seed: int, steps: int | None) -> dict:
-    """One generation, split into text / sampling / decode by wrapping the pipeline's stages."""
+    """One generation, split into text / sampling / decode by wrapping the stages of
+    `opensora_sdk.generation`."""
+    from opensora_sdk import generation
+
     marks = {}
 
     def wrap(name, fn):
@@ -53,12 +56,15 @@ def timed_call(pipe, seed: int, steps: int | None) -> dict:
 
         return inner
 
-    pipe.encode_texts = wrap("text_s", type(pipe).encode_texts.__get__(pipe))
-    pipe.vae_decode = wrap("decode_s", type(pipe).vae_decode.__get__(pipe))
-    t0, c0 = time.perf_counter(), cpu_s()
-    video = pipe(PROMPT, seed=seed, num_steps=steps, progress=False)
-    wall, cpu = time.perf_counter() - t0, cpu_s() - c0
-    del pipe.encode_texts, pipe.vae_decode
+    stages = generation.encode_texts, generation.decode_clip
+    generation.encode_texts = wrap("text_s", stages[0])
+    generation.decode_clip = wrap("decode_s", stages[1])
+    try:
+        t0, c0 = time.perf_counter(), cpu_s()
+        video = pipe(PROMPT, seed=seed, num_steps=steps, progress=False)
+        wall, cpu = time.perf_counter() - t0, cpu_s() - c0
+    finally:
+        generation.encode_texts, generation.decode_clip = stages
     other = wall - sum(marks.values())
     return {"wall_s": wall, "cpu_s": cpu, **marks, "sampling_and_rest_s": other, "frames": video.num_frames,
             "size": f"{video.height}x{video.width}"}  # fmt: skip

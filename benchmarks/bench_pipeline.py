@@ -60,8 +60,10 @@ def worker(spec: dict) -> dict:
     pipe = build_pipeline()
     base = _rss_mb()
     frames, height, width, steps = spec["frames"], spec["height"], spec["width"], spec["steps"]
+    from opensora_sdk import generation
+
     marks: dict[str, float] = {}
-    encode_texts, vae_decode = pipe.encode_texts, pipe.vae_decode
+    encode_texts, decode_clip = generation.encode_texts, generation.decode_clip
 
     def text_then_mark(*a, **k):
         out = encode_texts(*a, **k)
@@ -70,9 +72,10 @@ def worker(spec: dict) -> dict:
 
     def mark_then_decode(*a, **k):
         marks["decode_start"] = time.perf_counter()
-        return vae_decode(*a, **k)
+        return decode_clip(*a, **k)
 
-    pipe.encode_texts, pipe.vae_decode = text_then_mark, mark_then_decode
+    # the stages of the one generation path (this worker process only)
+    generation.encode_texts, generation.decode_clip = text_then_mark, mark_then_decode
     stamps: list[float] = []
     start = time.perf_counter()
     pipe(

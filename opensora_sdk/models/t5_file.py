@@ -43,7 +43,7 @@ def read_shapes(path: Path) -> dict[str, tuple[int, ...]]:
 
 def config_from_shapes(shapes: dict[str, tuple[int, ...]], path: Path):
     """The T5 v1.1 encoder `T5Config` that the tensor shapes of `path` describe."""
-    from transformers import T5Config
+    from opensora_sdk.models.text_encoder import tiny_t5_config
 
     embed = shapes.get(SHARED) or shapes.get(EMBED)
     if embed is None or not all(k in shapes for k in (_Q, _BIAS, _WI_0)):
@@ -61,7 +61,7 @@ def config_from_shapes(shapes: dict[str, tuple[int, ...]], path: Path):
             f"that '{_BIAS}' has"
         )
     blocks = {k.split(".")[2] for k in shapes if k.startswith("encoder.block.")}
-    return T5Config(
+    return tiny_t5_config(  # the T5 v1.1 encoder layout, at the file's sizes
         vocab_size=vocab_size,
         d_model=d_model,
         d_kv=inner // num_heads,
@@ -69,16 +69,6 @@ def config_from_shapes(shapes: dict[str, tuple[int, ...]], path: Path):
         num_layers=1 + max(int(b) for b in blocks if b.isdigit()),
         num_heads=num_heads,
         relative_attention_num_buckets=num_buckets,
-        relative_attention_max_distance=128,
-        dropout_rate=0.0,
-        layer_norm_epsilon=1e-6,
-        feed_forward_proj="gated-gelu",
-        tie_word_embeddings=False,
-        is_encoder_decoder=False,
-        use_cache=False,
-        pad_token_id=0,
-        eos_token_id=1,
-        decoder_start_token_id=0,
     )
 
 
