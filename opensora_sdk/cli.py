@@ -27,7 +27,6 @@ import argparse
 import importlib
 import os
 import sys
-import warnings
 from pathlib import Path
 from typing import Callable
 
@@ -124,6 +123,7 @@ def _add_generation_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--device", default="auto", help="cuda, cuda:1, cpu ... (auto: cuda when available)")
     g.add_argument("--offload", default="none", choices=("none", "model"), help="'model': each model leaves the GPU after use")
     g.add_argument("--vae-tiling", nargs=2, type=int, metavar=("TILE", "OVERLAP"), help="decode in spatial tiles (pixels)")
+    g.add_argument("--debug", action="store_true", help="show the full traceback of an error")
     g.add_argument("--sp-mode", default="auto", choices=("auto", "ulysses", "allgather_kv", "dsp"),
                    help="under torchrun: how STDiT3 is sharded over the processes (default auto: ulysses when the heads divide)")
 
@@ -155,12 +155,38 @@ def _one_or_list(values):
 
 
 def _preset_name(args) -> str:
-    """--preset, else v1.2 when a model path is given (it fills the other components), else the built-in model."""
+    """--preset, else v1.2 when --model names a transformer (it brings the v1.2 defaults and fills
+    the missing components), else the built-in model (whose other parts --vae or
+    --text-encoder alone keep)."""
     from opensora_sdk.presets import BUILTIN_PRESET
 
     if args.preset:
         return args.preset
-    return "v1.2" if (args.model or args.vae or args.text_encoder) else BUILTIN_PRESET
+    return "v1.2" if args.model else BUILTIN_PRESET
+
+
+def _check_sources(configs, args) -> None:
+    """Before any weight is read: the given weight files are whole, and the parts fit together."""
+    from opensora_sdk.loading import CheckpointError, check_weight_files, resolve_checkpoint
+
+    for kind, option in (("transformer", args.model), ("vae", args.vae), ("text_encoder", args.text_encoder)):
+        if option is None or not Path(option).expanduser().exists():
+            continue  # a hub id is checked when it is resolved
+        try:
+            check_weight_files(resolve_checkpoint(option).weight_files)
+        except CheckpointError as err:
+            flag = "--" + kind.replace("_", "-").replace("transformer", "model")
+            raise CheckpointError(f"{flag} {option!r}: {err}") from None
+    t, te = configs.transformer, configs.text_encoder
+    d_model = te.get("d_model")
+    if d_model is not None and d_model != t.caption_channels:
+        given = [f"--{k}" for k, v in (("model", args.model), ("vae", args.vae), ("text-encoder", args.text_encoder)) if v]
+        raise ValueError(
+            f"the transformer takes {t.caption_channels}-channel text embeddings but the text encoder gives "
+            f"{d_model} ({configs.sources['transformer']} with {configs.sources['text_encoder']}); with "
+            f"{' '.join(given) or 'these options'} give the matching --text-encoder too (T5-XXL, 4096 channels, for "
+            "the v1.2 transformer), or --preset v1.2 for the official three"
+        )
 
 
 def _plan_kwargs(args) -> dict:
@@ -189,13 +215,23 @@ def _plan_kwargs(args) -> dict:
     )
 
 
-def _device_and_dtype(args):
+def _device_and_dtype(args, *, available: bool = True):
+    """--device and --dtype; `available`: the device must exist here (not for `info`, which
+    only estimates for it)."""
     import torch
 
     from opensora_sdk.models.text_encoder import resolve_dtype
-    from opensora_sdk.placement import default_device, default_dtype
+    from opensora_sdk.placement import check_device, default_device, default_dtype
 
-    device = default_device() if args.device == "auto" else torch.device(args.device)
+    if args.device == "auto":
+        device = default_device()
+    elif available:
+        device = check_device(args.device, "--device")
+    else:
+        try:
+            device = torch.device(args.device)
+        except (RuntimeError, TypeError):
+            raise ValueError(f"--device {args.device!r} is not a device: use cpu, cuda, cuda:N or mps") from None
     dtype = default_dtype(device) if args.dtype == "auto" else resolve_dtype(args.dtype)
     return device, dtype
 
@@ -213,6 +249,7 @@ def _configs_and_plan(args):
                 "--text-encoder (leave --preset out to load those)"
             )
     configs = model_configs(_preset_name(args), model=args.model, vae=args.vae, text_encoder=args.text_encoder)
+    _check_sources(configs, args)
     prompts = plan_prompts(_read_prompts(args), negative_prompt=args.negative_prompt, aesthetic_score=args.aes,
                            motion_score=args.flow, camera_motion=args.camera_motion)
     plan = plan_generation(configs.facts, prompts, **_plan_kwargs(args))
@@ -261,8 +298,10 @@ def _check_models_fit(configs, pipe) -> None:
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
+    import time
     from contextlib import nullcontext
 
+    from opensora_sdk.generation import Timings
     from opensora_sdk.video_io import check_writable
 
     device, dtype = _device_and_dtype(args)
@@ -286,22 +325,31 @@ def cmd_generate(args: argparse.Namespace) -> int:
     if args.save_fps is not None and not args.save_fps > 0:
         raise ValueError(f"--save-fps {args.save_fps}: expected a positive number")
 
+    say = is_main and not args.quiet
+    if is_main and args.verbose:
+        print(plan.summary(), file=sys.stderr)
+    t_load = time.perf_counter()
     pipe = _load_pipeline(args, device, dtype, sp_group=None if proc is None else proc.group)
     if proc is not None:
         pipe.transformer.set_sequence_parallel_group(proc.group, args.sp_mode)
     _check_models_fit(configs, pipe)
+    timings = Timings(load=time.perf_counter() - t_load)
     together = nullcontext() if proc is None else distributed.fail_together(proc.group)
     with together:  # a failure on any rank (a write error on rank 0 too) ends every rank
         plan = pipe.agree(plan)  # rank 0's seeds when --seed random
-        if is_main:
+        if say:
             print(f"generating {plan.num_samples} video(s): {plan.height}x{plan.width}, {plan.total_frames} frames, "
                   f"seeds {plan.seeds}" + (f", {proc.world_size} processes" if proc else ""), file=sys.stderr)
-        videos = pipe.generate(plan, progress=not args.no_progress and is_main)
+        videos = pipe.generate(plan, progress=say and not args.no_progress, timings=timings)
         if is_main:
-            for video, path in zip(videos, paths):
-                if args.save_fps is not None:
-                    video.fps = float(args.save_fps)
-                print(video.save(path))
+            with timings.stage("save"):
+                for video, path in zip(videos, paths):
+                    if args.save_fps is not None:
+                        video.fps = float(args.save_fps)
+                    print(video.save(path))
+    if say:
+        stages = ", ".join(f"{k} {v:.1f} s" for k, v in timings.items())
+        print(f"done in {sum(timings.values()):.1f} s ({stages})", file=sys.stderr)
     if proc is not None:
         distributed.shutdown()
     return 0
@@ -315,7 +363,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
 def cmd_info(args: argparse.Namespace) -> int:
     from opensora_sdk.estimates import estimate_memory
 
-    device, dtype = _device_and_dtype(args)
+    device, dtype = _device_and_dtype(args, available=False)
     configs, plan = _configs_and_plan(args)
     memory = estimate_memory(
         plan, configs.transformer, configs.vae, configs.text_encoder, dtype=dtype,
@@ -341,9 +389,12 @@ def _register_generate(sub) -> None:
     p = sub.add_parser("generate", help="generate videos from prompts (and references)")
     _add_generation_args(p)
     g = p.add_argument_group("output")
-    g.add_argument("--save-dir", default="./samples/samples/", help="output folder (created if missing)")
-    g.add_argument("--sample-name", default=None, help="file name prefix (default 'sample')")
+    g.add_argument("--save-dir", default="./samples/samples/",
+                   help="output folder, created if missing (default ./samples/samples/, as the official script)")
+    g.add_argument("--sample-name", default=None, help="file name prefix (default 'sample': sample_0000.mp4, ...)")
     g.add_argument("--no-progress", action="store_true", help="no progress bar")
+    g.add_argument("--quiet", action="store_true", help="print only the paths of the saved videos (and errors)")
+    g.add_argument("--verbose", action="store_true", help="also print the resolved plan before generating")
     p.set_defaults(func=cmd_generate)
 
 
@@ -373,8 +424,15 @@ def _register_workflow(sub) -> None:
 SUBCOMMANDS: list[Callable] = [_register_generate, _register_info, _register_workflow]
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with one-line errors ("opensora generate: error: ...", exit 2), no usage dump."""
+
+    def error(self, message: str):
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="opensora", description="Open-Sora v1.2 video generation")
+    parser = _Parser(prog="opensora", description="Open-Sora v1.2 video generation")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for register in SUBCOMMANDS:
         register(sub)
@@ -391,7 +449,10 @@ def main(argv: list[str] | None = None) -> int:
         print("opensora: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
     except (ValueError, TypeError, OSError, CheckpointError) as err:
-        print(f"opensora {args.command}: error: {err}", file=sys.stderr)
+        if getattr(args, "debug", False):
+            raise
+        message = " ".join(str(err).split("\n")) or type(err).__name__
+        print(f"opensora {args.command}: error: {message}", file=sys.stderr)
         return EXIT_USAGE
 
 

@@ -30,6 +30,8 @@ the mask path anyway, but there it changes nothing but one unused noise draw per
 from __future__ import annotations
 
 import json
+import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Callable, Iterator, Sequence
 
@@ -238,6 +240,18 @@ def carry_over(
             )
 
 
+class Timings(dict):
+    """Seconds spent per stage ("text", "references", "sampling", "decode"), summed over a call."""
+
+    @contextmanager
+    def stage(self, name: str):
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self[name] = self.get(name, 0.0) + time.perf_counter() - start
+
+
 def iter_clips(
     models: Models,
     placement: Placement,
@@ -245,16 +259,22 @@ def iter_clips(
     batch: Sequence[SamplePlan],
     embeddings: Embeddings,
     callback: Callable | None = None,
+    timings: Timings | None = None,
 ) -> Iterator[torch.Tensor]:
     """Every loop of one batch: yields the new pixels of each clip [B, 3, n, H, W] (the first
     clip whole, later ones without the frames they share with the previous clip)."""
-    state = start_batch(models, placement, plan, batch)
+    timings = Timings() if timings is None else timings
+    with timings.stage("references"):
+        state = start_batch(models, placement, plan, batch)
     clip = None
     for i in range(plan.loop):
         if i > 0:
-            carry_over(models, placement, plan, state, clip, i)
-        latents = sample_clip(models, placement, plan, batch, state, embeddings, i, callback)
-        clip = decode_clip(models, placement, latents, plan.num_frames)
+            with timings.stage("references"):
+                carry_over(models, placement, plan, state, clip, i)
+        with timings.stage("sampling"):
+            latents = sample_clip(models, placement, plan, batch, state, embeddings, i, callback)
+        with timings.stage("decode"):
+            clip = decode_clip(models, placement, latents, plan.num_frames)
         yield clip[:, :, plan.overlap_frames if i > 0 else 0 :]
 
 
@@ -266,25 +286,29 @@ def generate(
     embeddings: Embeddings | None = None,
     callback: Callable | None = None,
     progress: bool = False,
+    timings: Timings | None = None,
 ) -> list[Video]:
     """Generate every sample of `plan`: one `Video` per sample, in order.
 
     `embeddings` (from `encode_texts`) may be given; otherwise every text of the plan is
     encoded with `models.text_encoder` first. `callback(step, total, latent, denoised)` is
     called after every sampling step, counted over the whole call; returning False stops
-    with `SamplingInterrupted` before anything is decoded further.
+    with `SamplingInterrupted` before anything is decoded further. `timings` (a `Timings`)
+    receives the seconds spent per stage.
     """
+    timings = Timings() if timings is None else timings
     if embeddings is None:
         texts = [t for s in plan.samples for t in s.loop_prompts]
         if plan.negative_prompt is not None:
             texts.append(plan.negative_prompt)
-        embeddings = encode_texts(models.text_encoder, placement, texts)
+        with timings.stage("text"):
+            embeddings = encode_texts(models.text_encoder, placement, texts)
     steps = CallProgress(len(plan.batches()) * plan.loop * plan.num_steps, callback, progress)
     videos: list[Video] = []
     try:
         for batch in plan.batches():
             frames: list[list[np.ndarray]] = [[] for _ in batch]
-            for part in iter_clips(models, placement, plan, batch, embeddings, steps):
+            for part in iter_clips(models, placement, plan, batch, embeddings, steps, timings):
                 for b in range(len(batch)):
                     frames[b].append(Video.from_tensor(part[b]).frames)  # uint8 on the host, per loop
             videos += [
@@ -326,6 +350,7 @@ __all__ = [
     "BatchState",
     "CallProgress",
     "Models",
+    "Timings",
     "carry_over",
     "decode_clip",
     "encode_texts",

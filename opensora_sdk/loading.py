@@ -176,6 +176,61 @@ def strip_key_prefixes(key: str) -> str:
     return key
 
 
+def _open_safetensors(file: Path):
+    """safetensors' lazy reader; a damaged or truncated file is a CheckpointError naming it."""
+    from safetensors import safe_open
+
+    try:
+        return safe_open(str(file), framework="pt", device="cpu")
+    except Exception as err:  # safetensors raises its own error types for damaged headers
+        raise CheckpointError(
+            f"{str(file)!r} is not a readable .safetensors file ({type(err).__name__}: {err}); it is damaged or was "
+            "cut short: download or copy it again"
+        ) from err
+
+
+def read_shapes(path: str | os.PathLike) -> dict[str, tuple[int, ...]]:
+    """{key: shape} of a weight file; a .safetensors file is read without loading tensors."""
+    path = Path(path)
+    if path.suffix.lower() != ".safetensors":
+        return {key: tuple(t.shape) for key, t in iter_tensors([path])}
+    with _open_safetensors(path) as f:
+        return {strip_key_prefixes(k): tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+
+
+def check_weight_files(files: Iterable[Path]) -> None:
+    """Fail fast, before any model is built, on a weight file that cannot be read whole: a
+    .safetensors header that does not parse or promises more bytes than the file holds, a
+    .pth/.pt/.bin zip archive that is cut short. Reads headers only."""
+    import zipfile
+
+    for file in files:
+        file = Path(file)
+        if not file.is_file():
+            raise CheckpointError(f"weight file {str(file)!r} not found")
+        if file.suffix == ".safetensors":
+            with _open_safetensors(file):  # the header parses
+                pass
+            size = file.stat().st_size
+            with open(file, "rb") as raw:
+                n = int.from_bytes(raw.read(8), "little")
+                meta = json.loads(raw.read(n))
+            end = max((v["data_offsets"][1] for k, v in meta.items() if k != "__metadata__"), default=0)
+            if 8 + n + end > size:
+                raise CheckpointError(
+                    f"{str(file)!r} is truncated: its header describes {8 + n + end} bytes, the file has {size}; "
+                    "download or copy it again"
+                )
+        elif file.suffix in _TORCH_SUFFIXES:
+            with open(file, "rb") as raw:
+                magic = raw.read(4)
+            if magic[:2] == b"PK" and not zipfile.is_zipfile(file):
+                raise CheckpointError(
+                    f"{str(file)!r} is truncated or damaged (an incomplete zip archive, as torch.save writes); "
+                    "download or copy it again"
+                )
+
+
 def iter_tensors(files: Iterable[Path], *, prefer: str = "ema") -> Iterator[tuple[str, torch.Tensor]]:
     """Yield (key, tensor) from checkpoint files, one tensor at a time where the format allows.
 
@@ -186,9 +241,7 @@ def iter_tensors(files: Iterable[Path], *, prefer: str = "ema") -> Iterator[tupl
     for file in files:
         file = Path(file)
         if file.suffix == ".safetensors":
-            from safetensors import safe_open
-
-            with safe_open(str(file), framework="pt", device="cpu") as f:
+            with _open_safetensors(file) as f:
                 for key in f.keys():
                     yield strip_key_prefixes(key), f.get_tensor(key)
         elif file.suffix in _TORCH_SUFFIXES:
@@ -208,9 +261,15 @@ def _torch_load_weights(file: Path):
     try:
         return torch.load(file, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(file))
     except Exception as err:
+        with open(file, "rb") as raw:
+            zipped = raw.read(2) == b"PK"
+        if zipfile.is_zipfile(file) or not zipped:
+            raise CheckpointError(
+                f"{str(file)!r} is not a plain tensor checkpoint ({type(err).__name__}); only weights "
+                "are loaded (torch.load weights_only=True). Convert it to .safetensors."
+            ) from err
         raise CheckpointError(
-            f"{str(file)!r} is not a plain tensor checkpoint ({type(err).__name__}); only weights "
-            "are loaded (torch.load weights_only=True). Convert it to .safetensors."
+            f"{str(file)!r} is truncated or damaged (an incomplete zip archive); download or copy it again"
         ) from err
 
 

@@ -325,14 +325,18 @@ class OpenSoraPipeline:
         videos = self.generate(plan, callback=callback, progress=progress)
         return videos[0] if isinstance(prompt, str) else videos
 
-    def generate(self, plan: GenerationPlan, *, callback: Callable | None = None, progress: bool | None = None) -> list[Video]:
+    def generate(
+        self, plan: GenerationPlan, *, callback: Callable | None = None, progress: bool | None = None, timings=None
+    ) -> list[Video]:
         """Run a plan made by `plan()` (or by `plan_generation` for these models): one `Video`
-        per sample, in order."""
+        per sample, in order. `timings` (a `generation.Timings`) receives seconds per stage."""
         from opensora_sdk import generation
 
         plan = self.agree(plan)
         progress = self.progress if progress is None else progress
-        run = lambda: generation.generate(self.models(), self.placement, plan, callback=callback, progress=progress)  # noqa: E731
+        run = lambda: generation.generate(  # noqa: E731
+            self.models(), self.placement, plan, callback=callback, progress=progress, timings=timings
+        )
         if self.sp_group is None:
             return run()
         from opensora_sdk import distributed

@@ -37,6 +37,25 @@ def default_dtype(device: torch.device) -> torch.dtype:
     return torch.float32 if torch.device(device).type == "cpu" else torch.bfloat16
 
 
+def check_device(device, name: str = "device") -> torch.device:
+    """`device` as a torch.device that exists on this machine; ValueError naming it otherwise."""
+    try:
+        device = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"{name} {device!r} is not a device: use cpu, cuda, cuda:N or mps") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            why = "this torch has no CUDA support" if torch.version.cuda is None else "no CUDA GPU is visible"
+            raise ValueError(f"{name} {str(device)!r}: CUDA is not available ({why}); use cpu or auto")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise ValueError(f"{name} {str(device)!r}: only {torch.cuda.device_count()} CUDA device(s) are visible")
+    elif device.type == "mps" and not torch.backends.mps.is_available():
+        raise ValueError(f"{name} {str(device)!r}: Apple MPS is not available on this machine; use cpu or auto")
+    elif device.type not in ("cpu", "cuda", "mps"):
+        raise ValueError(f"{name} {str(device)!r}: only cpu, cuda and mps devices are supported")
+    return device
+
+
 def normalize_device(device) -> torch.device:
     """"cuda" -> "cuda:0", as tensors report it (so device comparisons hold)."""
     device = torch.device(device)
@@ -60,7 +79,7 @@ class Placement:
     def __init__(self, device=None, offload: str | None = None):
         if offload not in OFFLOAD_CHOICES:
             raise ValueError(f"offload={offload!r} is not allowed: choose one of {list(OFFLOAD_CHOICES)}")
-        self.device = normalize_device(device if device is not None else default_device())
+        self.device = normalize_device(check_device(device) if device is not None else default_device())
         self.offload = offload
 
     # ---- the policy (override these) ---------------------------------------------------------
@@ -119,4 +138,4 @@ def _bytes(module: torch.nn.Module) -> int:
     return sum(t.numel() * t.element_size() for t in list(module.parameters()) + list(module.buffers()))
 
 
-__all__ = ["HOST", "OFFLOAD_CHOICES", "Placement", "default_device", "default_dtype", "module_device", "normalize_device"]
+__all__ = ["HOST", "OFFLOAD_CHOICES", "Placement", "check_device", "default_device", "default_dtype", "module_device", "normalize_device"]

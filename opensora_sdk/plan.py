@@ -253,8 +253,9 @@ def _split_references(entry, where: str) -> tuple:
 
 
 def check_reference_source(source, where: str) -> None:
-    """A reference path must exist and have a readable extension; objects pass through."""
-    from opensora_sdk.video_io import IMAGE_SUFFIXES, VIDEO_SUFFIXES
+    """A reference path must exist, have a readable extension and decode (its first frame is
+    read, so a corrupt file fails here, before any model loads); objects pass through."""
+    from opensora_sdk.video_io import IMAGE_SUFFIXES, VIDEO_SUFFIXES, read_image, read_video
 
     if not isinstance(source, (str, os.PathLike)):
         return
@@ -269,6 +270,13 @@ def check_reference_source(source, where: str) -> None:
             f"{where}={text!r}: extension {path.suffix or '(none)'!r} is not supported; videos: "
             f"{', '.join(VIDEO_SUFFIXES)}; images: {', '.join(IMAGE_SUFFIXES)}"
         )
+    try:
+        if path.suffix.lower() in VIDEO_SUFFIXES:
+            read_video(path, max_frames=1)
+        else:
+            read_image(path)
+    except (ValueError, OSError) as err:
+        raise ValueError(f"{where}={text!r} cannot be decoded as {'a video' if path.suffix.lower() in VIDEO_SUFFIXES else 'an image'} ({err})") from None
 
 
 def _conditions_per_prompt(conditions, n: int) -> list[tuple]:

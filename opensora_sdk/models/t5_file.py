@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from opensora_sdk.loading import CheckpointError, iter_tensors, load_tensors_into, strip_key_prefixes
+from opensora_sdk.loading import CheckpointError, iter_tensors, load_tensors_into, read_shapes
 
 SUFFIXES = (".safetensors", ".pth", ".pt", ".bin")
 TOKENIZER_FILES = ("tokenizer.json", "spiece.model")
@@ -26,19 +26,6 @@ _WI_0 = "encoder.block.0.layer.1.DenseReluDense.wi_0.weight"
 
 class NotT5FileError(CheckpointError, ValueError):
     """The file is not a T5 encoder checkpoint this loader reads (a ValueError too: wrong file given)."""
-
-
-def read_shapes(path: Path) -> dict[str, tuple[int, ...]]:
-    """{key: shape} of a weight file; a .safetensors file is read without loading tensors."""
-    if path.suffix.lower() != ".safetensors":
-        return {key: tuple(t.shape) for key, t in iter_tensors([path])}
-    from safetensors import safe_open
-
-    try:
-        with safe_open(str(path), framework="pt", device="cpu") as f:
-            return {strip_key_prefixes(k): tuple(f.get_slice(k).get_shape()) for k in f.keys()}
-    except Exception as err:  # safetensors raises its own error types for damaged files
-        raise CheckpointError(f"could not read {str(path)!r} as safetensors ({type(err).__name__}: {err})") from err
 
 
 def config_from_shapes(shapes: dict[str, tuple[int, ...]], path: Path):

@@ -301,7 +301,8 @@ class T5TextEncoder:
             kwargs["device_map"] = {"": str(device)}
         try:
             tokenizer = AutoTokenizer.from_pretrained(str(folder))
-            model = T5EncoderModel.from_pretrained(str(folder), **kwargs)
+            with _quiet_transformers():  # no third-party "Loading weights" bar on every run
+                model = T5EncoderModel.from_pretrained(str(folder), **kwargs)
         except (OSError, ValueError) as err:
             raise CheckpointError(
                 f"could not load a T5 encoder and tokenizer from {str(folder)!r} "
@@ -649,6 +650,20 @@ def _empty_cache(device: torch.device) -> None:
         torch.cuda.empty_cache()
     elif device.type == "mps" and torch.backends.mps.is_available():
         torch.mps.empty_cache()
+
+
+@contextmanager
+def _quiet_transformers():
+    """transformers' own progress bars off for the block (restored after)."""
+    from transformers.utils import logging as hf_logging
+
+    was_enabled = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            hf_logging.enable_progress_bar()
 
 
 def _as_text_list(prompts) -> list[str]:
