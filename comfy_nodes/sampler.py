@@ -37,7 +37,7 @@ def check_compatible(model, text, shape) -> None:
 
 
 def plan_for_latent(model, text, latent: dict, *, vae=None, seed: int, steps: int, cfg: float,
-                    timestep_warp: bool = True, conditions=None, align: int | None = 5, loops: int = 1,
+                    timestep_warp: bool = True, conditions=None, align: int | None = None, loops: int = 1,
                     condition_frames: int = 5, condition_edit: float = 0.0):
     """The SDK plan of a node run: one sample per latent in the batch, all with the text."""
     from opensora_sdk.configs import VideoAutoencoderConfig
@@ -110,9 +110,10 @@ def condition_inputs() -> dict:
         "vae": (VAE, tip("VAE that encodes the references; needed when conditions are connected")),
         "conditions": (CONDITIONS, tip("Images / videos pinned to frames (OpenSoraImageCondition, ...)")),
         "condition_align": ("INT", tip(
-            "Snap condition positions to multiples of this many latent frames (official: 5, one VAE chunk; "
-            "frame -1 then lands on the last chunk's first latent); 0 places them exactly",
-            default=5, min=0, max=64)),
+            "0 (default) places each condition exactly where it says (frame -1 = the last latent frame). Any other "
+            "value snaps positions to multiples of that many latent frames, as the official string form does with 5 "
+            "(one VAE chunk; frame -1 then lands on the last chunk's first latent)",
+            default=0, min=0, max=64)),
     }
 
 
@@ -136,7 +137,7 @@ class OpenSoraSampler:
         }
 
     def sample(self, model, text, latent, seed, steps, cfg, timestep_warp, vae=None, conditions=None,
-               condition_align=5):
+               condition_align=0):
         from opensora_sdk.generation import CallProgress, sample_clip, start_batch
 
         from .placement import placement

@@ -27,7 +27,7 @@ FORMATS = ("mp4", "webm", "gif", "webp", "png")
 
 def long_video(model, vae, text, latent, *, loops: int, condition_frames: int = 5, condition_edit: float = 0.0,
                seed: int, steps: int, cfg: float, timestep_warp: bool = True, tiling=None, conditions=None,
-               align: int | None = 5):
+               align: int | None = None):
     """Frames [B, 3, total, H, W] in [-1, 1] (host) and fps: the SDK's loops, as `opensora generate --loop`."""
     from opensora_sdk.generation import CallProgress, iter_clips
 
@@ -84,7 +84,7 @@ class OpenSoraLongVideo:
         return validate_tiling(tile_size, tile_overlap)
 
     def generate(self, model, vae, text, latent, loops, condition_frames, condition_edit, seed, steps, cfg,
-                 timestep_warp, tile_size, tile_overlap, conditions=None, condition_align=5):
+                 timestep_warp, tile_size, tile_overlap, conditions=None, condition_align=0):
         frames, fps = long_video(
             model, vae, text, latent, loops=loops, condition_frames=condition_frames, condition_edit=condition_edit,
             seed=seed, steps=steps, cfg=cfg, timestep_warp=timestep_warp, tiling=make_tiling(tile_size, tile_overlap),

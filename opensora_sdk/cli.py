@@ -196,7 +196,7 @@ def _plan_kwargs(args) -> dict:
     preset = get_preset(_preset_name(args))
     height, width = args.image_size or (None, None)
     sized = resolve_defaults(
-        preset.defaults, preset.family, resolution=args.resolution, aspect_ratio=args.aspect_ratio,
+        preset.defaults, preset.family, loop=args.loop, resolution=args.resolution, aspect_ratio=args.aspect_ratio,
         height=height, width=width, num_frames=args.num_frames, fps=args.fps, num_steps=args.num_sampling_steps,
         guidance_scale=args.cfg_scale, **({} if args.align == "default" else {"align": args.align}),
     )

@@ -219,11 +219,12 @@ class VideoCondition:
     ref_start: first latent frame taken from the reference's latents (negative: from its end;
         -5 = the last 5 latent frames, i.e. the last 17 pixel frames).
     target_start: latent frame of the output where the span starts (negative: from the end).
-    length: latent frames to copy; None = up to the end of the reference. Clipped to what
-        fits in the output.
+    length: latent frames to copy; None = up to the end of the reference, but leaving at least
+        one VAE chunk of the output (5 latent frames) to generate. Clipped to what fits.
     edit_ratio, loop: as for `ImageCondition`.
 
-    Extension: VideoCondition(clip, ref_start=-5, target_start=0, length=5).
+    Extension: VideoCondition(clip, ref_start=-5, target_start=0, length=5) on an output of
+    more than 5 latent frames (34 frames or more): its first chunk continues the clip.
     Editing: VideoCondition(clip, edit_ratio=0.4).
     """
 
@@ -238,15 +239,28 @@ class VideoCondition:
 Condition = Union[ImageCondition, VideoCondition]
 
 
+def default_span(available: int, output_frames: int | None, target: int) -> int:
+    """The latent frames a `VideoCondition` with length=None copies: what the reference has
+    from `ref_start` on, but never the whole output: at least one VAE chunk (5 latent frames;
+    1 frame for outputs of one chunk or less) after `target` is left to generate."""
+    if output_frames is None:
+        return available
+    target = target % output_frames
+    free = LATENT_FRAMES_PER_CHUNK if output_frames > LATENT_FRAMES_PER_CHUNK else 1
+    return max(1, min(available, output_frames - target - free))
+
+
 def conditions_to_groups(
-    conditions: Sequence[Condition], ref_latent_frames: Sequence[int] | None = None
+    conditions: Sequence[Condition],
+    ref_latent_frames: Sequence[int] | None = None,
+    output_frames: int | None = None,
 ) -> list[MaskGroup]:
     """The mask-strategy groups of typed conditions; condition k uses reference k.
 
     ref_latent_frames: the latent length of each reference; needed only to resolve a
-    `VideoCondition.length` of None (to the frames from `ref_start` to the reference's end).
-    Without it such a length stays None (enough for planning checks, which read loop, ref_id
-    and target_start only).
+    `VideoCondition.length` of None (see `default_span`; `output_frames`, the latent frames
+    of the output, caps it). Without it such a length stays None (enough for planning
+    checks, which read loop, ref_id and target_start only).
     """
     groups = []
     for k, c in enumerate(conditions):
@@ -257,16 +271,18 @@ def conditions_to_groups(
             if length is None and ref_latent_frames is not None:
                 t_ref = ref_latent_frames[k]
                 start = _resolve_start(c.ref_start, t_ref, f"conditions[{k}]", "ref_start", f"reference {k}")
-                length = t_ref - start
+                length = default_span(t_ref - start, output_frames, c.target_start)
             groups.append(MaskGroup(c.loop, k, c.ref_start, c.target_start, length, float(c.edit_ratio)))
         else:
             raise TypeError(f"conditions[{k}] is {type(c).__name__}; expected ImageCondition or VideoCondition")
     return groups
 
 
-def conditions_to_strategy(conditions: Sequence[Condition], ref_latent_frames: Sequence[int] | None = None) -> str:
+def conditions_to_strategy(
+    conditions: Sequence[Condition], ref_latent_frames: Sequence[int] | None = None, output_frames: int | None = None
+) -> str:
     """The mask-strategy string of typed conditions (see `conditions_to_groups`)."""
-    groups = conditions_to_groups(conditions, ref_latent_frames)
+    groups = conditions_to_groups(conditions, ref_latent_frames, output_frames)
     for k, g in enumerate(groups):
         if g.length is None:
             raise ValueError(f"conditions[{k}]: length=None needs ref_latent_frames to resolve it")
@@ -339,11 +355,13 @@ def encode_conditions(
     height: int,
     width: int,
     read_video: Callable[[PathLike], Tensor] | None = None,
+    output_frames: int | None = None,
 ) -> tuple[list[Tensor], str]:
     """References and mask strategy of one sample from typed conditions.
 
     encode_fn: pixels [1, 3, F, H, W] in [-1, 1] (float32, CPU) -> latents [1, C, T_ref, h, w]
         (the pipeline's VAE encode, moving and casting as it needs).
+    output_frames: latent frames of the output (caps a VideoCondition's default length).
     Returns: (references [C, T_ref, h, w] in condition order, mask-strategy string); feed them
     to `apply_mask_strategy(z, [refs], [strategy], loop_i, align)`.
     """
@@ -353,7 +371,7 @@ def encode_conditions(
         if latent.dim() != 5 or latent.shape[0] != 1:
             raise ValueError(f"encode_fn must return [1, C, T, h, w] latents, got {tuple(latent.shape)}")
         refs.append(latent[0])
-    return refs, conditions_to_strategy(conditions, [r.shape[1] for r in refs])
+    return refs, conditions_to_strategy(conditions, [r.shape[1] for r in refs], output_frames)
 
 
 # --------------------------------------------------------------------------------------------
@@ -436,6 +454,7 @@ __all__ = [
     "condition_pixels",
     "conditions_to_groups",
     "conditions_to_strategy",
+    "default_span",
     "encode_conditions",
     "find_nearest_point",
     "format_mask_strategy",

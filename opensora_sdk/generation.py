@@ -157,8 +157,10 @@ def start_batch(models: Models, placement: Placement, plan: GenerationPlan, batc
         for b, (s, g) in enumerate(zip(batch, gens)):
             encode = lambda px, g=g: _vae_encode(vae, px, g, models.vae_tiling)  # noqa: E731
             if s.conditions:
-                refs[b], strategies[b] = encode_conditions(s.conditions, encode, height=H, width=W,
-                                                           read_video=read_video_pixels)
+                refs[b], strategies[b] = encode_conditions(
+                    s.conditions, encode, height=H, width=W, read_video=read_video_pixels,
+                    output_frames=plan.latent_size[0],
+                )
             else:
                 refs[b] = [encode(load_reference(src, H, W)[None])[0] for src in s.references]
     return BatchState(gens, refs, strategies)

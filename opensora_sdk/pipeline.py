@@ -224,7 +224,10 @@ class OpenSoraPipeline:
         given = {k: kwargs.pop(k, None) for k in DEFAULT_KEYS if k != "align"}
         if align is not _UNSET:
             given["align"] = align
-        kwargs.update(resolve_defaults(self.defaults, self.family, **given))
+        elif kwargs.get("conditions"):
+            given["align"] = None  # typed conditions sit exactly where they say (frame -1: the last latent)
+        loop = kwargs.get("loop", PLAN_DEFAULTS["loop"])
+        kwargs.update(resolve_defaults(self.defaults, self.family, loop=loop if isinstance(loop, int) else 1, **given))
         for key, value in PLAN_DEFAULTS.items():
             kwargs.setdefault(key, value)
         prompts = plan_prompts(prompt, **{k: kwargs.pop(k) for k in PROMPT_KEYS})
@@ -306,8 +309,9 @@ class OpenSoraPipeline:
                 latent frames (multiple of 5) re-encoded by the VAE with edit ratio
                 `condition_frame_edit`; output L*N - (L-1)*(c/5*17) frames.
             align: snap mask-strategy starts to multiples of this many latent frames (the VAE
-                chunk; default 5 as the v1.2 inference config; a last-frame image, frame -1,
-                then lands on the last chunk's first latent). None places them exactly.
+                chunk; a last-frame image, frame -1, then lands on the last chunk's first
+                latent). None places them exactly. Default: exact for typed `conditions`, the
+                family's (5, as the v1.2 inference config) for the official string form.
             batch_size: prompts sampled together (same size and length).
             timestep_warp: shift the schedule toward high noise for large and long videos
                 (official: on).

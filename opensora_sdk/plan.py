@@ -305,6 +305,7 @@ def _warn(notes: list, message: str) -> None:
 def _check_groups(groups, t_latent: int, n_refs: int, loop: int, align: int | None, where: str, notes: list) -> None:
     """ref_id and target_start of every group; a note for groups that never apply or collide."""
     starts: dict[tuple[int, int], int] = {}
+    kept: set[int] = set()  # latent frames of loop 0 that conditions keep fixed
     for g, grp in enumerate(groups):
         what = f"{where} group {g} ({str(grp)!r})"
         if grp.ref_id >= n_refs:
@@ -323,6 +324,8 @@ def _check_groups(groups, t_latent: int, n_refs: int, loop: int, align: int | No
         target = grp.target_start % t_latent
         if align is not None:
             target = find_nearest_point(target, align, t_latent)
+        if grp.loop == 0 and grp.edit_ratio == 0 and grp.length is not None:
+            kept.update(range(target, min(t_latent, target + grp.length)))
         key = (grp.loop, target)
         if key in starts:
             _warn(
@@ -331,6 +334,9 @@ def _check_groups(groups, t_latent: int, n_refs: int, loop: int, align: int | No
                 + (f" after align={align}; pass align=None to place them exactly" if align else "")
             )
         starts[key] = g
+    if len(kept) == t_latent:
+        _warn(notes, f"{where}: the conditions keep all {t_latent} latent frames of the output fixed, so nothing is "
+                     "generated; make the output longer or copy fewer frames (length)")
 
 
 PROMPT_KEYS = ("negative_prompt", "aesthetic_score", "motion_score", "camera_motion")  # plan_prompts' options
@@ -421,16 +427,11 @@ def plan_size(
     if loop > 1:
         overlap = condition_pixel_frames(condition_frame_length)
         chunk = facts.micro_frame_size or facts.time_factor
-        if frames % chunk:
-            lo, hi = frames // chunk * chunk, (frames // chunk + 1) * chunk
+        if frames % chunk or overlap >= frames:
             raise ValueError(
-                f"num_frames={frames} with loop={loop}: looping needs whole {chunk}-frame VAE chunks so the carried "
-                f"latents are the previous clip's last frames; use {lo or hi} or {hi}"
-            )
-        if overlap >= frames:
-            raise ValueError(
-                f"condition_frame_length={condition_frame_length} ({overlap} frames) must be shorter than "
-                f"num_frames={frames} with loop={loop}; allowed: a multiple of 5 below {T}"
+                f"num_frames={frames} with loop={loop} and condition_frame_length={condition_frame_length}: each "
+                f"clip must be whole {chunk}-frame VAE chunks and longer than the {overlap} frames it carries over; "
+                f"allowed: {_loop_frame_choices(facts, overlap, chunk)}"
             )
     ph, pw = facts.patch_size[1], facts.patch_size[2]
     tokens = -(-T // facts.patch_size[0]) * -(-h // ph) * -(-w // pw)
@@ -596,6 +597,21 @@ def plan_generation(
         scheduler=scheduler,
         family=family.name,
     )
+
+
+def _loop_frame_choices(facts: ModelFacts, overlap: int, chunk: int) -> str:
+    """The clip lengths a loop may have on this model, as text (a few, then "...")."""
+    longest = _longest_clip(facts) if facts.max_latent_frames is not None else None
+    values = []
+    n = (overlap // chunk + 1) * chunk
+    while (longest is None or n <= longest) and len(values) < 6:
+        values.append(n)
+        n += chunk
+    if not values:
+        return (f"none: this model's clips hold at most {longest} frames; lower condition_frame_length "
+                f"(a multiple of 5 latent frames, {chunk} video frames each)")
+    more = longest is None or n <= longest
+    return ", ".join(map(str, values)) + (", ..." if more else "") + " frames"
 
 
 def _longest_clip(facts: ModelFacts) -> int:

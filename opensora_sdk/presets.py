@@ -80,7 +80,8 @@ V1_2 = ModelFamily(
 FAMILIES: dict[str, ModelFamily] = {"v1.2": V1_2}
 
 SIZE_KEYS = ("resolution", "aspect_ratio", "height", "width")
-DEFAULT_KEYS = (*V1_2.defaults, "height", "width")
+# the family table's keys, a model's native size, and the clip length it loops with by default
+DEFAULT_KEYS = (*V1_2.defaults, "height", "width", "loop_num_frames")
 
 
 def check_defaults(defaults: Mapping[str, Any] | None) -> None:
@@ -145,7 +146,8 @@ PRESETS: dict[str, ModelPreset] = {
         # trained on 17-frame clips; 34 frames (two chunks) lets loops and extensions carry one
         # chunk over, beyond its training length
         max_latent_frames=10,
-        defaults={"height": 64, "width": 64, "num_frames": 17, "fps": 8, "num_steps": 20, "guidance_scale": 5.0},
+        defaults={"height": 64, "width": 64, "num_frames": 17, "loop_num_frames": 34, "fps": 8, "num_steps": 20,
+                  "guidance_scale": 5.0},
     ),
 }
 
@@ -171,7 +173,7 @@ def get_preset(name: str) -> ModelPreset:
 
 
 def resolve_defaults(
-    defaults: Mapping[str, Any] | None = None, family: ModelFamily = V1_2, **given
+    defaults: Mapping[str, Any] | None = None, family: ModelFamily = V1_2, *, loop: int = 1, **given
 ) -> dict[str, Any]:
     """Fill what a call left out (None) from a model's `defaults`, then from its family's table.
 
@@ -179,11 +181,15 @@ def resolve_defaults(
     guidance_scale and align. The size is the model's native height x width only when none of
     resolution, aspect_ratio, height and width is given; otherwise the given ones, with the
     family's resolution / aspect ratio for a missing one. `align` is the one key where None is
-    a value (place conditions exactly): leave it out of `given` to get the default.
+    a value (place conditions exactly): leave it out of `given` to get the default. With
+    `loop` > 1 a missing num_frames is the model's `loop_num_frames` when it has one (a clip
+    long enough to carry a chunk over).
     """
     check_defaults(defaults)
     defaults = dict(defaults or {})
-    out = dict(given)
+    out = {k: v for k, v in given.items() if k != "loop_num_frames"}
+    if loop > 1 and given.get("num_frames") is None and defaults.get("loop_num_frames") is not None:
+        out["num_frames"] = defaults["loop_num_frames"]
     if all(given.get(k) is None for k in SIZE_KEYS) and defaults.get("height") is not None:
         out["height"], out["width"] = defaults["height"], defaults["width"]
     for key, value in family.defaults.items():

@@ -133,7 +133,7 @@ def test_nodes_match_the_pipeline_with_conditions(models, pipe):
     frames, fps = vae.OpenSoraVAEDecode().decode(vae_, out, 0, 64)
     px = image[0].permute(2, 0, 1) * 2 - 1
     expected = pipe("a cat", negative_prompt="blurry", motion_score=5.0, camera_motion="pan left", height=32,
-                    width=32, num_frames=34, fps=24, num_steps=2, guidance_scale=7.0, seed=7,
+                    width=32, num_frames=34, fps=24, num_steps=2, guidance_scale=7.0, seed=7, align=5,
                     conditions=[ImageCondition(px, 0), ImageCondition(px, -1)])
     assert fps == 24.0 and tuple(frames.shape) == (34, 32, 32, 3)
     assert out["samples"].shape == (1, 4, 10, 4, 4) and out["num_frames"] == 34

@@ -262,9 +262,11 @@ def test_first_and_last_frame(pipe, monkeypatch):
     pipe("a cat", conditions=conds, num_frames=17, seed=4, align=None, callback=callback, **SIZE)
     assert torch.equal(kept[0][:, :, 0], encodes[0][:, :, 0])
     assert torch.equal(kept[0][:, :, 4], encodes[1][:, :, 0])
+    # typed conditions are exact by default: frame -1 is the last latent frame whatever the clip length
+    assert pipe.plan("a cat", conditions=conds, num_frames=17, height=64, width=64).align is None
     # with the official align=5 the last-frame image of a 5-latent clip snaps onto frame 0
     with pytest.warns(UserWarning, match=r"groups 0 and 1 both start at latent frame 0 of loop 0 after align=5"):
-        plan = pipe.plan("a cat", conditions=conds, num_frames=17, height=64, width=64)
+        plan = pipe.plan("a cat", conditions=conds, num_frames=17, height=64, width=64, align=5)
     assert any("both start at latent frame 0" in n for n in plan.notes)
 
 
@@ -325,7 +327,7 @@ def no_models(pipe, monkeypatch):
         (dict(conditions=[ImageCondition("gone.jpg")]), FileNotFoundError, r"conditions\[0\]='gone.jpg'"),
         (dict(camera_motion="spin"), ValueError, r"camera_motion='spin' is not allowed: choose one of"),
         (dict(prompt="   "), ValueError, r"prompt='   ' is empty"),
-        (dict(loop=2, num_frames=40), ValueError, r"num_frames=40 with loop=2: .* use 34 or 51"),
+        (dict(loop=2, num_frames=40), ValueError, r"num_frames=40 with loop=2 .*allowed: 34, 51"),
         (dict(loop=2, num_frames=34, condition_frame_length=4), ValueError, r"multiple of 5"),
         (dict(mask_strategy="0,x"), ValueError, r"field ref_id must be an integer, got 'x'"),
         (dict(mask_strategy="0,0,0,30"), ValueError, r"ref_id=0 but the prompt has 0 reference"),
