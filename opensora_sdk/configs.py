@@ -122,6 +122,149 @@ class STDiT3Config:
 
 
 # --------------------------------------------------------------------------------------------
+# STDiT2 (v1.1 diffusion transformer)
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class STDiT2Config:
+    """Architecture of STDiT2, Open-Sora v1.1 (`model_type` "stdit2"; spec section 9.1).
+
+    Field names and order follow the official `STDiT2Config`; the defaults are the released
+    XL/2 model (`hpcai-tech/OpenSora-STDiT-v2-stage2/3`), so `STDiT2Config()` builds it.
+    Two defaults differ from the official class on purpose:
+
+    * `input_sq_size` 512: the official class default is 32, but the released config.json
+      (and the v1.1 inference config) use 512, the value the weights were trained with.
+    * `qk_norm_legacy` True: the v1.1 code applies RoPE *before* the RMS qk-norm (the v1.2
+      branch calls that order `qk_norm_legacy=True`). The v1.1 config.json has no such field,
+      so reading it must give True; False selects the v1.2 order (norm, then RoPE).
+
+    `enable_flash_attn` / `enable_layernorm_kernel` are kept for round-tripping only (kernels
+    are chosen at run time), `freeze` (a training switch) likewise: it is stored, and the
+    trainer decides what is trainable. `input_size` is unused (any latent size works).
+    """
+
+    input_size: tuple = (None, None, None)  # unused: the model takes any latent size
+    input_sq_size: int = 512  # reference side length of the positional-embedding scale
+    in_channels: int = 4
+    patch_size: tuple = (1, 2, 2)  # (t, h, w)
+    hidden_size: int = 1152  # must be divisible by 3 (size embedders: 2 x C/3 + C/3)
+    depth: int = 28  # blocks, each spatial + temporal attention
+    num_heads: int = 16
+    mlp_ratio: float = 4.0
+    class_dropout_prob: float = 0.1
+    pred_sigma: bool = True  # learned sigma: out_channels = 2 * in_channels
+    drop_path: float = 0.0
+    no_temporal_pos_emb: bool = False  # only False (the released value) is supported
+    caption_channels: int = 4096
+    model_max_length: int = 200  # text tokens; size of `y_embedding`
+    freeze: str | None = None
+    qk_norm: bool = True
+    qk_norm_legacy: bool = True
+    enable_flash_attn: bool = False
+    enable_layernorm_kernel: bool = False
+
+    model_type = "stdit2"
+
+    def __post_init__(self):
+        self.patch_size = tuple(self.patch_size)
+        self.input_size = tuple(self.input_size)
+        if self.hidden_size % self.num_heads:
+            raise ValueError(
+                f"hidden_size={self.hidden_size} must be divisible by num_heads={self.num_heads}"
+            )
+        if self.hidden_size % 3:
+            raise ValueError(
+                f"STDiT2 needs hidden_size divisible by 3 (the size and aspect-ratio embedders are "
+                f"hidden_size/3 wide each), got {self.hidden_size}; e.g. 72 or 96 for tiny models"
+            )
+
+    @property
+    def out_channels(self) -> int:
+        return self.in_channels * 2 if self.pred_sigma else self.in_channels
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_heads
+
+
+# --------------------------------------------------------------------------------------------
+# STDiT (v1.0 diffusion transformer)
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class STDiTConfig:
+    """Architecture of STDiT, Open-Sora v1.0 (`model_type` "stdit"; spec section 9.2).
+
+    Field names follow the official `STDiT` constructor (v1.0 spells `enable_flashattn`). The
+    defaults are the released 16x256x256 XL/2 model (`OpenSora-v1-16x256x256.pth`,
+    `OpenSora-v1-HQ-16x256x256.pth`), so `STDiTConfig()` builds it.
+
+    v1.0 models have a **fixed size**: `input_size` is the latent (T, H, W) the model was
+    trained at (SD VAE: pixels / (1, 8, 8)); the sin-cos tables are built for it once, with
+    the grid divided by `space_scale` (spatial) and `time_scale` (temporal).
+
+    `enable_flashattn`, `enable_layernorm_kernel` and `enable_sequence_parallelism` are kept
+    for round-tripping only (kernels are chosen at run time), `freeze` (a training switch)
+    likewise: it is stored and the trainer decides what is trainable. The official `dtype`
+    argument is a run-time choice, not a field (see `ignored_keys`).
+    """
+
+    input_size: tuple = (16, 32, 32)  # latent (T, H, W); fixed
+    in_channels: int = 4
+    patch_size: tuple = (1, 2, 2)  # (t, h, w)
+    hidden_size: int = 1152
+    depth: int = 28  # blocks, each spatial + temporal attention
+    num_heads: int = 16
+    mlp_ratio: float = 4.0
+    class_dropout_prob: float = 0.1
+    pred_sigma: bool = True  # learned sigma: out_channels = 2 * in_channels
+    drop_path: float = 0.0
+    no_temporal_pos_emb: bool = False  # True: no temporal table is added (block 0)
+    caption_channels: int = 4096
+    model_max_length: int = 120  # text tokens; size of `y_embedding`
+    space_scale: float = 0.5  # spatial grid = arange / space_scale (0.5 at 256px, 1.0 at 512px)
+    time_scale: float = 1.0  # temporal grid = arange / time_scale
+    freeze: str | None = None
+    enable_flashattn: bool = False
+    enable_layernorm_kernel: bool = False
+    enable_sequence_parallelism: bool = False
+
+    model_type = "stdit"
+    ignored_keys = frozenset({"dtype"})  # official run-time keys dropped when reading a config
+
+    def __post_init__(self):
+        self.patch_size = tuple(self.patch_size)
+        self.input_size = tuple(self.input_size)
+        if self.hidden_size % self.num_heads:
+            raise ValueError(
+                f"hidden_size={self.hidden_size} must be divisible by num_heads={self.num_heads}"
+            )
+        if len(self.input_size) != 3 or any(
+            not isinstance(n, int) or n <= 0 or n % p for n, p in zip(self.input_size, self.patch_size)
+        ):
+            raise ValueError(
+                f"STDiT needs a fixed latent input_size (T, H, W) divisible by patch_size "
+                f"{self.patch_size}, got {self.input_size}"
+            )
+
+    @property
+    def out_channels(self) -> int:
+        return self.in_channels * 2 if self.pred_sigma else self.in_channels
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_heads
+
+    @property
+    def grid_size(self) -> tuple[int, int, int]:
+        """Patches (T_p, H_p, W_p) of the fixed input size."""
+        return tuple(n // p for n, p in zip(self.input_size, self.patch_size))
+
+
+# --------------------------------------------------------------------------------------------
 # VAE v1.2: spatial KL autoencoder + causal temporal VAE
 # --------------------------------------------------------------------------------------------
 
@@ -238,6 +381,35 @@ STDIT3_PRESETS: dict[str, STDiT3Config] = {
     "STDiT3-tiny": STDiT3Config(
         hidden_size=64, depth=2, num_heads=4, caption_channels=32, model_max_length=16
     ),
+}
+
+STDIT2_PRESETS: dict[str, STDiT2Config] = {
+    # The released v1.1 model, hpcai-tech/OpenSora-STDiT-v2-stage2 / -stage3.
+    "STDiT2-XL/2": STDiT2Config(),
+    # For tests and CPU experiments (the golden bundle stdit2_a's architecture): hidden 72,
+    # since STDiT2 needs hidden_size divisible by 3.
+    "STDiT2-tiny": STDiT2Config(
+        hidden_size=72, depth=2, num_heads=4, caption_channels=32, model_max_length=16
+    ),
+}
+
+STDIT_PRESETS: dict[str, STDiTConfig] = {
+    # The released v1.0 model (hpcai-tech/Open-Sora): 16 frames at 256x256, latent 16x32x32.
+    "STDiT-XL/2": STDiTConfig(),
+    # The v1.0 checkpoints' configs by size (16x256x256 = STDiT-XL/2 above).
+    "OpenSora-v1-16x256x256": STDiTConfig(),
+    "OpenSora-v1-16x512x512": STDiTConfig(input_size=(16, 64, 64), space_scale=1.0),
+    # For tests and CPU experiments (the golden bundle stdit_a's architecture).
+    "STDiT-tiny": STDiTConfig(
+        input_size=(4, 8, 8), hidden_size=64, depth=2, num_heads=4, caption_channels=32, model_max_length=16
+    ),
+}
+
+# The released v1.0 files (hpcai-tech/Open-Sora) and the STDIT_PRESETS entry of each.
+STDIT_CHECKPOINTS: dict[str, str] = {
+    "OpenSora-v1-16x256x256.pth": "OpenSora-v1-16x256x256",
+    "OpenSora-v1-HQ-16x256x256.pth": "OpenSora-v1-16x256x256",
+    "OpenSora-v1-HQ-16x512x512.pth": "OpenSora-v1-16x512x512",
 }
 
 VAE_PRESETS: dict[str, VideoAutoencoderConfig] = {

@@ -303,3 +303,100 @@ class T2IFinalLayer(nn.Module):
             keep = x_mask[:, :, None, None]  # [B, T, 1, 1]
             x1 = torch.where(keep, x1.unflatten(1, (T, S)), x0.unflatten(1, (T, S))).flatten(1, 2)
         return self.linear(x1)  # [B, N, prod(patch) * C_out]
+
+
+# --------------------------------------------------------------------------------------------
+# Pieces shared by the transformer families (added for STDiT2; STDiT3 keeps its own methods)
+# --------------------------------------------------------------------------------------------
+
+
+def modulation_table(
+    table: torch.Tensor,
+    t_mlp: torch.Tensor,
+    x_mask: torch.Tensor | None = None,
+    t0_mlp: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, ...]:
+    """adaLN-single rows: table [K, C] + t_mlp [B, K*C] -> K tensors [B, T or 1, 1, C].
+
+    With `x_mask` [B, T] (False = conditioning frame), each frame takes its rows from
+    `t0_mlp` (the t = 0 vector) where the mask is False; the rows then broadcast over
+    tokens viewed as [B, T, S, C].
+    """
+    K, C = table.shape
+    B = t_mlp.shape[0]
+    rows = (table[None] + t_mlp.view(B, K, C))[:, :, None, None]  # [B, K, 1, 1, C]
+    if x_mask is not None:
+        rows0 = (table[None] + t0_mlp.view(B, K, C))[:, :, None, None]
+        rows = torch.where(x_mask[:, None, :, None, None], rows, rows0)  # [B, K, T, 1, C]
+    return rows.unbind(1)
+
+
+def pack_text_tokens(y: torch.Tensor, mask: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Projected text y [B, L, C] and mask [B', L] -> (tokens [B, L', C], valid [B, L'] or None).
+
+    `mask` rows (nonzero = token) are tiled to B when B' divides B (under CFG the null half
+    reuses the prompts' masks). The valid tokens of each row move to the front in their
+    order and rows are padded to the longest one, L' = max valid count; `valid` marks real
+    tokens for the attention key mask (None when all are real). This is the official
+    "select the valid tokens, attend per row" cross-attention input without packing rows.
+    """
+    if mask is None:
+        return y, None
+    B = y.shape[0]
+    valid = mask.to(y.device).repeat(B // mask.shape[0], 1) != 0  # [B, L]
+    lens = valid.sum(1)  # [B]
+    longest = int(lens.max())
+    order = torch.argsort((~valid).to(torch.int32), dim=1, stable=True)[:, :longest]  # valid first
+    y = y.gather(1, order[..., None].expand(-1, -1, y.shape[-1]))  # [B, L', C]
+    valid = torch.arange(longest, device=y.device)[None] < lens[:, None]  # [B, L']
+    return y, None if bool(valid.all()) else valid
+
+
+def unpatchify(
+    x: torch.Tensor, patch_size: tuple[int, int, int], T: int, Hp: int, Wp: int, size: tuple[int, int, int]
+) -> torch.Tensor:
+    """Tokens [B, T*Hp*Wp, (pt ph pw C_out)] -> [B, C_out, T0, H0, W0], cropping the padding
+    PatchEmbed3D added (`size` = (T0, H0, W0), the latent size before patching)."""
+    pt, ph, pw = patch_size
+    B = x.shape[0]
+    x = x.view(B, T, Hp, Wp, pt, ph, pw, -1).permute(0, 7, 1, 4, 2, 5, 3, 6)
+    x = x.reshape(B, -1, T * pt, Hp * ph, Wp * pw)  # [B, C_out, T*pt, Hp*ph, Wp*pw]
+    return x[:, :, : size[0], : size[1], : size[2]]
+
+
+# --------------------------------------------------------------------------------------------
+# Fixed-size sin-cos tables (added for STDiT, v1.0; spec section 9.2)
+# --------------------------------------------------------------------------------------------
+
+
+def sincos_1d(dim: int, pos: torch.Tensor) -> torch.Tensor:
+    """Positions pos [P] -> [P, dim] = [sin(pos f), cos(pos f)], f_k = 1/10000^(k/(dim/2)).
+
+    Computed in float64 (the official tables are numpy float64, cast to float32 once).
+    """
+    if dim % 2:
+        raise ValueError(f"sin-cos tables need an even dim, got {dim}")
+    omega = 1.0 / 10000 ** (torch.arange(dim // 2, dtype=torch.float64) / (dim // 2))  # [dim/2]
+    out = pos.double()[:, None] * omega[None]  # [P, dim/2]
+    return torch.cat([torch.sin(out), torch.cos(out)], dim=1)  # [P, dim]
+
+
+def sincos_table_1d(dim: int, length: int, *, scale: float = 1.0) -> torch.Tensor:
+    """v1.0 temporal table [1, length, dim] (float32, CPU): positions arange(length) / scale."""
+    pos = torch.arange(length, dtype=torch.float64) / scale  # [T]
+    return sincos_1d(dim, pos).float()[None]
+
+
+def sincos_table_2d(dim: int, grid: tuple[int, int], *, scale: float = 1.0) -> torch.Tensor:
+    """v1.0 spatial table [1, h*w, dim] (float32, CPU) of a fixed h x w patch grid.
+
+    Row r_i = i / scale, column c_j = j / scale (no `base_size` rescaling, unlike the
+    v1.2 `PositionEmbedding2D`); token i*w + j gets [sincos_1d(c_j) (dim/2), sincos_1d(r_i)
+    (dim/2)]: the **first half encodes the column**, as in v1.2.
+    """
+    if dim % 4:
+        raise ValueError(f"2D sin-cos tables need dim divisible by 4, got {dim}")
+    h, w = grid
+    rows = (torch.arange(h, dtype=torch.float32) / scale)[:, None].expand(h, w).reshape(-1)  # [S]
+    cols = (torch.arange(w, dtype=torch.float32) / scale)[None, :].expand(h, w).reshape(-1)  # [S]
+    return torch.cat([sincos_1d(dim // 2, cols), sincos_1d(dim // 2, rows)], dim=1).float()[None]  # [1, S, dim]

@@ -1,5 +1,17 @@
 """Noise schedules and samplers: pure functions of tensors."""
 
+from opensora_sdk.schedulers.dpm_solver import (
+    DPMSolver,
+    NoiseScheduleVP,
+    sample_dpm_solver,
+)
+from opensora_sdk.schedulers.iddpm import (
+    IDDPM,
+    DiffusionTables,
+    guided_output,
+    sample_iddpm,
+    space_timesteps,
+)
 from opensora_sdk.schedulers.rflow import (
     RectifiedFlow,
     add_noise,
@@ -11,11 +23,19 @@ from opensora_sdk.schedulers.rflow import (
 )
 
 __all__ = [
+    "IDDPM",
+    "DPMSolver",
+    "DiffusionTables",
+    "NoiseScheduleVP",
     "RectifiedFlow",
     "add_noise",
     "euler_step",
+    "guided_output",
     "guided_velocity",
     "mean_flat",
+    "sample_dpm_solver",
+    "sample_iddpm",
     "sampling_timesteps",
+    "space_timesteps",
     "timestep_transform",
 ]
