@@ -38,7 +38,7 @@ def long_video(model, vae, text, latent, *, loops: int, condition_frames: int = 
                            condition_edit=condition_edit)
     progress = CallProgress(steps * loops, StepCounter(steps * loops))
     clips = iter_clips(node_models(model, vae, tiling), placement(), plan, plan.samples, text.embeddings, progress)
-    return torch.cat([part.cpu() for part in clips], dim=2), plan.fps
+    return torch.cat([part.cpu() for _, part in clips], dim=2), plan.fps
 
 
 class OpenSoraLongVideo:

@@ -19,6 +19,7 @@ _LAZY = {
     "ImageCondition": "opensora_sdk.conditioning",
     "VideoCondition": "opensora_sdk.conditioning",
     "RectifiedFlow": "opensora_sdk.schedulers.rflow",
+    "export_to_video": "opensora_sdk.diffusers_compat",
 }
 
 
@@ -45,4 +46,5 @@ __all__ = [
     "VideoAutoencoderConfig",
     "VideoCondition",
     "__version__",
+    "export_to_video",
 ]

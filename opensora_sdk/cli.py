@@ -61,6 +61,18 @@ def _seed(text: str) -> int | None:
     return value
 
 
+def _optional_float(name: str):
+    def parse(text: str):
+        if text in ("default", "none"):
+            return None if text == "none" else text
+        try:
+            return float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{name} {text!r}: expected a number, 'none' or 'default'") from None
+
+    return parse
+
+
 def _align(text: str) -> int | str | None:
     if text in ("default", "none"):
         return None if text == "none" else text
@@ -95,7 +107,9 @@ def _add_generation_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("sampling")
     g.add_argument("--num-sampling-steps", type=int, default=None, help="rectified-flow steps (default: preset, else 30)")
     g.add_argument("--cfg-scale", type=float, default=None, help="classifier-free guidance scale (default: preset, else 7.0)")
-    g.add_argument("--aes", type=float, default=6.5, help="aesthetic score appended to prompts (default 6.5)")
+    g.add_argument("--aes", type=_optional_float("--aes"), default="default",
+                   help="aesthetic score appended to prompts; 'none': no suffix (default: the model family's, 6.5 for "
+                        "v1.2, none for v1.1 and v1.0)")
     g.add_argument("--flow", type=float, default=None, help="motion score appended to prompts (default none)")
     g.add_argument("--camera-motion", default=None, choices=CAMERA_MOTIONS, help="camera motion appended to prompts")
     g.add_argument("--seed", type=_seed, default=42, help="seed of the first sample, +1 per sample; 'random' draws one (default 42)")
@@ -155,14 +169,24 @@ def _one_or_list(values):
 
 
 def _preset_name(args) -> str:
-    """--preset, else v1.2 when --model names a transformer (it brings the v1.2 defaults and fills
+    """--preset, else the official preset of the family --model belongs to (v1.2, v1.1 or v1.0,
+    recognised from its config.json or its keys; it brings that family's defaults and fills
     the missing components), else the built-in model (whose other parts --vae or
     --text-encoder alone keep)."""
+    from opensora_sdk.configs import STDIT_CHECKPOINTS
+    from opensora_sdk.models.auto import TRANSFORMER_FAMILIES, transformer_kind
     from opensora_sdk.presets import BUILTIN_PRESET
 
     if args.preset:
         return args.preset
-    return "v1.2" if args.model else BUILTIN_PRESET
+    if not args.model:
+        return BUILTIN_PRESET
+    if not Path(args.model).expanduser().exists():
+        return "v1.2"  # a hub id: looked at when it is loaded
+    family = TRANSFORMER_FAMILIES[transformer_kind(args.model, local_files_only=True)]
+    if family == "v1.0":
+        return {"OpenSora-v1-16x512x512": "v1.0-hq-512"}.get(STDIT_CHECKPOINTS.get(Path(args.model).name, ""), "v1.0")
+    return family
 
 
 def _check_sources(configs, args) -> None:
@@ -177,6 +201,16 @@ def _check_sources(configs, args) -> None:
         except CheckpointError as err:
             flag = "--" + kind.replace("_", "-").replace("transformer", "model")
             raise CheckpointError(f"{flag} {option!r}: {err}") from None
+    from opensora_sdk.families import family_of
+    from opensora_sdk.presets import get_preset
+
+    preset = _preset_name(args)
+    found, wanted = family_of(configs.transformer).name, get_preset(preset).family.name
+    if found != wanted:
+        raise ValueError(
+            f"--model {configs.sources['transformer']!r} is an Open-Sora {found} transformer but --preset {preset} is "
+            f"Open-Sora {wanted}; leave --preset out (the model's family is recognised) or pick a {found} preset"
+        )
     t, te = configs.transformer, configs.text_encoder
     d_model = te.get("d_model")
     if d_model is not None and d_model != t.caption_channels:
@@ -189,16 +223,23 @@ def _check_sources(configs, args) -> None:
         )
 
 
-def _plan_kwargs(args) -> dict:
-    """Every argument of `plan_generation`: the options, with the preset's defaults filled in."""
+def _plan_kwargs(args, configs) -> dict:
+    """Every argument of `plan_generation`: the options, with the preset's defaults filled in
+    (a fixed-size v1.0 model's own size and length first)."""
     from opensora_sdk.presets import get_preset, resolve_defaults
 
     preset = get_preset(_preset_name(args))
+    defaults = dict(preset.defaults)
+    fixed = configs.facts.fixed_latent_size
+    if fixed is not None:
+        f = configs.facts.space_factor
+        defaults.update(num_frames=fixed[0], height=fixed[1] * f, width=fixed[2] * f)
     height, width = args.image_size or (None, None)
     sized = resolve_defaults(
-        preset.defaults, preset.family, loop=args.loop, resolution=args.resolution, aspect_ratio=args.aspect_ratio,
+        defaults, preset.family, loop=args.loop, resolution=args.resolution, aspect_ratio=args.aspect_ratio,
         height=height, width=width, num_frames=args.num_frames, fps=args.fps, num_steps=args.num_sampling_steps,
         guidance_scale=args.cfg_scale, **({} if args.align == "default" else {"align": args.align}),
+        **({} if args.aes == "default" else {"aesthetic_score": args.aes}),
     )
     return dict(
         **sized,
@@ -250,9 +291,11 @@ def _configs_and_plan(args):
             )
     configs = model_configs(_preset_name(args), model=args.model, vae=args.vae, text_encoder=args.text_encoder)
     _check_sources(configs, args)
-    prompts = plan_prompts(_read_prompts(args), negative_prompt=args.negative_prompt, aesthetic_score=args.aes,
-                           motion_score=args.flow, camera_motion=args.camera_motion)
-    plan = plan_generation(configs.facts, prompts, **_plan_kwargs(args))
+    kwargs = _plan_kwargs(args, configs)
+    prompts = plan_prompts(_read_prompts(args), negative_prompt=args.negative_prompt,
+                           aesthetic_score=kwargs.pop("aesthetic_score"), motion_score=args.flow,
+                           camera_motion=args.camera_motion)
+    plan = plan_generation(configs.facts, prompts, **kwargs)
     return configs, plan
 
 
@@ -370,7 +413,7 @@ def cmd_info(args: argparse.Namespace) -> int:
         offload=None if args.offload == "none" else args.offload, device_type=device.type,
     )
     print(plan.summary())
-    print(f"device:         {device} ({str(dtype).removeprefix('torch.')} for STDiT3 and the VAE, T5 float32)")
+    print(f"device:         {device} ({str(dtype).removeprefix('torch.')} for the transformer and the VAE, T5 float32)")
     for line in memory.lines():
         print(f"memory:         {line}")
     for kind, source in configs.sources.items():

@@ -387,10 +387,17 @@ def condition_pixel_frames(condition_frame_length: int) -> int:
     return c // LATENT_FRAMES_PER_CHUNK * PIXEL_FRAMES_PER_CHUNK
 
 
-def loop_condition_group(loop_i: int, ref_id: int, condition_frame_length: int = 5, edit_ratio: float = 0.0) -> str:
-    """The group the official loop appends: f"{loop_i},{ref_id},-{c},0,{c},{edit_ratio}"."""
-    condition_pixel_frames(condition_frame_length)
+def loop_condition_group(
+    loop_i: int, ref_id: int, condition_frame_length: int = 5, edit_ratio: float = 0.0, chunk: int = 5
+) -> str:
+    """The group the official loop appends: f"{loop_i},{ref_id},-{c},0,{c},{edit_ratio}".
+    `chunk`: latent frames per VAE chunk (5 for the v1.2 VAE; 1 for the per-frame SD VAE),
+    which c must be a multiple of."""
     c = condition_frame_length
+    if chunk == LATENT_FRAMES_PER_CHUNK:
+        condition_pixel_frames(c)
+    elif isinstance(c, bool) or not isinstance(c, int) or c < chunk or c % chunk:
+        raise ValueError(f"condition_frame_length must be a positive multiple of {chunk} latent frames, got {c!r}")
     return f"{loop_i},{ref_id},-{c},0,{c},{edit_ratio}"
 
 
@@ -401,12 +408,13 @@ def append_loop_reference(
     loop_i: int,
     condition_frame_length: int = 5,
     edit_ratio: float = 0.0,
+    chunk: int = 5,
 ) -> tuple[list[Tensor], str]:
     """Add the re-encoded previous clip `generated` [C, T, h, w] as a new reference of one
     sample and append the group that copies its last c latent frames to the start of loop i.
     Returns new (refs, strategy); the inputs are not modified."""
     new_refs = list(refs or []) + [generated]
-    group = loop_condition_group(loop_i, len(new_refs) - 1, condition_frame_length, edit_ratio)
+    group = loop_condition_group(loop_i, len(new_refs) - 1, condition_frame_length, edit_ratio, chunk)
     return new_refs, group if not strategy else f"{strategy};{group}"
 
 

@@ -50,15 +50,17 @@ def module_parameters(build) -> int:
 
 
 def stdit3_parameters(config) -> int:
-    from opensora_sdk.models.stdit3 import STDiT3
+    """Parameters of the transformer of any family (STDiT3Config, STDiT2Config, STDiTConfig)."""
+    from opensora_sdk.models.auto import build_transformer
 
-    return module_parameters(lambda: STDiT3(config))
+    return module_parameters(lambda: build_transformer(config))
 
 
 def vae_parameters(config) -> int:
-    from opensora_sdk.models.vae import VideoAutoencoder
+    """Parameters of the v1.2 video VAE or of the per-frame SD VAE."""
+    from opensora_sdk.models.auto import build_vae
 
-    return module_parameters(lambda: VideoAutoencoder(config))
+    return module_parameters(lambda: build_vae(config))
 
 
 def t5_encoder_parameters(config: dict) -> int:
@@ -102,7 +104,8 @@ def gib(nbytes: int) -> str:
 
 def _vae_decoder_peak_per_frame(vae_config, height: int, width: int) -> int:
     """Largest channels x pixels of the 2D decoder (values per frame)."""
-    channels = tuple(reversed(vae_config.vae_2d.block_out_channels))
+    kl = getattr(vae_config, "vae_2d", vae_config)  # the per-frame SD VAE is an AutoencoderKLConfig
+    channels = tuple(reversed(kl.block_out_channels))
     f = 2 ** (len(channels) - 1)
     pixels = (height // f) * (width // f)
     best = 0
@@ -139,7 +142,7 @@ def estimate_memory(
     T = -(-plan.latent_size[0] // transformer_config.patch_size[0])
     S = plan.video_tokens // max(T, 1)
     scores = rows * transformer_config.num_heads * max(T * S * S, S * T * T) * nb
-    micro = vae_config.micro_batch_size or plan.num_frames * B
+    micro = getattr(vae_config, "micro_batch_size", 4) or plan.num_frames * B
     decode = min(micro, plan.num_frames * B) * _vae_decoder_peak_per_frame(vae_config, plan.height, plan.width)
     decode *= VAE_LIVE_TENSORS * nb
     clip = B * 3 * plan.num_frames * plan.height * plan.width * nb

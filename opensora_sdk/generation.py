@@ -10,7 +10,7 @@ none re-implements a step. Each step of generation is exactly one function here:
     decode_clip         latents -> pixels (chunked, optionally tiled, split over SP ranks)
     carry_over          loop i > 0: the previous clip re-encoded as the next loop's reference
     iter_clips          the loops of one batch, each clip's new frames as they are decoded
-    generate            a whole plan -> one `Video` per sample
+    generate            a whole plan -> one `Video` per sample (generate_latents: undecoded)
 
 What differs between model families is data: the plan names its family (scheduler and
 sampling loop, `opensora_sdk.presets.ModelFamily`), the latent geometry comes from the loaded
@@ -41,7 +41,7 @@ import torch
 from opensora_sdk.conditioning import append_loop_reference, apply_mask_strategy, encode_conditions
 from opensora_sdk.placement import Placement
 from opensora_sdk.plan import GenerationPlan, SamplePlan
-from opensora_sdk.presets import FAMILIES
+from opensora_sdk.families import FAMILIES
 from opensora_sdk.sampling import SamplingInterrupted
 from opensora_sdk.video import Video
 
@@ -130,7 +130,9 @@ def guided_model(transformer, batch: int, uncond_mask: torch.Tensor | None):
     def fn(x, t, *, y, mask, x_mask=None, **kwargs):
         if uncond_mask is not None and x.shape[0] == 2 * batch:
             mask = torch.cat([mask[:batch], uncond_mask], 0)
-        return transformer(x, t, y=y, mask=mask, x_mask=x_mask, **kwargs)
+        if x_mask is not None:  # STDiT (v1.0) takes no frame mask, and is never given one
+            kwargs["x_mask"] = x_mask
+        return transformer(x, t, y=y, mask=mask, **kwargs)
 
     return fn
 
@@ -186,7 +188,10 @@ def sample_clip(
         return torch.randn(shape, generator=g, device=device, dtype=torch.float32)
 
     def renoise(step: int, like: torch.Tensor) -> torch.Tensor:
-        return torch.cat([randn(like[b : b + 1].shape, g) for b, g in enumerate(state.generators)])
+        """Sample b's draw from its own generator; a chain of several rows per sample (IDDPM's
+        [z; z] under guidance) draws them all and keeps the first, as the official loop does."""
+        rows = like.shape[0] // B
+        return torch.cat([randn((rows, *like.shape[1:]), g)[:1] for g in state.generators])
 
     z = torch.cat([randn((1, C, T, h, w), g) for g in state.generators])  # [B, C, T', h, w]
     z, mask = apply_mask_strategy(z, state.references, state.strategies, loop_i=loop_i, align=plan.align)
@@ -202,19 +207,12 @@ def sample_clip(
         else:
             null = null_caption(transformer, B, device)
         null = null.to(y.dtype)
-    scheduler = plan.scheduler
-    timesteps = scheduler.timesteps(B, height=H, width=W, num_frames=N, device=device)
-    model_kwargs = {
-        "fps": torch.full((B,), float(plan.model_fps), device=device),
-        "height": torch.full((B,), float(H), device=device),
-        "width": torch.full((B,), float(W), device=device),
-    }
-    sample = FAMILIES[plan.family].sample
+    family = FAMILIES[plan.family]
     with torch.no_grad(), placement.use(transformer, "transformer"):
-        return sample(
-            guided_model(transformer, B, uncond_mask), z, timesteps, y=y, y_null=null, y_mask=y_mask,
-            guidance_scale=plan.guidance_scale, frame_mask=frame_mask, model_kwargs=model_kwargs,
-            num_timesteps=scheduler.num_timesteps, noise_sampler=renoise, callback=callback,
+        return family.sample(
+            guided_model(transformer, B, uncond_mask), z, plan.scheduler, size=(H, W, N), y=y, y_null=null,
+            y_mask=y_mask, guidance_scale=plan.guidance_scale, frame_mask=frame_mask,
+            model_kwargs=family.model_inputs(plan, B, device), noise_sampler=renoise, callback=callback,
         )
 
 
@@ -238,7 +236,7 @@ def carry_over(
             latent = _vae_encode(vae, clip[b : b + 1].clamp(-1, 1), g, models.vae_tiling)[0]  # [C, T', h, w]
             state.references[b], state.strategies[b] = append_loop_reference(
                 state.references[b], state.strategies[b], latent, loop_i, plan.condition_frame_length,
-                plan.condition_frame_edit,
+                plan.condition_frame_edit, plan.latent_chunk,
             )
 
 
@@ -262,9 +260,12 @@ def iter_clips(
     embeddings: Embeddings,
     callback: Callable | None = None,
     timings: Timings | None = None,
-) -> Iterator[torch.Tensor]:
-    """Every loop of one batch: yields the new pixels of each clip [B, 3, n, H, W] (the first
-    clip whole, later ones without the frames they share with the previous clip)."""
+    *,
+    decode_last: bool = True,
+) -> Iterator[tuple[torch.Tensor, torch.Tensor | None]]:
+    """Every loop of one batch: yields (latents [B, C, T', h, w], the clip's new pixels
+    [B, 3, n, H, W]): the first clip whole, later ones without the frames they share with the
+    previous clip. With `decode_last=False` the last loop is not decoded (pixels None)."""
     timings = Timings() if timings is None else timings
     with timings.stage("references"):
         state = start_batch(models, placement, plan, batch)
@@ -275,9 +276,36 @@ def iter_clips(
                 carry_over(models, placement, plan, state, clip, i)
         with timings.stage("sampling"):
             latents = sample_clip(models, placement, plan, batch, state, embeddings, i, callback)
+        if i == plan.loop - 1 and not decode_last:
+            yield latents, None
+            return
         with timings.stage("decode"):
             clip = decode_clip(models, placement, latents, plan.num_frames)
-        yield clip[:, :, plan.overlap_frames if i > 0 else 0 :]
+        yield latents, clip[:, :, plan.overlap_frames if i > 0 else 0 :]
+
+
+def _run(models, placement, plan, embeddings, callback, progress, timings, per_batch) -> list:
+    """A whole call: its texts encoded once, `per_batch(batch, embeddings, steps, timings)`
+    for each batch (its results concatenated), steps counted over the call."""
+    timings = Timings() if timings is None else timings
+    if embeddings is None:
+        texts = [t for s in plan.samples for t in s.loop_prompts]
+        if plan.negative_prompt is not None:
+            texts.append(plan.negative_prompt)
+        with timings.stage("text"):
+            embeddings = encode_texts(models.text_encoder, placement, texts)
+    steps = CallProgress(len(plan.batches()) * plan.loop * plan.num_steps, callback, progress)
+    out: list = []
+    try:
+        for batch in plan.batches():
+            out += per_batch(batch, embeddings, steps, timings)
+    except SamplingInterrupted as stop:
+        if stop.step != steps.done - 1:  # raised inside the sampler: report the call-wide step
+            raise SamplingInterrupted(steps.done - 1, stop.latent) from stop
+        raise
+    finally:
+        steps.close()
+    return out
 
 
 def generate(
@@ -298,32 +326,35 @@ def generate(
     with `SamplingInterrupted` before anything is decoded further. `timings` (a `Timings`)
     receives the seconds spent per stage.
     """
-    timings = Timings() if timings is None else timings
-    if embeddings is None:
-        texts = [t for s in plan.samples for t in s.loop_prompts]
-        if plan.negative_prompt is not None:
-            texts.append(plan.negative_prompt)
-        with timings.stage("text"):
-            embeddings = encode_texts(models.text_encoder, placement, texts)
-    steps = CallProgress(len(plan.batches()) * plan.loop * plan.num_steps, callback, progress)
-    videos: list[Video] = []
-    try:
-        for batch in plan.batches():
-            frames: list[list[np.ndarray]] = [[] for _ in batch]
-            for part in iter_clips(models, placement, plan, batch, embeddings, steps, timings):
-                for b in range(len(batch)):
-                    frames[b].append(Video.from_tensor(part[b]).frames)  # uint8 on the host, per loop
-            videos += [
-                Video(np.concatenate(f) if len(f) > 1 else f[0], plan.fps, video_metadata(plan, s))
-                for s, f in zip(batch, frames)
-            ]
-    except SamplingInterrupted as stop:
-        if stop.step != steps.done - 1:  # raised inside the sampler: report the call-wide step
-            raise SamplingInterrupted(steps.done - 1, stop.latent) from stop
-        raise
-    finally:
-        steps.close()
-    return videos
+
+    def videos(batch, embeddings, steps, timings) -> list[Video]:
+        frames: list[list[np.ndarray]] = [[] for _ in batch]
+        for _, part in iter_clips(models, placement, plan, batch, embeddings, steps, timings):
+            for b in range(len(batch)):
+                frames[b].append(Video.from_tensor(part[b]).frames)  # uint8 on the host, per loop
+        return [Video(np.concatenate(f) if len(f) > 1 else f[0], plan.fps, video_metadata(plan, s))
+                for s, f in zip(batch, frames)]
+
+    return _run(models, placement, plan, embeddings, callback, progress, timings, videos)
+
+
+def generate_latents(
+    models: Models,
+    placement: Placement,
+    plan: GenerationPlan,
+    *,
+    embeddings: Embeddings | None = None,
+    callback: Callable | None = None,
+    progress: bool = False,
+) -> torch.Tensor:
+    """`generate` without the final decode: the latents [N, C, T', h, w] of every sample after
+    its last loop (earlier loops are decoded: the next loop needs their pixels)."""
+
+    def latents(batch, embeddings, steps, timings) -> list[torch.Tensor]:
+        *_, (last, _) = iter_clips(models, placement, plan, batch, embeddings, steps, timings, decode_last=False)
+        return list(last)
+
+    return torch.stack(_run(models, placement, plan, embeddings, callback, progress, None, latents))
 
 
 def video_metadata(plan: GenerationPlan, s: SamplePlan) -> dict[str, str]:
@@ -357,6 +388,7 @@ __all__ = [
     "decode_clip",
     "encode_texts",
     "generate",
+    "generate_latents",
     "guided_model",
     "iter_clips",
     "null_caption",

@@ -113,6 +113,15 @@ def resolve_checkpoint(
             raise CheckpointError(f"subfolder {subfolder!r} not found in {str(path)!r}")
         config = folder / "config.json"
         return ResolvedCheckpoint(_weights_in_folder(folder), config if config.is_file() else None, text)
+    parts = text.split("/")
+    if len(parts) >= 3 and Path(text).suffix in (".safetensors",) + _TORCH_SUFFIXES and not text.startswith((".", "/", "~")):
+        # one file of a hub repo: "org/repo/OpenSora-v1-16x256x256.pth"
+        repo_id, filename = "/".join(parts[:2]), "/".join(parts[2:])
+        folder = _download(repo_id, None, local_files_only, cache_dir, [filename])
+        file = folder / filename
+        if not file.is_file():
+            raise CheckpointError(f"{filename!r} is not in the hub repo {repo_id!r} (checked {str(folder)!r})")
+        return ResolvedCheckpoint([file], None, text)
     if not _looks_like_repo_id(text):
         raise CheckpointError(
             f"checkpoint {text!r} not found: expected an existing folder, a .safetensors/.pth file, "

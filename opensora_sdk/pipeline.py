@@ -19,11 +19,11 @@ from typing import Any, Callable, Mapping, Sequence
 
 import torch
 
-from opensora_sdk.configs import OFFICIAL_REPOS, STDiT3Config, VideoAutoencoderConfig
+from opensora_sdk.configs import OFFICIAL_REPOS
+from opensora_sdk.families import ModelFamily, family_of
 from opensora_sdk.placement import HOST, Placement, default_device, default_dtype
 from opensora_sdk.plan import PROMPT_KEYS, GenerationPlan, ModelFacts, plan_generation, plan_prompts
-from opensora_sdk.presets import BUILTIN_PRESET, V1_2, ModelFamily, check_defaults, get_preset, resolve_defaults
-from opensora_sdk.video import Video
+from opensora_sdk.presets import BUILTIN_PRESET, check_defaults, get_preset, resolve_defaults
 
 _UNSET = object()
 
@@ -63,7 +63,7 @@ class OpenSoraPipeline:
         vae,
         text_encoder,
         *,
-        family: ModelFamily = V1_2,
+        family: ModelFamily | None = None,
         defaults: Mapping[str, Any] | None = None,
         device=None,
         dtype: torch.dtype | None = None,
@@ -84,6 +84,10 @@ class OpenSoraPipeline:
                 f"model_max_length={transformer.config.model_max_length} (the null caption has that many tokens)"
             )
         check_defaults(defaults)
+        found = family_of(transformer)
+        if family is not None and family.name != found.name:
+            raise ValueError(f"family={family.name!r} but the transformer is an Open-Sora {found.name} model")
+        family = found
         self.transformer = transformer.eval().requires_grad_(False)
         self.vae = vae.eval().requires_grad_(False)
         self.text_encoder = text_encoder
@@ -93,8 +97,12 @@ class OpenSoraPipeline:
         self.max_latent_frames = max_latent_frames if max_latent_frames is not None else family.max_latent_frames
         self.progress = progress
         self.sources = dict(sources or {})
-        self.sp_group = sp_group  # sequence parallelism: shard STDiT3 over these processes
-        self.transformer.set_sequence_parallel_group(sp_group)
+        self.sp_group = sp_group  # sequence parallelism: shard the transformer over these processes
+        if hasattr(self.transformer, "set_sequence_parallel_group"):
+            self.transformer.set_sequence_parallel_group(sp_group)
+        elif sp_group is not None:
+            raise ValueError(f"sequence parallelism (sp_group) is not available for {type(transformer).__name__} "
+                             f"(Open-Sora {family.name}); run it in one process per video")
         self.to(dtype=dtype)
 
     # ---- construction ------------------------------------------------------------------------
@@ -107,27 +115,35 @@ class OpenSoraPipeline:
         text_encoder=OFFICIAL_REPOS["text_encoder"],
         *,
         dtype: torch.dtype | None = None,
+        torch_dtype: torch.dtype | None = None,
         text_encoder_dtype: torch.dtype = torch.float32,
         device=None,
         local_files_only: bool | None = None,
         **kwargs,
     ) -> OpenSoraPipeline:
-        """Load STDiT3, the VAE and T5 from folders, weight files or hub ids (v1.2 by default).
+        """Load the transformer, the VAE and T5 from folders, weight files or hub ids (v1.2 by
+        default). The family is recognised from the transformer (STDiT3: v1.2, STDiT2: v1.1,
+        STDiT: v1.0; `family=`, e.g. from a preset, must agree) and the VAE from its files (the
+        v1.2 video VAE or the per-frame SD VAE).
 
         Each may also be an already built model object. Weights load on the host in `dtype`
-        (default: bfloat16 on an accelerator, float32 on the CPU; T5 in float32, as officially)
-        and move to `device` (default: CUDA when available) when first used. Other keyword
-        arguments go to the constructor (offload, vae_tiling, defaults, progress, sp_group, ...).
+        (or `torch_dtype`, diffusers' name; default: bfloat16 on an accelerator, float32 on the
+        CPU; T5 in float32, as officially) and move to `device` (default: CUDA when available)
+        when first used. Other keyword arguments go to the constructor (offload, vae_tiling,
+        defaults, progress, sp_group, ...).
         """
-        from opensora_sdk.models import STDiT3, T5TextEncoder, VideoAutoencoder
+        from opensora_sdk.models import T5TextEncoder
+        from opensora_sdk.models.auto import load_transformer, load_vae
 
         device = torch.device(device) if device is not None else default_device()
-        dtype = dtype or default_dtype(device)
+        dtype = dtype or torch_dtype or default_dtype(device)
         sources = {"transformer": model, "vae": vae, "text_encoder": text_encoder}
+        family = kwargs.get("family")
         if not isinstance(model, torch.nn.Module):
-            model = STDiT3.from_pretrained(model, dtype=dtype, device=HOST, local_files_only=local_files_only)
+            model = load_transformer(model, family=family.name if family else None, dtype=dtype, device=HOST,
+                                     local_files_only=local_files_only)
         if not isinstance(vae, torch.nn.Module):
-            vae = VideoAutoencoder.from_pretrained(vae, dtype=dtype, device=HOST, local_files_only=local_files_only)
+            vae = load_vae(vae, dtype=dtype, device=HOST, local_files_only=local_files_only)
         if not isinstance(text_encoder, T5TextEncoder):
             text_encoder = T5TextEncoder.from_pretrained(
                 text_encoder, model_max_length=model.config.model_max_length, dtype=text_encoder_dtype,
@@ -143,24 +159,26 @@ class OpenSoraPipeline:
         *,
         seed: int = 0,
         dtype: torch.dtype | None = None,
+        torch_dtype: torch.dtype | None = None,
         device=None,
         local_files_only: bool | None = None,
         **kwargs,
     ) -> OpenSoraPipeline:
         """A pipeline from `PRESETS[name]` (default `BUILTIN_PRESET`, the built-in tiny model);
         components given as configs get random weights drawn from `seed` (the global torch RNG
-        is left untouched). The preset's `defaults` become the pipeline's."""
-        from opensora_sdk.models import STDiT3, T5TextEncoder, VideoAutoencoder
+        is left untouched). The preset's `defaults` become the pipeline's. `torch_dtype`: `dtype`."""
+        from opensora_sdk.models import T5TextEncoder
+        from opensora_sdk.models.auto import build_transformer, build_vae
         from opensora_sdk.models.text_encoder import tiny_t5_config
 
         name = name or BUILTIN_PRESET
         p = get_preset(name)
         device = torch.device(device) if device is not None else default_device()
-        dtype = dtype or default_dtype(device)
+        dtype = dtype or torch_dtype or default_dtype(device)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
-            model = STDiT3(copy.deepcopy(p.transformer)) if isinstance(p.transformer, STDiT3Config) else p.transformer
-            vae = VideoAutoencoder(copy.deepcopy(p.vae)) if isinstance(p.vae, VideoAutoencoderConfig) else p.vae
+            model = p.transformer if isinstance(p.transformer, str) else build_transformer(copy.deepcopy(p.transformer))
+            vae = p.vae if isinstance(p.vae, str) else build_vae(copy.deepcopy(p.vae))
             te = p.text_encoder
             if isinstance(te, dict):
                 length = (model.config if isinstance(model, torch.nn.Module) else p.transformer).model_max_length
@@ -214,17 +232,19 @@ class OpenSoraPipeline:
     def facts(self) -> ModelFacts:
         return ModelFacts.from_models(self.transformer, self.vae, self.max_latent_frames)
 
-    def plan(self, prompt, *, align=_UNSET, **kwargs) -> GenerationPlan:
+    def plan(self, prompt, **kwargs) -> GenerationPlan:
         """Resolve and check a call's arguments without running any model (see `__call__`);
-        size, length, frame rate, steps, guidance and align left out come from the model's
-        defaults, then from its family's table. Under sequence parallelism a random seed is
-        rank 0's draw on every rank."""
-        from opensora_sdk.presets import DEFAULT_KEYS
+        size, length, frame rate, steps, guidance, align and the aesthetic score left out (None;
+        for align and aesthetic_score: not given) come from the model's defaults, then from its
+        family's table. Under sequence parallelism a random seed is rank 0's draw on every rank."""
+        from opensora_sdk.presets import DEFAULT_KEYS, NULLABLE_KEYS
 
-        given = {k: kwargs.pop(k, None) for k in DEFAULT_KEYS if k != "align"}
-        if align is not _UNSET:
-            given["align"] = align
-        elif kwargs.get("conditions"):
+        given = {}
+        for key in DEFAULT_KEYS:
+            value = kwargs.pop(key, _UNSET)
+            if value is not _UNSET and (value is not None or key in NULLABLE_KEYS):
+                given[key] = value
+        if "align" not in given and kwargs.get("conditions"):
             given["align"] = None  # typed conditions sit exactly where they say (frame -1: the last latent)
         loop = kwargs.get("loop", PLAN_DEFAULTS["loop"])
         kwargs.update(resolve_defaults(self.defaults, self.family, loop=loop if isinstance(loop, int) else 1, **given))
@@ -255,7 +275,7 @@ class OpenSoraPipeline:
         fps: float | None = None,
         num_steps: int | None = None,
         guidance_scale: float | None = None,
-        aesthetic_score: float | None = 6.5,
+        aesthetic_score=_UNSET,
         motion_score: float | None = None,
         camera_motion: str | None = None,
         conditions=(),
@@ -273,8 +293,16 @@ class OpenSoraPipeline:
         batch_size: int = 1,
         timestep_warp: bool = True,
         progress: bool | None = None,
-    ) -> Video | list[Video]:
-        """Generate a video per prompt; a str prompt gives a `Video`, a list a list of them.
+        num_inference_steps: int | None = None,
+        generator: torch.Generator | Sequence[torch.Generator] | None = None,
+        num_videos_per_prompt: int = 1,
+        output_type: str | None = None,
+        callback_on_step_end: Callable | None = None,
+        callback_on_step_end_tensor_inputs: Sequence[str] = ("latents",),
+        **unknown,
+    ) -> Any:
+        """Generate a video per prompt; a str prompt gives a `Video`, a list a list of them
+        (with `output_type`: a `diffusers_compat.VideoPipelineOutput`, see below).
 
         Args:
             prompt: text; may carry loop segments ("|0|a cat|1|a dog": loop i uses the last
@@ -297,6 +325,8 @@ class OpenSoraPipeline:
                 and 7.0.
             aesthetic_score, motion_score, camera_motion: appended as the training captions
                 were ("aesthetic score: 6.5." ...); camera_motion one of `text.CAMERA_MOTIONS`.
+                aesthetic_score left out: the family's (6.5 for v1.2; none for v1.1 and v1.0,
+                which were not trained with it); None: no suffix.
             conditions: `ImageCondition` / `VideoCondition` objects for every prompt, or one
                 list per prompt. Alternatively `reference_path` (per prompt; paths joined by
                 ';') with `mask_strategy` (the official string language; default "0").
@@ -316,7 +346,35 @@ class OpenSoraPipeline:
             timestep_warp: shift the schedule toward high noise for large and long videos
                 (official: on).
             progress: tqdm bar over steps (default: the pipeline's `progress`).
+
+        diffusers names (aliases of ours; `opensora_sdk.diffusers_compat`):
+            num_inference_steps: num_steps.
+            generator: a torch.Generator: seed = its `initial_seed()` (sample k: seed + k); or
+                a list, one per video: sample k seeded with generator k's `initial_seed()`.
+                The generators are read, not advanced. Not together with `seed`.
+            num_videos_per_prompt: each prompt (and per-prompt lists) repeated n times in a
+                row; seeds still go seed + k over all videos.
+            output_type: None (default): our `Video` (or list), as above. Otherwise a
+                `VideoPipelineOutput(frames, videos)` in diffusers' layout, batched also for a
+                str prompt: "np" float32 [B, F, H, W, 3] in [0, 1] (= video.frames / 255), "pt"
+                float32 [B, F, 3, H, W] in [0, 1], "pil" a list (per video) of lists of PIL
+                images, "latent" the final latents [B, C, T', h, w] (the last loop's) without
+                decoding (videos None).
+            callback_on_step_end: fn(pipe, step, timestep, callback_kwargs) -> dict after every
+                sampling step, callback_kwargs = {"latents": the latent after the step}; a
+                returned "latents" tensor replaces it in place. `step` restarts per clip (batch,
+                loop); runs before `callback`. callback_on_step_end_tensor_inputs: ["latents"]
+                (the only one available).
+            Unknown keyword arguments raise a TypeError listing the accepted ones.
         """
+        from opensora_sdk import diffusers_compat as compat
+
+        compat.check_call(self.__call__, unknown, output_type, callback_on_step_end, callback_on_step_end_tensor_inputs)
+        num_steps = compat.alias("num_steps", num_steps, "num_inference_steps", num_inference_steps)
+        seed = compat.generator_seed(seed, generator)
+        prompt, conditions, reference_path, mask_strategy = compat.repeat_per_prompt(
+            num_videos_per_prompt, prompt, conditions, reference_path, mask_strategy
+        )
         plan = self.plan(
             prompt, negative_prompt=negative_prompt, resolution=resolution, aspect_ratio=aspect_ratio,
             num_frames=num_frames, fps=fps, num_steps=num_steps, guidance_scale=guidance_scale,
@@ -326,21 +384,37 @@ class OpenSoraPipeline:
             condition_frame_edit=condition_frame_edit, align=align, batch_size=batch_size,
             timestep_warp=timestep_warp,
         )
+        plan = compat.seed_samples(plan, generator)
+        callback = compat.step_end_callback(
+            self, plan, callback, callback_on_step_end, callback_on_step_end_tensor_inputs
+        )
+        if output_type == "latent":
+            return compat.VideoPipelineOutput(compat.generate_latents(self, plan, callback=callback, progress=progress))
         videos = self.generate(plan, callback=callback, progress=progress)
+        if output_type is not None:
+            return compat.to_output(videos, output_type)
         return videos[0] if isinstance(prompt, str) else videos
 
     def generate(
-        self, plan: GenerationPlan, *, callback: Callable | None = None, progress: bool | None = None, timings=None
-    ) -> list[Video]:
+        self, plan: GenerationPlan, *, callback: Callable | None = None, progress: bool | None = None, timings=None,
+        latents_only: bool = False,
+    ):
         """Run a plan made by `plan()` (or by `plan_generation` for these models): one `Video`
-        per sample, in order. `timings` (a `generation.Timings`) receives seconds per stage."""
+        per sample, in order (`latents_only`: the undecoded latents [N, C, T', h, w] of every
+        sample's last loop instead). `timings` (a `generation.Timings`) receives seconds per stage."""
         from opensora_sdk import generation
 
         plan = self.agree(plan)
         progress = self.progress if progress is None else progress
-        run = lambda: generation.generate(  # noqa: E731
-            self.models(), self.placement, plan, callback=callback, progress=progress, timings=timings
-        )
+        models = self.models()
+        if latents_only:
+            run = lambda: generation.generate_latents(  # noqa: E731
+                models, self.placement, plan, callback=callback, progress=progress
+            )
+        else:
+            run = lambda: generation.generate(  # noqa: E731
+                models, self.placement, plan, callback=callback, progress=progress, timings=timings
+            )
         if self.sp_group is None:
             return run()
         from opensora_sdk import distributed
@@ -351,14 +425,15 @@ class OpenSoraPipeline:
     def __repr__(self) -> str:
         c = self.transformer.config
         return (
-            f"OpenSoraPipeline(transformer=STDiT3(hidden {c.hidden_size}, depth {c.depth}), device={self.device}, "
+            f"OpenSoraPipeline({self.family.name}: {type(self.transformer).__name__}(hidden {c.hidden_size}, depth "
+            f"{c.depth}), device={self.device}, "
             f"dtype={self.dtype}, offload={self.offload!r}, sources={self.sources})"
         )
 
 
 # What `plan()` uses for the arguments that are not in a family's defaults table.
 PLAN_DEFAULTS: dict[str, Any] = {
-    "negative_prompt": None, "aesthetic_score": 6.5, "motion_score": None, "camera_motion": None, "conditions": (),
+    "negative_prompt": None, "motion_score": None, "camera_motion": None, "conditions": (),
     "reference_path": None, "mask_strategy": None, "seed": None, "loop": 1, "condition_frame_length": 5,
     "condition_frame_edit": 0.0, "batch_size": 1, "timestep_warp": True,
 }  # fmt: skip

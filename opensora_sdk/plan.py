@@ -43,7 +43,7 @@ from opensora_sdk.conditioning import (
     find_nearest_point,
     parse_mask_strategy,
 )
-from opensora_sdk.presets import V1_2, ModelFamily
+from opensora_sdk.families import V1_2, ModelFamily
 from opensora_sdk.sizes import model_fps, parse_num_frames, resolve_image_size
 from opensora_sdk.text import ProcessedPrompt, process_prompt
 
@@ -66,6 +66,18 @@ class ModelFacts:
     patch_size: tuple = (1, 2, 2)  # STDiT3 (t, h, w)
     text_max_length: int = 300  # T5 tokens = STDiT3 model_max_length
     max_latent_frames: int | None = V1_2.max_latent_frames
+    fixed_latent_size: tuple | None = None  # (T', h, w) of a fixed-size model (v1.0), else None
+
+    def carried_frames(self, condition_frame_length: int) -> int:
+        """Video frames shared by consecutive loops that carry `condition_frame_length` latent
+        frames: whole 17-frame chunks for the v1.2 VAE (a multiple of 5 latents), else the
+        latents times the temporal factor (1 for the per-frame SD VAE)."""
+        if self.micro_frame_size:
+            return condition_pixel_frames(condition_frame_length)
+        c = condition_frame_length
+        if isinstance(c, bool) or not isinstance(c, int) or c < 1:
+            raise ValueError(f"condition_frame_length must be a positive number of latent frames, got {c!r}")
+        return c * self.time_factor
 
     def latent_size(self, num_frames: int, height: int, width: int) -> tuple[int, int, int]:
         from opensora_sdk.models.vae import latent_size
@@ -77,20 +89,27 @@ class ModelFacts:
 
     @classmethod
     def from_configs(cls, transformer, vae, max_latent_frames: int | None = V1_2.max_latent_frames) -> ModelFacts:
-        """From an `STDiT3Config` and a `VideoAutoencoderConfig`."""
+        """From a transformer config (`STDiT3Config`, `STDiT2Config`, `STDiTConfig`) and a VAE
+        config (`VideoAutoencoderConfig`, or the per-frame SD VAE's `AutoencoderKLConfig`)."""
+        if hasattr(vae, "vae_temporal"):  # the v1.2 video VAE
+            geometry = dict(
+                latent_channels=vae.vae_temporal.embed_dim, micro_frame_size=vae.micro_frame_size,
+                time_factor=vae.vae_temporal.time_downsample_factor,
+                space_factor=2 ** (len(vae.vae_2d.block_out_channels) - 1),
+            )
+        else:  # one latent frame per video frame
+            geometry = dict(latent_channels=vae.latent_channels, micro_frame_size=None, time_factor=1,
+                            space_factor=2 ** (len(vae.block_out_channels) - 1))
+        fixed = getattr(transformer, "input_size", None)
+        fixed = tuple(fixed) if getattr(transformer, "model_type", "") == "stdit" and fixed else None
         return cls(
-            latent_channels=vae.vae_temporal.embed_dim,
-            micro_frame_size=vae.micro_frame_size,
-            time_factor=vae.vae_temporal.time_downsample_factor,
-            space_factor=2 ** (len(vae.vae_2d.block_out_channels) - 1),
-            patch_size=tuple(transformer.patch_size),
-            text_max_length=transformer.model_max_length,
-            max_latent_frames=max_latent_frames,
+            **geometry, patch_size=tuple(transformer.patch_size), text_max_length=transformer.model_max_length,
+            max_latent_frames=max_latent_frames, fixed_latent_size=fixed,
         )
 
     @classmethod
     def from_models(cls, transformer, vae, max_latent_frames: int | None = V1_2.max_latent_frames) -> ModelFacts:
-        """From loaded models (an `STDiT3` and a `VideoAutoencoder`): the geometry they really have."""
+        """From loaded models (a transformer and a VAE): the geometry they really have."""
         return cls.from_configs(transformer.config, vae.config, max_latent_frames)
 
 
@@ -148,6 +167,7 @@ class GenerationPlan:
     notes: list[str] = field(default_factory=list)
     scheduler: Any = None  # the family's scheduler with num_steps (e.g. a RectifiedFlow)
     family: str = V1_2.name
+    latent_chunk: int = 5  # latent frames per VAE chunk (5 for the v1.2 VAE, 1 for the per-frame SD VAE)
 
     @property
     def num_samples(self) -> int:
@@ -407,8 +427,10 @@ def plan_size(
     fps: float,
     loop: int,
     condition_frame_length: int,
+    frame_interval: int = 1,
 ) -> SizePlan:
-    """Sizes, frame counts, the latent and token counts; loops checked against whole chunks."""
+    """Sizes, frame counts, the latent and token counts; loops checked against whole chunks.
+    The video plays at fps / frame_interval (the model is conditioned on fps)."""
     loop = _positive_int(loop, "loop")
     if isinstance(fps, bool) or not isinstance(fps, (int, float)) or not fps > 0:
         raise ValueError(f"fps={fps!r} is not allowed: expected a positive number")
@@ -416,6 +438,13 @@ def plan_size(
     H, W = size.height, size.width
     frames = parse_num_frames(num_frames)
     T, h, w = facts.latent_size(frames, H, W)
+    if facts.fixed_latent_size is not None and (T, h, w) != tuple(facts.fixed_latent_size):
+        ft, fh, fw = facts.fixed_latent_size
+        f = facts.space_factor
+        raise ValueError(
+            f"this checkpoint generates {ft}x{fh * f}x{fw * f} (frames x H x W; latent {ft}x{fh}x{fw}) only; got "
+            f"{frames}x{H}x{W}: use num_frames={ft}, height={fh * f}, width={fw * f}"
+        )
     if facts.max_latent_frames is not None and T > facts.max_latent_frames:
         longest = _longest_clip(facts)
         raise ValueError(
@@ -425,7 +454,7 @@ def plan_size(
         )
     overlap = 0
     if loop > 1:
-        overlap = condition_pixel_frames(condition_frame_length)
+        overlap = facts.carried_frames(condition_frame_length)
         chunk = facts.micro_frame_size or facts.time_factor
         if frames % chunk or overlap >= frames:
             raise ValueError(
@@ -438,7 +467,7 @@ def plan_size(
     return SizePlan(
         height=H, width=W, num_frames=frames, total_frames=loop * frames - (loop - 1) * overlap, loop=loop,
         condition_frame_length=condition_frame_length, overlap_frames=overlap, latent_size=(T, h, w),
-        video_tokens=tokens, fps=float(fps), model_fps=model_fps(frames, fps),
+        video_tokens=tokens, fps=float(fps) / frame_interval, model_fps=model_fps(frames, fps),
         resolution=None if height is not None else resolution,
         aspect_ratio=None if height is not None else aspect_ratio, note=size.note,
     )  # fmt: skip
@@ -516,8 +545,7 @@ def plan_schedule(
     if isinstance(guidance_scale, bool) or not isinstance(guidance_scale, (int, float)) or not math.isfinite(guidance_scale):
         raise ValueError(f"guidance_scale={guidance_scale!r} is not allowed: expected a finite number (1 = no guidance)")
     scheduler = family.make_scheduler(num_steps, bool(timestep_warp))
-    ts = scheduler.timesteps(1, height=height, width=width, num_frames=num_frames)
-    return scheduler, tuple(float(t[0]) for t in ts)
+    return scheduler, family.timesteps(scheduler, height, width, num_frames)
 
 
 def plan_generation(
@@ -556,9 +584,16 @@ def plan_generation(
     if align is not None:
         align = _positive_int(align, "align")
     check_seed(seed, len(prompts.prompts))
+    if loop != 1 and not family.loops:
+        raise ValueError(f"loop={loop!r} is not allowed: Open-Sora {family.name} models make single clips (loop=1)")
+    if not family.conditioning and (reference_path or mask_strategy or conditions):
+        raise ValueError(
+            f"Open-Sora {family.name} models take no references (reference_path, mask_strategy, conditions): "
+            "use a v1.1 or v1.2 model for image-to-video and extension"
+        )
     size = plan_size(
         facts, resolution=resolution, aspect_ratio=aspect_ratio, height=height, width=width, num_frames=num_frames,
-        fps=fps, loop=loop, condition_frame_length=condition_frame_length,
+        fps=fps, loop=loop, condition_frame_length=condition_frame_length, frame_interval=family.frame_interval,
     )
     notes = [size.note] if size.note else []
     samples = plan_samples(
@@ -596,6 +631,7 @@ def plan_generation(
         notes=notes,
         scheduler=scheduler,
         family=family.name,
+        latent_chunk=facts.latent_size(facts.micro_frame_size, None, None)[0] if facts.micro_frame_size else 1,
     )
 
 

@@ -1,9 +1,7 @@
-"""Model families, presets and generation defaults: what a front end fills in at the edge.
+"""Presets and generation defaults: what a front end fills in at the edge.
 
-A `ModelFamily` is the data the generation orchestration (`opensora_sdk.generation`) needs
-about one generation of Open-Sora: its scheduler, its sampling loop, its defaults table, its
-clip-length limit and its conditioning alignment. Only v1.2 ships today; adding a family is
-one record here and the models it names.
+The model families (v1.2, v1.1, v1.0: scheduler, sampling loop, defaults table, clip-length
+limit) are records in `opensora_sdk.families`.
 
 A `ModelPreset` says where the three models come from (folders, files, hub ids, or configs
 for random weights) and which defaults of its family it overrides (e.g. the built-in model's
@@ -19,69 +17,27 @@ import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any, Mapping
 
 from opensora_sdk.configs import (
     OFFICIAL_REPOS,
+    STDIT2_PRESETS,
     STDIT3_PRESETS,
+    STDIT_PRESETS,
     VAE_PRESETS,
+    AutoencoderKLConfig,
     STDiT3Config,
     VideoAutoencoderConfig,
-    read_config_json,
-    video_autoencoder_config_from_official,
 )
+from opensora_sdk.families import FAMILIES, V1_0, V1_1, V1_2, ModelFamily  # noqa: F401  (FAMILIES re-exported)
 
-# --------------------------------------------------------------------------------------------
-# Families
-# --------------------------------------------------------------------------------------------
-
-
-def _rectified_flow(num_steps: int, timestep_warp: bool = True):
-    from opensora_sdk.schedulers.rflow import RectifiedFlow
-
-    return RectifiedFlow(num_sampling_steps=num_steps, use_timestep_transform=timestep_warp)
-
-
-def _rectified_flow_sample(*args, **kwargs):
-    from opensora_sdk.sampling import sample
-
-    return sample(*args, **kwargs)
-
-
-@dataclass(frozen=True)
-class ModelFamily:
-    """What differs between Open-Sora generations, as data for the orchestration.
-
-    defaults: the official inference defaults (spec 6.1) of the family: resolution,
-        aspect_ratio, num_frames, fps, num_steps, guidance_scale, align.
-    max_latent_frames: the longest clip one loop may have (None: no limit).
-    make_scheduler(num_steps, timestep_warp) -> a scheduler with `timesteps(B, height=, width=,
-        num_frames=, device=)` and `num_timesteps`.
-    sample: the sampling loop, `opensora_sdk.sampling.sample`'s signature.
-    """
-
-    name: str
-    defaults: Mapping[str, Any]
-    max_latent_frames: int | None
-    make_scheduler: Callable[..., Any]
-    sample: Callable[..., Any]
-
-
-V1_2 = ModelFamily(
-    name="v1.2",
-    defaults={
-        "resolution": "240p", "aspect_ratio": "9:16", "num_frames": "4s", "fps": 24, "num_steps": 30,
-        "guidance_scale": 7.0, "align": 5,
-    },  # fmt: skip
-    max_latent_frames=120,  # 408 frames ("16s"), the longest v1.2 training clips
-    make_scheduler=_rectified_flow,
-    sample=_rectified_flow_sample,
-)
-FAMILIES: dict[str, ModelFamily] = {"v1.2": V1_2}
+SD_VAE = "stabilityai/sd-vae-ft-ema"  # the per-frame VAE of v1.1 and v1.0
+TINY_SD_VAE = AutoencoderKLConfig(block_out_channels=(4, 8, 16, 16), norm_num_groups=2, sample_size=64)
 
 SIZE_KEYS = ("resolution", "aspect_ratio", "height", "width")
 # the family table's keys, a model's native size, and the clip length it loops with by default
 DEFAULT_KEYS = (*V1_2.defaults, "height", "width", "loop_num_frames")
+NULLABLE_KEYS = ("align", "aesthetic_score")  # None is a value here (exact placement; no suffix)
 
 
 def check_defaults(defaults: Mapping[str, Any] | None) -> None:
@@ -110,8 +66,8 @@ class ModelPreset:
     """
 
     description: str
-    transformer: str | STDiT3Config
-    vae: str | VideoAutoencoderConfig
+    transformer: str | Any  # a source, or an STDiT3Config / STDiT2Config / STDiTConfig
+    vae: str | Any  # a source, or a VideoAutoencoderConfig / AutoencoderKLConfig (per-frame SD VAE)
     text_encoder: str | dict
     family: ModelFamily = V1_2
     max_latent_frames: int | None = None
@@ -149,6 +105,41 @@ PRESETS: dict[str, ModelPreset] = {
         defaults={"height": 64, "width": 64, "num_frames": 17, "loop_num_frames": 34, "fps": 8, "num_steps": 20,
                   "guidance_scale": 5.0},
     ),
+    # ---- Open-Sora 1.1 (spec 9.1): STDiT2, the SD VAE per frame, T5-XXL with 200 tokens --------
+    "v1.1": ModelPreset(
+        "the released Open-Sora v1.1 weights, stage 3 (STDiT2-XL/2, SD VAE, T5-XXL); any size, 16 frames by default",
+        "hpcai-tech/OpenSora-STDiT-v2-stage3", SD_VAE, OFFICIAL_REPOS["text_encoder"], family=V1_1,
+    ),
+    "v1.1-stage2": ModelPreset(
+        "the released Open-Sora v1.1 weights, stage 2 (STDiT2-XL/2, SD VAE, T5-XXL)",
+        "hpcai-tech/OpenSora-STDiT-v2-stage2", SD_VAE, OFFICIAL_REPOS["text_encoder"], family=V1_1,
+    ),
+    "tiny-random-v1.1": ModelPreset(
+        "tiny random weights of the v1.1 architecture (STDiT2 hidden 72, a tiny SD VAE, a 2-layer T5); for tests",
+        STDIT2_PRESETS["STDiT2-tiny"], TINY_SD_VAE, {"d_model": 32}, family=V1_1,
+        defaults={"height": 64, "width": 64, "num_frames": 8},
+    ),
+    # ---- Open-Sora 1.0 (spec 9.2): STDiT at a fixed size, files of hpcai-tech/Open-Sora ---------
+    "v1.0": ModelPreset(
+        "the released Open-Sora v1.0 weights, 16 frames of 256x256 (OpenSora-v1-16x256x256.pth)",
+        "hpcai-tech/Open-Sora/OpenSora-v1-16x256x256.pth", SD_VAE, OFFICIAL_REPOS["text_encoder"], family=V1_0,
+        defaults={"height": 256, "width": 256},
+    ),
+    "v1.0-hq-256": ModelPreset(
+        "Open-Sora v1.0, high-quality fine-tune, 16 frames of 256x256 (OpenSora-v1-HQ-16x256x256.pth)",
+        "hpcai-tech/Open-Sora/OpenSora-v1-HQ-16x256x256.pth", SD_VAE, OFFICIAL_REPOS["text_encoder"], family=V1_0,
+        defaults={"height": 256, "width": 256},
+    ),
+    "v1.0-hq-512": ModelPreset(
+        "Open-Sora v1.0, high-quality fine-tune, 16 frames of 512x512 (OpenSora-v1-HQ-16x512x512.pth)",
+        "hpcai-tech/Open-Sora/OpenSora-v1-HQ-16x512x512.pth", SD_VAE, OFFICIAL_REPOS["text_encoder"], family=V1_0,
+        defaults={"height": 512, "width": 512},
+    ),
+    "tiny-random-v1.0": ModelPreset(
+        "tiny random weights of the v1.0 architecture (STDiT hidden 64, fixed 4 frames of 64x64); for tests",
+        STDIT_PRESETS["STDiT-tiny"], TINY_SD_VAE, {"d_model": 32}, family=V1_0,
+        defaults={"height": 64, "width": 64, "num_frames": 4},
+    ),
 }
 
 # The built-in default model: what `from_preset()`, `opensora generate` without model options
@@ -180,8 +171,9 @@ def resolve_defaults(
     `given` holds any of resolution, aspect_ratio, height, width, num_frames, fps, num_steps,
     guidance_scale and align. The size is the model's native height x width only when none of
     resolution, aspect_ratio, height and width is given; otherwise the given ones, with the
-    family's resolution / aspect ratio for a missing one. `align` is the one key where None is
-    a value (place conditions exactly): leave it out of `given` to get the default. With
+    family's resolution / aspect ratio for a missing one. For `NULLABLE_KEYS` (align: place
+    conditions exactly; aesthetic_score: no score suffix) None is a value: leave such a key
+    out of `given` to get the default. With
     `loop` > 1 a missing num_frames is the model's `loop_num_frames` when it has one (a clip
     long enough to carry a chunk over).
     """
@@ -193,11 +185,13 @@ def resolve_defaults(
     if all(given.get(k) is None for k in SIZE_KEYS) and defaults.get("height") is not None:
         out["height"], out["width"] = defaults["height"], defaults["width"]
     for key, value in family.defaults.items():
-        if key == "align":
-            if "align" not in given:
-                out["align"] = defaults.get("align", value)
+        if key in NULLABLE_KEYS:
+            if key not in given:
+                out[key] = defaults.get(key, value)
         elif out.get(key) is None and (key not in SIZE_KEYS or out.get("height") is None):
             out[key] = defaults.get(key, value)
+    for key in SIZE_KEYS:
+        out.setdefault(key, None)
     return out
 
 
@@ -227,15 +221,19 @@ class ModelConfigs:
 def model_configs(preset: str | None = None, *, model=None, vae=None, text_encoder=None) -> ModelConfigs:
     """Configs of a preset (default "v1.2") with optional per-component sources replaced.
 
-    A local folder's config.json is read; a hub id or a bare weight file is assumed to have
-    the v1.2 architecture (said in `notes`), since looking further would mean downloading.
+    A local folder's config.json is read, a bare local weight file's architecture is inferred
+    from its tensor shapes (headers only); a hub id that is not in the local cache is assumed
+    to have the preset's architecture (said in `notes`), since looking further would mean
+    downloading.
     """
     from opensora_sdk.estimates import T5_XXL_CONFIG
+    from opensora_sdk.loading import CheckpointError
+    from opensora_sdk.models.auto import transformer_config, vae_config
     from opensora_sdk.models.text_encoder import tiny_t5_config
 
     p = get_preset(preset or "v1.2")
     chosen = {"transformer": model or p.transformer, "vae": vae or p.vae, "text_encoder": text_encoder or p.text_encoder}
-    fallback = {"transformer": STDiT3Config(), "vae": VideoAutoencoderConfig(), "text_encoder": dict(T5_XXL_CONFIG)}
+    readers = {"transformer": transformer_config, "vae": vae_config}
     out, sources, notes = {}, {}, []
     for kind, src in chosen.items():
         if not isinstance(src, (str, os.PathLike)):
@@ -243,17 +241,38 @@ def model_configs(preset: str | None = None, *, model=None, vae=None, text_encod
             sources[kind] = f"random weights ({type(src).__name__})"
             continue
         sources[kind] = os.fspath(src)
-        config_file = Path(src).expanduser() / "config.json"
-        if not config_file.is_file():
-            out[kind] = fallback[kind]
-            notes.append(f"{kind} {os.fspath(src)!r}: no local config.json; assuming the v1.2 architecture")
-        elif kind == "transformer":
-            out[kind] = read_config_json(STDiT3Config, config_file)
-        elif kind == "vae":
-            out[kind] = video_autoencoder_config_from_official(json.loads(config_file.read_text("utf-8")))
-        else:
-            out[kind] = json.loads(config_file.read_text("utf-8"))
+        local = Path(src).expanduser().exists()
+        if kind == "text_encoder":
+            config_file = Path(src).expanduser() / "config.json"
+            if config_file.is_file():
+                out[kind] = json.loads(config_file.read_text("utf-8"))
+            else:
+                out[kind] = dict(T5_XXL_CONFIG)
+                notes.append(f"text_encoder {os.fspath(src)!r}: no local config.json; assuming T5-XXL")
+            continue
+        try:
+            out[kind] = readers[kind](src, local_files_only=True)
+        except CheckpointError:
+            if local:
+                raise
+            out[kind] = _PRESET_ARCHITECTURES[p.family.name][kind](p)
+            notes.append(f"{kind} {os.fspath(src)!r}: not in the local cache; assuming the {p.family.name} architecture")
     return ModelConfigs(out["transformer"], out["vae"], out["text_encoder"], sources, notes, p.latent_frame_limit)
+
+
+def _v10_config(p: ModelPreset):
+    """The STDiT config of a v1.0 preset's checkpoint file (16x256x256 or 16x512x512)."""
+    from opensora_sdk.configs import STDIT_CHECKPOINTS
+
+    return copy.deepcopy(STDIT_PRESETS[STDIT_CHECKPOINTS.get(Path(str(p.transformer)).name, "STDiT-XL/2")])
+
+
+# The architecture a preset's hub models have, for planning before they are downloaded.
+_PRESET_ARCHITECTURES = {
+    "v1.2": {"transformer": lambda p: STDiT3Config(), "vae": lambda p: VideoAutoencoderConfig()},
+    "v1.1": {"transformer": lambda p: copy.deepcopy(STDIT2_PRESETS["STDiT2-XL/2"]), "vae": lambda p: AutoencoderKLConfig()},
+    "v1.0": {"transformer": _v10_config, "vae": lambda p: AutoencoderKLConfig()},
+}
 
 
 __all__ = [
