@@ -1,8 +1,9 @@
 """OpenSoraEmptyLatentVideo: the size and length of a generation, as an empty LATENT.
 
 LATENT layout: {"samples": zeros [B, 4, T, h, w], "num_frames": N, "height": H, "width": W,
-"fps": fps}. T, h, w follow the v1.2 VAE (17 video frames -> 5 latent frames, 8x8 pixels per
-latent). H and W are the size the model is conditioned on: table sizes are kept as the
+"fps": fps}. T, h, w follow the connected VAE (the v1.2 VAE without one: 17 video frames ->
+5 latent frames, 8x8 pixels per latent; the per-frame SD VAE of v1.1/v1.0: one latent frame
+per video frame). H and W are the size the model is conditioned on: table sizes are kept as the
 official tables give them (240p 9:16 is 240x426) and decoded to multiples of 8 (424).
 """
 
@@ -77,11 +78,7 @@ def empty_latent(height: int, width: int, num_frames: int, fps: float, batch_siz
     from opensora_sdk.presets import V1_2
 
     config = vae.vae.config if vae is not None else VideoAutoencoderConfig()
-    facts = ModelFacts(
-        latent_channels=config.vae_temporal.embed_dim, micro_frame_size=config.micro_frame_size,
-        time_factor=config.vae_temporal.time_downsample_factor,
-        space_factor=2 ** (len(config.vae_2d.block_out_channels) - 1), max_latent_frames=V1_2.max_latent_frames,
-    )
+    facts = ModelFacts(**ModelFacts.vae_geometry(config), max_latent_frames=V1_2.max_latent_frames)
     T, h, w = facts.latent_size(num_frames, height, width)
     samples = torch.zeros(batch_size, facts.latent_channels, T, h, w)
     latent = {"samples": samples, "num_frames": num_frames, "height": height, "width": width, "fps": float(fps)}

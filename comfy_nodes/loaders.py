@@ -89,26 +89,28 @@ def builtin_component(name: str):
 
 
 def load_model(choice: str, dtype: str = "auto", attention: str = "sdpa") -> LoadedModel:
-    from opensora_sdk.models import STDiT3
-    from opensora_sdk.presets import V1_2, get_preset
+    """Any family's transformer (STDiT3 v1.2, STDiT2 v1.1, STDiT v1.0), recognised from the file."""
+    from opensora_sdk.families import family_of
+    from opensora_sdk.models.auto import load_transformer
+    from opensora_sdk.presets import get_preset
 
     torch_dtype = resolve_dtype(dtype, host.torch_device())
-    max_frames = V1_2.max_latent_frames
     if choice == BUILTIN:
         transformer, preset = builtin_component("transformer")
         transformer.to(torch_dtype)
         source, max_frames = f"built-in preset {preset!r}", get_preset(preset).latent_frame_limit
     else:
         path = resolve_choice("model", choice)
-        transformer = STDiT3.from_pretrained(path, dtype=torch_dtype, device=host.offload_device("unet"))
-        source = str(path)
+        transformer = load_transformer(path, dtype=torch_dtype, device=host.offload_device("unet"))
+        source, max_frames = str(path), family_of(transformer).max_latent_frames
     transformer.set_attention_backend(attention)
     transformer.to(host.offload_device("unet"))
     return LoadedModel(transformer.eval().requires_grad_(False), source, torch_dtype, max_frames)
 
 
 def load_vae(choice: str, dtype: str = "auto") -> LoadedVAE:
-    from opensora_sdk.models import VideoAutoencoder
+    """The v1.2 video VAE or the per-frame SD VAE of v1.1 / v1.0, recognised from the file."""
+    from opensora_sdk.models.auto import load_vae as sdk_load_vae
 
     torch_dtype = resolve_dtype(dtype, host.torch_device())
     if choice == BUILTIN:
@@ -117,7 +119,7 @@ def load_vae(choice: str, dtype: str = "auto") -> LoadedVAE:
         source = f"built-in preset {preset!r}"
     else:
         path = resolve_choice("vae", choice)
-        vae = VideoAutoencoder.from_pretrained(path, dtype=torch_dtype, device=host.offload_device("vae"))
+        vae = sdk_load_vae(path, dtype=torch_dtype, device=host.offload_device("vae"))
         source = str(path)
     vae.to(host.offload_device("vae"))
     return LoadedVAE(vae.eval().requires_grad_(False), source, torch_dtype)
@@ -166,7 +168,10 @@ def _attention_choices() -> list[str]:
 
 
 class OpenSoraModelLoader:
-    DESCRIPTION = "Loads the STDiT3 diffusion transformer (Open-Sora v1.2)."
+    DESCRIPTION = (
+        "Loads the diffusion transformer of any Open-Sora release: STDiT3 (v1.2), STDiT2 (v1.1) or STDiT (v1.0), "
+        "recognised from the file."
+    )
     CATEGORY = f"{CATEGORY}/loaders"
     RETURN_TYPES = (MODEL,)
     RETURN_NAMES = ("model",)
@@ -190,7 +195,10 @@ class OpenSoraModelLoader:
 
 
 class OpenSoraVAELoader:
-    DESCRIPTION = "Loads the Open-Sora v1.2 video VAE (spatial SD-VAE + temporal VAE, 4 latent channels)."
+    DESCRIPTION = (
+        "Loads the Open-Sora v1.2 video VAE (spatial SD-VAE + temporal VAE), or the per-frame SD VAE of v1.1 and v1.0 "
+        "(stabilityai/sd-vae-ft-ema), recognised from the file."
+    )
     CATEGORY = f"{CATEGORY}/loaders"
     RETURN_TYPES = (VAE,)
     RETURN_NAMES = ("vae",)

@@ -28,11 +28,11 @@ def check_compatible(model, text, shape) -> None:
             "OpenSoraEmptyLatentVideo or OpenSoraVAEEncode for Open-Sora latents"
         )
     y, _ = text.for_loop(0)
-    if tuple(y.shape[-2:]) != (config.model_max_length, config.caption_channels):
+    if y.shape[-1] != config.caption_channels or y.shape[-2] < config.model_max_length:
         raise ValueError(
             f"the text embedding is {tuple(y.shape[-2:])} (tokens, channels) but the diffusion model expects "
             f"({config.model_max_length}, {config.caption_channels}): load the text encoder that belongs to this "
-            "model (and set its max_length to the model's)"
+            "model (and set its max_length to the model's: 300 for v1.2, 200 for v1.1, 120 for v1.0)"
         )
 
 
@@ -40,17 +40,21 @@ def plan_for_latent(model, text, latent: dict, *, vae=None, seed: int, steps: in
                     timestep_warp: bool = True, conditions=None, align: int | None = None, loops: int = 1,
                     condition_frames: int = 5, condition_edit: float = 0.0):
     """The SDK plan of a node run: one sample per latent in the batch, all with the text."""
-    from opensora_sdk.configs import VideoAutoencoderConfig
+    from opensora_sdk.configs import AutoencoderKLConfig, VideoAutoencoderConfig
+    from opensora_sdk.families import V1_2, family_of
     from opensora_sdk.plan import ModelFacts, PromptPlan, plan_generation
-    from opensora_sdk.presets import V1_2
     from opensora_sdk.text import ProcessedPrompt, merge_loop_prompt
 
     shape = tuple(latent["samples"].shape)
     if len(shape) != 5:
         raise ValueError(f"latent: expected [batch, 4, frames, h, w], got shape {tuple(shape)}; use OpenSoraEmptyLatentVideo")
     check_compatible(model, text, shape)
+    family = family_of(model.transformer)
     H, W, N, fps = latent_geometry(latent)
-    vae_config = vae.vae.config if vae is not None else VideoAutoencoderConfig()  # the v1.2 VAE's geometry
+    if vae is not None:
+        vae_config = vae.vae.config
+    else:  # the family's VAE geometry: the v1.2 video VAE, or the per-frame SD VAE
+        vae_config = VideoAutoencoderConfig() if family is V1_2 else AutoencoderKLConfig()
     facts = ModelFacts.from_configs(model.transformer.config, vae_config, model.max_latent_frames)
     B = shape[0]
     processed = ProcessedPrompt(merge_loop_prompt(text.segments), tuple(text.segments))
@@ -63,7 +67,7 @@ def plan_for_latent(model, text, latent: dict, *, vae=None, seed: int, steps: in
         facts, PromptPlan((text.prompt,) * B, (processed,) * B, text.negative_text), **size, num_frames=N, fps=fps,
         num_steps=steps, guidance_scale=cfg, timestep_warp=timestep_warp, conditions=items, reference_path=None, mask_strategy=None, seed=seed, loop=loops,
         condition_frame_length=condition_frames, condition_frame_edit=condition_edit, align=align or None,
-        batch_size=B, family=V1_2,
+        batch_size=B, family=family,
     )
     if tuple(plan.latent_size) != shape[2:]:
         raise ValueError(
@@ -146,8 +150,8 @@ class OpenSoraSampler:
                                timestep_warp=timestep_warp, conditions=conditions, align=condition_align)
         models, where = node_models(model, vae), placement()
         state = start_batch(models, where, plan, plan.samples)
-        latents = sample_clip(models, where, plan, plan.samples, state, text.embeddings, 0,
-                              CallProgress(steps, StepCounter(steps)))
+        latents = sample_clip(models, where, plan, plan.samples, state, text.for_length(plan.text_tokens).embeddings,
+                              0, CallProgress(steps, StepCounter(steps)))
         out = {k: v for k, v in latent.items() if k != "samples"}
         out.update(samples=latents.to(host.intermediate_device()), height=plan.height, width=plan.width,
                    num_frames=plan.num_frames, fps=plan.fps, seed=seed)

@@ -27,9 +27,10 @@ def tip(text: str, **options) -> dict:
 
 @dataclass
 class LoadedModel:
-    """STDiT3 with where it came from; it waits on `offload_device` between uses."""
+    """The transformer (STDiT3, STDiT2 or STDiT) with where it came from; it waits on the
+    offload device between uses."""
 
-    transformer: object  # opensora_sdk.models.STDiT3
+    transformer: object  # opensora_sdk.models.STDiT3 / STDiT2 / STDiT
     source: str
     dtype: object  # torch.dtype
     max_latent_frames: int | None = 120
@@ -37,7 +38,7 @@ class LoadedModel:
 
 @dataclass
 class LoadedVAE:
-    vae: object  # opensora_sdk.models.VideoAutoencoder
+    vae: object  # opensora_sdk.models.VideoAutoencoder, or FrameAutoencoder (v1.1 / v1.0)
     source: str
     dtype: object
 
@@ -74,6 +75,22 @@ class TextEmbeds:
 
     def for_loop(self, i: int) -> tuple:
         return self.embeddings[self.text_for_loop(i)]
+
+    def for_length(self, tokens: int) -> TextEmbeds:
+        """The embeddings cut to `tokens` tokens (a model with a shorter text length, e.g. v1.1's
+        200 after a 300-token encode). Exact: T5 attends to the real tokens only, so a prompt
+        whose tokens (and end token) all fit gives the same rows; a longer one is an error."""
+        import dataclasses
+
+        out = {}
+        for text, (y, mask) in self.embeddings.items():
+            if y.shape[-2] > tokens and bool(mask[..., tokens:].any()):
+                raise ValueError(
+                    f"the prompt {text[:60]!r} has {int(mask.sum())} tokens; the diffusion model reads {tokens}: shorten "
+                    f"it, or set the text encoder loader's max_length to {tokens} (it then truncates as officially)"
+                )
+            out[text] = (y[..., :tokens, :], mask[..., :tokens])
+        return dataclasses.replace(self, embeddings=out)
 
 
 @dataclass

@@ -37,7 +37,8 @@ def long_video(model, vae, text, latent, *, loops: int, condition_frames: int = 
                            conditions=conditions, align=align, loops=loops, condition_frames=condition_frames,
                            condition_edit=condition_edit)
     progress = CallProgress(steps * loops, StepCounter(steps * loops))
-    clips = iter_clips(node_models(model, vae, tiling), placement(), plan, plan.samples, text.embeddings, progress)
+    embeddings = text.for_length(plan.text_tokens).embeddings
+    clips = iter_clips(node_models(model, vae, tiling), placement(), plan, plan.samples, embeddings, progress)
     return torch.cat([part.cpu() for _, part in clips], dim=2), plan.fps
 
 

@@ -91,21 +91,25 @@ class ModelFacts:
     def from_configs(cls, transformer, vae, max_latent_frames: int | None = V1_2.max_latent_frames) -> ModelFacts:
         """From a transformer config (`STDiT3Config`, `STDiT2Config`, `STDiTConfig`) and a VAE
         config (`VideoAutoencoderConfig`, or the per-frame SD VAE's `AutoencoderKLConfig`)."""
-        if hasattr(vae, "vae_temporal"):  # the v1.2 video VAE
-            geometry = dict(
-                latent_channels=vae.vae_temporal.embed_dim, micro_frame_size=vae.micro_frame_size,
-                time_factor=vae.vae_temporal.time_downsample_factor,
-                space_factor=2 ** (len(vae.vae_2d.block_out_channels) - 1),
-            )
-        else:  # one latent frame per video frame
-            geometry = dict(latent_channels=vae.latent_channels, micro_frame_size=None, time_factor=1,
-                            space_factor=2 ** (len(vae.block_out_channels) - 1))
+        geometry = cls.vae_geometry(vae)
         fixed = getattr(transformer, "input_size", None)
         fixed = tuple(fixed) if getattr(transformer, "model_type", "") == "stdit" and fixed else None
         return cls(
             **geometry, patch_size=tuple(transformer.patch_size), text_max_length=transformer.model_max_length,
             max_latent_frames=max_latent_frames, fixed_latent_size=fixed,
         )
+
+    @staticmethod
+    def vae_geometry(vae) -> dict:
+        """latent_channels, micro_frame_size, time_factor, space_factor of a VAE config."""
+        if hasattr(vae, "vae_temporal"):  # the v1.2 video VAE
+            return dict(
+                latent_channels=vae.vae_temporal.embed_dim, micro_frame_size=vae.micro_frame_size,
+                time_factor=vae.vae_temporal.time_downsample_factor,
+                space_factor=2 ** (len(vae.vae_2d.block_out_channels) - 1),
+            )
+        return dict(latent_channels=vae.latent_channels, micro_frame_size=None, time_factor=1,  # one per frame
+                    space_factor=2 ** (len(vae.block_out_channels) - 1))
 
     @classmethod
     def from_models(cls, transformer, vae, max_latent_frames: int | None = V1_2.max_latent_frames) -> ModelFacts:
