@@ -15,7 +15,10 @@ front end may call on its own (the ComfyUI nodes plan from a LATENT and encoded 
     plan_prompts     prompts -> processed prompts (cleaning, score suffixes, loop segments)
     plan_size        size, frames, loops -> `SizePlan` (latent shape, tokens, overlap)
     plan_samples     references / conditions / mask strategies / seeds -> `SamplePlan`s
+                     (in `opensora_sdk.plan_samples`)
     plan_schedule    steps, guidance, warp -> the scheduler and its timesteps
+
+`ModelFacts` lives in `opensora_sdk.facts`.
 
 Frame limits: one clip (one loop) may have at most `ModelFacts.max_latent_frames` latent
 frames, 120 for v1.2: the 408-frame ("16s") clips of its longest training buckets. Longer
@@ -29,116 +32,19 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
-import secrets
-import warnings
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Sequence
 
-from opensora_sdk.conditioning import (
-    ImageCondition,
-    VideoCondition,
-    condition_pixel_frames,
-    conditions_to_groups,
-    find_nearest_point,
-    parse_mask_strategy,
-)
+from opensora_sdk.conditioning import ImageCondition, VideoCondition
+from opensora_sdk.facts import ModelFacts
 from opensora_sdk.families import V1_2, ModelFamily
+from opensora_sdk.plan_samples import SamplePlan, check_reference_source, check_seed, draw_seed, plan_samples
 from opensora_sdk.sizes import model_fps, parse_num_frames, resolve_image_size
 from opensora_sdk.text import ProcessedPrompt, process_prompt
-
-_SEED_RANGE = 2**31
-
-
-# --------------------------------------------------------------------------------------------
-# What planning needs to know about the models
-# --------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class ModelFacts:
-    """Numbers from the model configs that fix sizes and token counts (no weights needed)."""
-
-    latent_channels: int = 4
-    micro_frame_size: int | None = 17  # VAE pixel frames per temporal chunk
-    time_factor: int = 4  # VAE temporal compression
-    space_factor: int = 8  # VAE spatial compression
-    patch_size: tuple = (1, 2, 2)  # STDiT3 (t, h, w)
-    text_max_length: int = 300  # T5 tokens = STDiT3 model_max_length
-    max_latent_frames: int | None = V1_2.max_latent_frames
-    fixed_latent_size: tuple | None = None  # (T', h, w) of a fixed-size model (v1.0), else None
-
-    def carried_frames(self, condition_frame_length: int) -> int:
-        """Video frames shared by consecutive loops that carry `condition_frame_length` latent
-        frames: whole 17-frame chunks for the v1.2 VAE (a multiple of 5 latents), else the
-        latents times the temporal factor (1 for the per-frame SD VAE)."""
-        if self.micro_frame_size:
-            return condition_pixel_frames(condition_frame_length)
-        c = condition_frame_length
-        if isinstance(c, bool) or not isinstance(c, int) or c < 1:
-            raise ValueError(f"condition_frame_length must be a positive number of latent frames, got {c!r}")
-        return c * self.time_factor
-
-    def latent_size(self, num_frames: int, height: int, width: int) -> tuple[int, int, int]:
-        from opensora_sdk.models.vae import latent_size
-
-        return latent_size(
-            num_frames, height, width,
-            micro_frame_size=self.micro_frame_size, time_factor=self.time_factor, space_factor=self.space_factor,
-        )
-
-    @classmethod
-    def from_configs(cls, transformer, vae, max_latent_frames: int | None = V1_2.max_latent_frames) -> ModelFacts:
-        """From a transformer config (`STDiT3Config`, `STDiT2Config`, `STDiTConfig`) and a VAE
-        config (`VideoAutoencoderConfig`, or the per-frame SD VAE's `AutoencoderKLConfig`)."""
-        geometry = cls.vae_geometry(vae)
-        fixed = getattr(transformer, "input_size", None)
-        fixed = tuple(fixed) if getattr(transformer, "model_type", "") == "stdit" and fixed else None
-        return cls(
-            **geometry, patch_size=tuple(transformer.patch_size), text_max_length=transformer.model_max_length,
-            max_latent_frames=max_latent_frames, fixed_latent_size=fixed,
-        )
-
-    @staticmethod
-    def vae_geometry(vae) -> dict:
-        """latent_channels, micro_frame_size, time_factor, space_factor of a VAE config."""
-        if hasattr(vae, "vae_temporal"):  # the v1.2 video VAE
-            return dict(
-                latent_channels=vae.vae_temporal.embed_dim, micro_frame_size=vae.micro_frame_size,
-                time_factor=vae.vae_temporal.time_downsample_factor,
-                space_factor=2 ** (len(vae.vae_2d.block_out_channels) - 1),
-            )
-        return dict(latent_channels=vae.latent_channels, micro_frame_size=None, time_factor=1,  # one per frame
-                    space_factor=2 ** (len(vae.block_out_channels) - 1))
-
-    @classmethod
-    def from_models(cls, transformer, vae, max_latent_frames: int | None = V1_2.max_latent_frames) -> ModelFacts:
-        """From loaded models (a transformer and a VAE): the geometry they really have."""
-        return cls.from_configs(transformer.config, vae.config, max_latent_frames)
-
 
 # --------------------------------------------------------------------------------------------
 # The plan
 # --------------------------------------------------------------------------------------------
-
-
-@dataclass
-class SamplePlan:
-    """One prompt of the call.
-
-    references: the official string form's sources (paths, or PIL images / tensors / Videos)
-        in `ref_id` order; `mask_strategy` their groups ("" = none).
-    conditions: typed conditions (`ImageCondition`, `VideoCondition`); a sample uses either
-        these or the string form. The loop-continuation references are added at run time.
-    """
-
-    index: int
-    prompt: str
-    loop_prompts: tuple[str, ...]
-    seed: int
-    references: tuple = ()
-    mask_strategy: str = ""
-    conditions: tuple = ()
 
 
 @dataclass
@@ -246,121 +152,6 @@ def _positive_int(value, name: str, minimum: int = 1) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
         raise ValueError(f"{name}={value!r} is not allowed: expected an integer >= {minimum}")
     return value
-
-
-def _per_prompt(value, n: int, name: str) -> list:
-    """None / one value for every prompt / a list with one entry per prompt."""
-    if value is None or isinstance(value, (str, os.PathLike)):
-        return [value] * n
-    if isinstance(value, (list, tuple)):
-        if len(value) == n:
-            return list(value)
-        raise ValueError(
-            f"{name} has {len(value)} entries for {n} prompt(s): give one entry per prompt (several "
-            f"references of one prompt are joined with ';' or given as a nested list), or one string for all"
-        )
-    raise ValueError(f"{name}={value!r} is not allowed: expected a string, or a list with one entry per prompt")
-
-
-def _split_references(entry, where: str) -> tuple:
-    """One prompt's references: "a.png;b.mp4", a list of sources, one object, or None."""
-    if entry is None or entry == "":
-        return ()
-    if isinstance(entry, (str, os.PathLike)):
-        parts = [p.strip() for p in os.fspath(entry).split(";")]
-        if any(not p for p in parts):
-            raise ValueError(f"{where}={os.fspath(entry)!r} has an empty path between ';' separators")
-        return tuple(parts)
-    if isinstance(entry, (list, tuple)):
-        return tuple(entry)
-    return (entry,)
-
-
-def check_reference_source(source, where: str) -> None:
-    """A reference path must exist, have a readable extension and decode (its first frame is
-    read, so a corrupt file fails here, before any model loads); objects pass through."""
-    from opensora_sdk.video_io import IMAGE_SUFFIXES, VIDEO_SUFFIXES, read_image, read_video
-
-    if not isinstance(source, (str, os.PathLike)):
-        return
-    text = os.fspath(source)
-    if "://" in text:
-        raise ValueError(f"{where}={text!r}: URLs are not downloaded; download the file and pass its path")
-    path = Path(text)
-    if not path.is_file():
-        raise FileNotFoundError(f"{where}={text!r}: file not found" + (" (it is a folder)" if path.is_dir() else ""))
-    if path.suffix.lower() not in VIDEO_SUFFIXES + IMAGE_SUFFIXES:
-        raise ValueError(
-            f"{where}={text!r}: extension {path.suffix or '(none)'!r} is not supported; videos: "
-            f"{', '.join(VIDEO_SUFFIXES)}; images: {', '.join(IMAGE_SUFFIXES)}"
-        )
-    try:
-        if path.suffix.lower() in VIDEO_SUFFIXES:
-            read_video(path, max_frames=1)
-        else:
-            read_image(path)
-    except (ValueError, OSError) as err:
-        raise ValueError(f"{where}={text!r} cannot be decoded as {'a video' if path.suffix.lower() in VIDEO_SUFFIXES else 'an image'} ({err})") from None
-
-
-def _conditions_per_prompt(conditions, n: int) -> list[tuple]:
-    if conditions is None or len(conditions) == 0:
-        return [()] * n
-    conditions = list(conditions)
-    if all(isinstance(c, (ImageCondition, VideoCondition)) for c in conditions):
-        return [tuple(conditions)] * n
-    if len(conditions) == n and all(isinstance(c, (list, tuple)) for c in conditions):
-        for k, group in enumerate(conditions):
-            for j, c in enumerate(group):
-                if not isinstance(c, (ImageCondition, VideoCondition)):
-                    raise TypeError(f"conditions[{k}][{j}] is {type(c).__name__}; expected ImageCondition or VideoCondition")
-        return [tuple(c) for c in conditions]
-    raise TypeError(
-        "conditions must be a list of ImageCondition / VideoCondition (used for every prompt) or one "
-        f"such list per prompt ({n} lists); got {[type(c).__name__ for c in conditions]}"
-    )
-
-
-def _warn(notes: list, message: str) -> None:
-    notes.append(message)
-    warnings.warn(message, UserWarning, stacklevel=4)
-
-
-def _check_groups(groups, t_latent: int, n_refs: int, loop: int, align: int | None, where: str, notes: list) -> None:
-    """ref_id and target_start of every group; a note for groups that never apply or collide."""
-    starts: dict[tuple[int, int], int] = {}
-    kept: set[int] = set()  # latent frames of loop 0 that conditions keep fixed
-    for g, grp in enumerate(groups):
-        what = f"{where} group {g} ({str(grp)!r})"
-        if grp.ref_id >= n_refs:
-            raise ValueError(
-                f"{what}: field ref_id={grp.ref_id} but the prompt has {n_refs} reference(s)"
-                + (f" (allowed 0..{n_refs - 1})" if n_refs else "; pass reference_path or conditions")
-            )
-        if not -t_latent <= grp.target_start < t_latent:
-            raise ValueError(
-                f"{what}: field target_start={grp.target_start} is outside the {t_latent} latent frames of "
-                f"the output (allowed {-t_latent}..{t_latent - 1})"
-            )
-        if grp.loop >= loop:
-            _warn(notes, f"{what} is for loop {grp.loop} but loop={loop}: it never applies")
-            continue
-        target = grp.target_start % t_latent
-        if align is not None:
-            target = find_nearest_point(target, align, t_latent)
-        if grp.loop == 0 and grp.edit_ratio == 0 and grp.length is not None:
-            kept.update(range(target, min(t_latent, target + grp.length)))
-        key = (grp.loop, target)
-        if key in starts:
-            _warn(
-                notes,
-                f"{where} groups {starts[key]} and {g} both start at latent frame {target} of loop {grp.loop}"
-                + (f" after align={align}; pass align=None to place them exactly" if align else "")
-            )
-        starts[key] = g
-    if len(kept) == t_latent:
-        _warn(notes, f"{where}: the conditions keep all {t_latent} latent frames of the output fixed, so nothing is "
-                     "generated; make the output longer or copy fewer frames (length)")
 
 
 PROMPT_KEYS = ("negative_prompt", "aesthetic_score", "motion_score", "camera_motion")  # plan_prompts' options
@@ -475,69 +266,6 @@ def plan_size(
         resolution=None if height is not None else resolution,
         aspect_ratio=None if height is not None else aspect_ratio, note=size.note,
     )  # fmt: skip
-
-
-def draw_seed() -> int:
-    """A random base seed (what seed=None means)."""
-    return secrets.randbelow(_SEED_RANGE)
-
-
-def check_seed(seed, num_samples: int = 1) -> int | None:
-    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**63 - num_samples):
-        raise ValueError(f"seed={seed!r} is not allowed: expected an integer >= 0 or None (random)")
-    return seed
-
-
-def plan_samples(
-    prompts: Sequence[str],
-    processed: Sequence[ProcessedPrompt],
-    *,
-    latent_frames: int,
-    loop: int,
-    conditions,
-    reference_path,
-    mask_strategy,
-    seed: int | None,
-    align: int | None,
-    notes: list[str],
-) -> list[SamplePlan]:
-    """One `SamplePlan` per prompt: its loop prompts, seed (seed + k), references and groups."""
-    n = len(prompts)
-    seed = check_seed(seed, n)
-    typed = _conditions_per_prompt(conditions, n)
-    refs_in = _per_prompt(reference_path, n, "reference_path")
-    ms_in = _per_prompt(mask_strategy, n, "mask_strategy")
-    base = draw_seed() if seed is None else seed
-    samples = []
-    for k, pp in enumerate(processed):
-        where = f"prompt {k}"
-        refs = _split_references(pp.reference_path if pp.reference_path is not None else refs_in[k], "reference_path")
-        ms = pp.mask_strategy if pp.mask_strategy is not None else ms_in[k]
-        ms = "" if ms is None else str(ms).strip()
-        if typed[k] and (refs or ms):
-            raise ValueError(
-                f"{where}: give typed conditions or reference_path/mask_strategy (also inline JSON), not both"
-            )
-        for j, r in enumerate(refs):
-            check_reference_source(r, f"{where} reference_path[{j}]")
-        if refs and not ms:
-            ms = "0"
-            notes.append(f"{where}: reference_path without mask_strategy; using '0' (reference 0 as the first frame)")
-        for j, c in enumerate(typed[k]):
-            source = c.image if isinstance(c, ImageCondition) else c.video
-            check_reference_source(source, f"{where} conditions[{j}]")
-        if typed[k]:
-            groups, n_refs = conditions_to_groups(typed[k]), len(typed[k])
-        else:
-            groups, n_refs = parse_mask_strategy(ms), len(refs)
-        _check_groups(groups, latent_frames, n_refs, loop, align, f"{where} mask_strategy", notes)
-        samples.append(
-            SamplePlan(
-                index=k, prompt=prompts[k], loop_prompts=tuple(pp.for_loop(i) for i in range(loop)), seed=base + k,
-                references=refs, mask_strategy=ms, conditions=typed[k],
-            )
-        )
-    return samples
 
 
 def plan_schedule(
