@@ -30,14 +30,14 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from collections import OrderedDict
 from contextlib import contextmanager
 from pathlib import Path
 from typing import NamedTuple
 
 import torch
 
-from opensora_sdk.loading import CheckpointError, resolve_checkpoint, save_safetensors_atomic
+from opensora_sdk.loading import CheckpointError, resolve_checkpoint
+from opensora_sdk.models.text_cache import EmbeddingCache, as_cache  # noqa: F401  (EmbeddingCache re-exported)
 
 DEFAULT_REPO = "DeepFloyd/t5-v1_1-xxl"
 TINY_TOKENIZER_DIR = Path(__file__).resolve().parents[1] / "builtin" / "tokenizer"
@@ -119,93 +119,6 @@ class TextEmbedding(NamedTuple):
 
 
 # --------------------------------------------------------------------------------------------
-# Embedding cache
-# --------------------------------------------------------------------------------------------
-
-
-class EmbeddingCache:
-    """Per-prompt T5 outputs, keyed by (processed text, encoder identity, dtype, max length).
-
-    An in-memory LRU of `max_items` rows (each row is L x C values: 4.9 MB for T5-XXL at 300
-    tokens in float32; `max_items=0` keeps nothing in memory) and, when `folder` is given, one
-    ``<key>.safetensors`` file per prompt there, written atomically, so a later run reuses it.
-    Rows are kept on the CPU. `hits` and `misses` count lookups.
-    """
-
-    def __init__(self, max_items: int = 64, folder: str | os.PathLike | None = None):
-        if isinstance(max_items, bool) or not isinstance(max_items, int) or max_items < 0:
-            raise ValueError(f"max_items={max_items!r} is not allowed: expected an integer >= 0")
-        self.max_items = max_items
-        self.folder = Path(folder) if folder is not None else None
-        self._rows: OrderedDict[str, tuple[torch.Tensor, torch.Tensor]] = OrderedDict()
-        self.hits = 0
-        self.misses = 0
-
-    def __len__(self) -> int:
-        return len(self._rows)
-
-    def _file(self, key: str) -> Path:
-        return self.folder / f"{key}.safetensors"
-
-    def get(self, key: str) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """(y_row [L,C], mask_row [L]) on the CPU, or None."""
-        row = self._rows.get(key)
-        if row is not None:
-            self._rows.move_to_end(key)
-        elif self.folder is not None and self._file(key).is_file():
-            row = self._read(key)
-            if row is not None:
-                self._remember(key, row)
-        if row is None:
-            self.misses += 1
-        else:
-            self.hits += 1
-        return row
-
-    def put(self, key: str, y_row: torch.Tensor, mask_row: torch.Tensor, metadata: dict | None = None) -> None:
-        row = (y_row.detach().to("cpu", copy=True), mask_row.detach().to("cpu", copy=True))
-        self._remember(key, row)
-        if self.folder is not None:
-            meta = {k: str(v) for k, v in (metadata or {}).items()}
-            save_safetensors_atomic({"y": row[0], "mask": row[1]}, self._file(key), metadata=meta)
-
-    def clear(self) -> None:
-        """Forget the in-memory rows (files in `folder` stay)."""
-        self._rows.clear()
-
-    def _remember(self, key, row) -> None:
-        if self.max_items == 0:
-            return
-        self._rows[key] = row
-        self._rows.move_to_end(key)
-        while len(self._rows) > self.max_items:
-            self._rows.popitem(last=False)
-
-    def _read(self, key: str):
-        from safetensors.torch import load_file
-
-        try:
-            data = load_file(str(self._file(key)))
-            return data["y"], data["mask"]
-        except Exception:  # unreadable or foreign file: treat as a miss, it is rewritten
-            return None
-
-
-def _as_cache(cache) -> EmbeddingCache | None:
-    if cache is None or cache is False:
-        return None
-    if cache is True:
-        return EmbeddingCache()
-    if isinstance(cache, EmbeddingCache):
-        return cache
-    if isinstance(cache, (str, os.PathLike)):
-        return EmbeddingCache(folder=cache)
-    raise ValueError(
-        f"cache={cache!r} is not allowed: expected None, True (in-memory), a folder path, or an EmbeddingCache"
-    )
-
-
-# --------------------------------------------------------------------------------------------
 # The encoder
 # --------------------------------------------------------------------------------------------
 
@@ -259,7 +172,7 @@ class T5TextEncoder:
         self.device = torch.device(device)
         self.offload_device = torch.device(offload_device)
         self.offload_after_encode = offload_after_encode
-        self.cache = _as_cache(cache)
+        self.cache = as_cache(cache)
         self.name = name
         self.offload_count = 0  # how many times the weights left `device`
         self.onload_count = 0  # how many times they came back

@@ -1,0 +1,97 @@
+"""`EmbeddingCache`: per-prompt T5 outputs kept in memory (an LRU) and optionally in a folder
+of .safetensors files, so a prompt seen before skips T5 (see `T5TextEncoder`'s `cache`)."""
+
+from __future__ import annotations
+
+import os
+from collections import OrderedDict
+from pathlib import Path
+
+import torch
+
+from opensora_sdk.loading import save_safetensors_atomic
+
+
+class EmbeddingCache:
+    """Per-prompt T5 outputs, keyed by (processed text, encoder identity, dtype, max length).
+
+    An in-memory LRU of `max_items` rows (each row is L x C values: 4.9 MB for T5-XXL at 300
+    tokens in float32; `max_items=0` keeps nothing in memory) and, when `folder` is given, one
+    ``<key>.safetensors`` file per prompt there, written atomically, so a later run reuses it.
+    Rows are kept on the CPU. `hits` and `misses` count lookups.
+    """
+
+    def __init__(self, max_items: int = 64, folder: str | os.PathLike | None = None):
+        if isinstance(max_items, bool) or not isinstance(max_items, int) or max_items < 0:
+            raise ValueError(f"max_items={max_items!r} is not allowed: expected an integer >= 0")
+        self.max_items = max_items
+        self.folder = Path(folder) if folder is not None else None
+        self._rows: OrderedDict[str, tuple[torch.Tensor, torch.Tensor]] = OrderedDict()
+        self.hits = 0
+        self.misses = 0
+
+    def __len__(self) -> int:
+        return len(self._rows)
+
+    def _file(self, key: str) -> Path:
+        return self.folder / f"{key}.safetensors"
+
+    def get(self, key: str) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """(y_row [L,C], mask_row [L]) on the CPU, or None."""
+        row = self._rows.get(key)
+        if row is not None:
+            self._rows.move_to_end(key)
+        elif self.folder is not None and self._file(key).is_file():
+            row = self._read(key)
+            if row is not None:
+                self._remember(key, row)
+        if row is None:
+            self.misses += 1
+        else:
+            self.hits += 1
+        return row
+
+    def put(self, key: str, y_row: torch.Tensor, mask_row: torch.Tensor, metadata: dict | None = None) -> None:
+        row = (y_row.detach().to("cpu", copy=True), mask_row.detach().to("cpu", copy=True))
+        self._remember(key, row)
+        if self.folder is not None:
+            meta = {k: str(v) for k, v in (metadata or {}).items()}
+            save_safetensors_atomic({"y": row[0], "mask": row[1]}, self._file(key), metadata=meta)
+
+    def clear(self) -> None:
+        """Forget the in-memory rows (files in `folder` stay)."""
+        self._rows.clear()
+
+    def _remember(self, key, row) -> None:
+        if self.max_items == 0:
+            return
+        self._rows[key] = row
+        self._rows.move_to_end(key)
+        while len(self._rows) > self.max_items:
+            self._rows.popitem(last=False)
+
+    def _read(self, key: str):
+        from safetensors.torch import load_file
+
+        try:
+            data = load_file(str(self._file(key)))
+            return data["y"], data["mask"]
+        except Exception:  # unreadable or foreign file: treat as a miss, it is rewritten
+            return None
+
+
+def as_cache(cache) -> EmbeddingCache | None:
+    if cache is None or cache is False:
+        return None
+    if cache is True:
+        return EmbeddingCache()
+    if isinstance(cache, EmbeddingCache):
+        return cache
+    if isinstance(cache, (str, os.PathLike)):
+        return EmbeddingCache(folder=cache)
+    raise ValueError(
+        f"cache={cache!r} is not allowed: expected None, True (in-memory), a folder path, or an EmbeddingCache"
+    )
+
+
+__all__ = ["EmbeddingCache", "as_cache"]
