@@ -1,8 +1,13 @@
-"""Train or fine-tune STDiT3 (Open-Sora v1.2) with accelerate.
+"""Train or fine-tune STDiT3 (Open-Sora v1.2), STDiT2 (v1.1) or STDiT (v1.0) with accelerate.
 
     accelerate launch training/train.py --config training/configs/tiny_cpu.yaml
     accelerate launch --config_file training/accelerate/multi_gpu.yaml training/train.py \
         --config training/configs/finetune_v1.2_80gb.yaml --resume latest
+    python training/train.py --config training/configs/tiny_v1.1_cpu.yaml     # STDiT2 + IDDPM
+
+The family comes from the model section (type, preset or checkpoint) and picks the objective:
+rectified flow for STDiT3, IDDPM (MSE + variational bound) for STDiT2 / STDiT, see
+`opensora_sdk.training.objectives`.
 
 The script reads top to bottom: config -> accelerator -> models -> data -> objective ->
 optimizer -> resume -> loop. Each training feature is a visible block; the reusable parts
@@ -27,15 +32,15 @@ from accelerate import Accelerator
 from accelerate.utils import DistributedType, set_seed
 from tqdm.auto import tqdm
 
-from opensora_sdk.configs import STDIT3_PRESETS, VAE_PRESETS, STDiT3Config, preset, read_config_json
-from opensora_sdk.loading import append_line, iter_tensors, resolve_checkpoint, write_json_atomic, write_text_atomic
-from opensora_sdk.models.stdit3 import STDiT3, infer_config
+from opensora_sdk.loading import append_line, write_json_atomic, write_text_atomic
+from opensora_sdk.models.auto import build_vae as build_vae_from_config
+from opensora_sdk.models.auto import load_vae
 from opensora_sdk.models.text_encoder import T5TextEncoder, resolve_dtype, tiny_t5_config
-from opensora_sdk.models.vae import VideoAutoencoder
-from opensora_sdk.schedulers.rflow import RectifiedFlow
+from opensora_sdk.text import text_preprocessing
 from opensora_sdk.training import checkpoint as ckpt
 from opensora_sdk.training import features as feats
-from opensora_sdk.training.buckets import BucketBatchSampler, BucketConfig
+from opensora_sdk.training import objectives
+from opensora_sdk.training.buckets import BucketBatchSampler, BucketConfig, FixedSize
 from opensora_sdk.training.config import config_as_dict, load_train_config
 from opensora_sdk.training.dataset import VideoTextDataset, collate_samples
 from opensora_sdk.training.ema import EMA
@@ -47,7 +52,7 @@ LOG_COLUMNS = ["step", "epoch", "loss", "lr", "grad_norm", "samples_per_s", "tok
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description="Train STDiT3 with accelerate (see training/README.md).")
+    p = argparse.ArgumentParser(description="Train STDiT3 / STDiT2 / STDiT with accelerate (see training/README.md).")
     p.add_argument("--config", required=True, help="training YAML, e.g. training/configs/tiny_cpu.yaml")
     p.add_argument("--resume", default=None, help="'latest' or a checkpoint folder (output_dir/checkpoints/step-N)")
     p.add_argument("--max-steps", type=int, default=None, help="override max_steps (optimizer steps)")
@@ -59,39 +64,20 @@ def parse_args(argv=None):
 # ---- model construction ---------------------------------------------------------------------
 
 
-def stdit3_config_of(source: str) -> STDiT3Config:
-    resolved = resolve_checkpoint(source)
-    if resolved.config_file is not None:
-        return read_config_json(STDiT3Config, resolved.config_file)
-    return infer_config({k: tuple(t.shape) for k, t in iter_tensors(resolved.weight_files)})
-
-
-def build_stdit3(section) -> STDiT3:
-    base = stdit3_config_of(section.from_pretrained) if section.from_pretrained else preset(section.preset, STDIT3_PRESETS)
-    try:
-        config = dataclasses.replace(base, **section.config_overrides)
-    except TypeError:
-        allowed = [f.name for f in dataclasses.fields(STDiT3Config)]
-        raise ValueError(f"model.config_overrides={section.config_overrides!r}: unknown field; allowed: {allowed}") from None
-    if section.from_pretrained:
-        model = STDiT3.from_pretrained(section.from_pretrained, config=config,
-                                       official_bf16_quantization=section.official_bf16_quantization)  # fmt: skip
-    else:
-        model = STDiT3(config, official_bf16_quantization=section.official_bf16_quantization)
-    model.set_attention_backend(section.attention_backend)
-    model.enable_gradient_checkpointing(section.gradient_checkpointing)
-    return model.train()
-
-
-def build_vae(section, device) -> VideoAutoencoder:
+def build_vae(section, device):
+    """The frozen VAE: the v1.2 video VAE or the per-frame SD VAE (v1.1 / v1.0), from a checkpoint
+    (recognised from its files) or a preset with random weights."""
     dtype = resolve_dtype(section.dtype)
     if section.from_pretrained:
-        vae = VideoAutoencoder.from_pretrained(section.from_pretrained, dtype=dtype, device=device)
+        vae = load_vae(section.from_pretrained, dtype=dtype, device=device)
     else:
         logger.warning("vae.from_pretrained is null: the VAE %s has random weights", section.preset)
-        vae = VideoAutoencoder(preset(section.preset, VAE_PRESETS)).to(device, dtype)
+        vae = build_vae_from_config(objectives.vae_preset(section.preset)).to(device, dtype)
     if section.micro_batch_size:
-        vae.config.micro_batch_size = section.micro_batch_size
+        if hasattr(vae.config, "micro_batch_size"):  # VideoAutoencoder
+            vae.config.micro_batch_size = section.micro_batch_size
+        else:  # FrameAutoencoder
+            vae.micro_batch_size = section.micro_batch_size
     return vae.eval().requires_grad_(False)
 
 
@@ -113,16 +99,18 @@ def keep_random_encoders(cfg, vae, text_encoder, out: Path) -> None:
 
 
 @torch.no_grad()
-def encode_batch(batch, vae, text_encoder, generator, device):
-    """Pixels and captions -> (x0 latents [B, C, T', h, w], y [B, 1, L, C_text], mask [B, L])."""
+def encode_batch(batch, vae, text_encoder, generator, device, clean_captions=False):
+    """Pixels and captions -> (x0 latents [B, C, T', h, w], y [B, 1, L, C_text], mask [B, L]).
+    `clean_captions`: v1.0's T5 embedder cleaned every caption (spec 9.2)."""
     x0 = vae.encode(batch["video"].to(device, vae.dtype), generator=generator).float()
-    y, mask = text_encoder.encode(batch["text"])
+    texts = [text_preprocessing(t) for t in batch["text"]] if clean_captions else batch["text"]
+    y, mask = text_encoder.encode(texts)
     return x0, y, mask
 
 
-def setup_sequence_parallel(sp_size: int, accelerator: Accelerator, model: STDiT3):
+def setup_sequence_parallel(sp_size: int, accelerator: Accelerator, model):
     """(data-parallel size, data-parallel rank). With sp_size > 1, ranks [k*sp, (k+1)*sp) form
-    sequence-parallel group k: they share one batch and STDiT3's tokens are sharded over them
+    sequence-parallel group k: they share one batch and the model's tokens are sharded over them
     (opensora_sdk.distributed, spec 8); DDP's average over all ranks then gives the right gradients."""
     if sp_size == 1:
         return accelerator.num_processes, accelerator.process_index
@@ -235,16 +223,28 @@ def main(argv=None) -> dict:
             logger.warning("%s already holds checkpoints; this run starts from scratch (use --resume latest to continue)", out)
         write_json_atomic(config_as_dict(cfg), out / "config.json")
 
-    # ---- the diffusion model (seeded on its own, so the frozen models' order does not matter)
+    # ---- the diffusion model (seeded on its own, so the frozen models' order does not matter);
+    # its family (v1.2 STDiT3, v1.1 STDiT2, v1.0 STDiT) picks the objective and the model inputs
+    family = objectives.model_family(cfg.model)
+    if not family.frame_masks and cfg.mask_ratios is not None:
+        raise ValueError(f"mask_ratios={cfg.mask_ratios!r}: {family.model_type} ({family.name}) has no frame conditioning; set mask_ratios: null")
+    if family.model_type == "STDiT" and cfg.data.fixed_size is None:
+        raise ValueError("STDiT (v1.0) trains at one fixed size: set data.fixed_size {num_frames: T, image_size: [H, W], "
+                         "batch_size: n} (pixels of the model's latent input_size) and data.buckets: {}")  # fmt: skip
+    fps_condition = cfg.data.fps_condition or family.fps_condition
     torch.manual_seed(cfg.seed)
-    model = build_stdit3(cfg.model)
+    model = objectives.build_model(cfg.model)
     dp_size, dp_rank = setup_sequence_parallel(cfg.sp_size, accelerator, model)
 
     # ---- data: CSV -> buckets -> batches of one shape per step ------------------------------
-    buckets = BucketConfig(cfg.data.buckets, cfg.data.extra_resolutions)
+    if cfg.data.fixed_size:  # one size, resized to cover and centre-cropped (v1.0's VideoTextDataset)
+        fixed = cfg.data.fixed_size
+        buckets = FixedSize(fixed["num_frames"], fixed["image_size"], fixed["batch_size"])
+    else:
+        buckets = BucketConfig(cfg.data.buckets, cfg.data.extra_resolutions)
     dataset = VideoTextDataset(cfg.data.csv, frame_interval=cfg.data.frame_interval, seed=cfg.seed,
                                score_columns=cfg.data.score_columns, score_format=cfg.data.score_format,
-                               score_drop_prob=cfg.data.score_drop_prob)  # fmt: skip
+                               score_drop_prob=cfg.data.score_drop_prob, native_fps=fps_condition == "native")  # fmt: skip
     sampler_args = dict(seed=cfg.seed, frame_interval=cfg.data.frame_interval, num_replicas=dp_size, rank=dp_rank,
                         drop_last=cfg.data.drop_last)  # fmt: skip
     sampler = BucketBatchSampler(dataset.sizes, buckets, **sampler_args)
@@ -258,6 +258,10 @@ def main(argv=None) -> dict:
                 "score_columns": cfg.data.score_columns, "score_format": cfg.data.score_format,
                 "score_drop_prob": cfg.data.score_drop_prob, "dtype": cfg.features.dtype,
                 "vae": dataclasses.asdict(cfg.vae), "text_encoder": dataclasses.asdict(cfg.text_encoder)}  # fmt: skip
+        # settings other than v1.2's, recorded only when used (features written before them stay valid)
+        meta.update({"fixed_size": cfg.data.fixed_size} if cfg.data.fixed_size else {})
+        meta.update({"fps_condition": fps_condition} if fps_condition != "divided" else {})
+        meta.update({"clean_captions": True} if family.clean_captions else {})
         if not feats.check_existing(cfg.features.dir, meta):
             torch.manual_seed(cfg.seed + 1)
             text_encoder = build_text_encoder(cfg.text_encoder, device)
@@ -271,7 +275,7 @@ def main(argv=None) -> dict:
             for bucket, ids in tqdm(plan, desc="extracting features", disable=not is_main):
                 T, H, W = buckets.shape(bucket)
                 batch = collate_samples([dataset[f"{i}-{T}-{H}-{W}"] for i in ids])
-                x0, y, mask = encode_batch(batch, vae, text_encoder, encode_gen, device)
+                x0, y, mask = encode_batch(batch, vae, text_encoder, encode_gen, device, family.clean_captions)
                 for j in range(len(ids)):
                     writer.add(index=int(batch["index"][j]), bucket=bucket, x=x0[j], y=y[j, 0], mask=mask[j],
                                text=batch["text"][j], fps=float(batch["fps"][j]), num_frames=T, height=H, width=W)  # fmt: skip
@@ -304,8 +308,9 @@ def main(argv=None) -> dict:
         logger.info("%d samples, %d micro-batches per epoch (all ranks); buckets %s", len(dataset),
                     len(sampler.epoch_batches(0)), sampler.describe(0))  # fmt: skip
 
-    # ---- objective: rectified flow (logit-normal t + warp), frame masks, caption dropout ----
-    scheduler = RectifiedFlow(**cfg.scheduler)
+    # ---- objective: rectified flow (logit-normal t + warp; STDiT3) or IDDPM (MSE + VB on the
+    # learned sigma; STDiT2, STDiT), frame masks, caption dropout -------------------------------
+    objective = objectives.make_objective(family, cfg.scheduler)
     mask_generator = MaskGenerator(cfg.mask_ratios, seed=cfg.seed + 7919 * (dp_rank + 1))
     train_gen = torch.Generator(device).manual_seed(cfg.seed + 104729 * (dp_rank + 1))  # t, noise, caption drop
 
@@ -322,8 +327,9 @@ def main(argv=None) -> dict:
     ema = EMA(unwrapped, decay=cfg.optim.ema_decay)
     if is_main:
         n_train = sum(p.numel() for p in unwrapped.parameters() if p.requires_grad)
-        logger.info("STDiT3: %.1fM trainable parameters; %d processes (dp %d, sp %d); %s", n_train / 1e6,
-                    accelerator.num_processes, dp_size, cfg.sp_size, accelerator.mixed_precision)  # fmt: skip
+        logger.info("%s (%s): %.1fM trainable parameters; %d processes (dp %d, sp %d: %s); %s", family.model_type, family.name,
+                    n_train / 1e6, accelerator.num_processes, dp_size, cfg.sp_size, unwrapped.sequence_parallel or "off",
+                    accelerator.mixed_precision)  # fmt: skip
 
     # ---- resume: weights, EMA, optimizer, scheduler, sampler position, RNG states ----------
     step, epoch, batches_in_epoch = 0, 0, 0
@@ -395,14 +401,13 @@ def main(argv=None) -> dict:
                 if vae is None:  # precomputed features
                     x0, y, mask = batch["x"].to(device), batch["y"].to(device), batch["mask"].to(device)
                 else:
-                    x0, y, mask = encode_batch(batch, vae, text_encoder, encode_gen, device)
+                    x0, y, mask = encode_batch(batch, vae, text_encoder, encode_gen, device, family.clean_captions)
                 model_kwargs = {
-                    "y": y, "mask": mask, "fps": batch["fps"].to(device), "height": batch["height"].to(device),
-                    "width": batch["width"].to(device), "num_frames": batch["num_frames"].to(device),
+                    "y": y, "mask": mask, **objectives.model_inputs(family, batch, device, cfg.data.ar_condition),
                     "generator": train_gen,  # the 10% caption drop of the model's y_embedder (train mode)
                 }  # fmt: skip
                 x_mask = mask_generator.get_masks(x0) if mask_generator.mask_ratios else None
-                loss = scheduler.training_loss(model, x0, model_kwargs, mask=x_mask, generator=train_gen).mean()
+                loss = objective(model, x0, model_kwargs, mask=x_mask, generator=train_gen).mean()
                 accelerator.backward(loss)
                 if accelerator.sync_gradients and cfg.optim.grad_clip > 0:
                     grad_norm = accelerator.clip_grad_norm_(params, cfg.optim.grad_clip)
@@ -465,8 +470,15 @@ def main(argv=None) -> dict:
                "peak_mem_mib": round(peak_memory_mib(device), 1), "wall_s": round(time.perf_counter() - t_start, 2)}  # fmt: skip
     if is_main:
         write_json_atomic(summary, out / "summary.json")
+    # Leave the process groups on every rank before returning: wait for all ranks, then destroy
+    # the groups while the interpreter is alive. Exiting with them alive, right after the last
+    # collective (the gather above), let a gloo worker thread drop that collective's tensors
+    # during the interpreter's teardown: SIGABRT at exit (see opensora_sdk.distributed.shutdown).
+    from opensora_sdk import distributed
+
+    distributed.shutdown()
     if use_tb:
-        accelerator.end_training()
+        accelerator.end_training()  # trackers; its destroy_process_group is a no-op now
     return summary
 
 

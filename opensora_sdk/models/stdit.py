@@ -82,6 +82,8 @@ class STDiTBlock(nn.Module):
     2. temporal attention on x itself (+ `tpe` in block 0), x += gate_msa * out (same gate);
     3. x += cross_attn(x, text);
     4. x += gate_mlp * MLP(modulate(LN(x))).
+    Under sequence parallelism x holds this rank's S of each frame and `sp` (a
+    `stdit2_parallel` shard) runs the spatial attention over every rank's tokens.
     """
 
     def __init__(self, hidden_size: int, num_heads: int, mlp_ratio: float = 4.0, drop_path: float = 0.0):
@@ -95,7 +97,7 @@ class STDiTBlock(nn.Module):
         self.drop_path = DropPath(drop_path)
         self.attn_temp = SelfAttention(hidden_size, num_heads, qk_norm=False)
 
-    def forward(self, x, y, y_valid, t_mlp, T: int, S: int, tpe: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, x, y, y_valid, t_mlp, T: int, S: int, tpe: torch.Tensor | None = None, sp=None) -> torch.Tensor:
         """x [B, T*S, C]; y [B, L', C] text, y_valid [B, L'] or None; t_mlp [B, 6C];
         tpe [1, T, C] (block 0 only) or None."""
         B, N, C = x.shape
@@ -103,7 +105,10 @@ class STDiTBlock(nn.Module):
             self.scale_shift_table, t_mlp
         )  # each [B, 1, 1, C]
         h = t2i_modulate(self.norm1(x).view(B, T, S, C), shift_msa, scale_msa)  # [B, T, S, C]
-        a = self.attn(h.reshape(B * T, S, C)).view(B, T, S, C)  # over the S tokens of a frame
+        if sp is not None:  # the S of every rank
+            a = sp.spatial_attention(self.attn, h)  # [B, T, S, C]
+        else:
+            a = self.attn(h.reshape(B * T, S, C)).view(B, T, S, C)  # over the S tokens of a frame
         x = x + self.drop_path((gate_msa * a).reshape(B, N, C))
 
         # v1.0 only (spec 9.2): the temporal branch sees x without norm or modulation, the
@@ -130,13 +135,15 @@ class STDiT(nn.Module):
     the meta device gets real tables when it is loaded, or from `initialize_weights`.
 
     Run-time switches (not config fields): `set_attention_backend`,
-    `enable_gradient_checkpointing`.
+    `enable_gradient_checkpointing`, `set_sequence_parallel_group` (tokens sharded over
+    processes).
     """
 
     def __init__(self, config: STDiTConfig):
         super().__init__()
         self.config = config
         self.gradient_checkpointing = False
+        self.sequence_parallel = None  # a stdit2_parallel.StackSequenceParallel, see set_sequence_parallel_group
         C, (T, Hp, Wp) = config.hidden_size, config.grid_size
         self.register_buffer("pos_embed", torch.empty(1, Hp * Wp, C))  # filled by reset_sincos_tables
         self.register_buffer("pos_embed_temporal", torch.empty(1, T, C))
@@ -194,6 +201,15 @@ class STDiT(nn.Module):
         """Recompute each block in backward (torch.utils.checkpoint, non-reentrant)."""
         self.gradient_checkpointing = enabled
 
+    def set_sequence_parallel_group(self, group, mode: str = "auto") -> None:
+        """Shard the tokens over the ranks of `group` (a torch.distributed process group; None
+        or one rank: off). Every rank of the group must then call forward with the same
+        inputs; each returns the full output. `mode`: "auto", "ulysses" or "allgather_kv"
+        (see `opensora_sdk.models.stdit2_parallel`)."""
+        from opensora_sdk.models.stdit2_parallel import make_sequence_parallel
+
+        self.sequence_parallel = make_sequence_parallel(group, self.config.num_heads, mode)
+
     # ---- forward ----------------------------------------------------------------------------
 
     def forward(
@@ -229,9 +245,14 @@ class STDiT(nn.Module):
         x = self.x_embedder(x)  # [B, N, C]
         x = (x.view(B, T, S, C) + self.pos_embed.to(dtype)).flatten(1, 2)  # same table every frame
         tpe = None if cfg.no_temporal_pos_emb else self.pos_embed_temporal.to(dtype)  # [1, T, C]
+        sp, S_run, shard = self.sequence_parallel, S, None
+        if sp is not None:  # blocks and final layer on this rank's S_run of the S positions, then gather
+            x, S_run, shard = sp.shard(x, T, S)  # [B, T*S_run, C]
         for i, block in enumerate(self.blocks):
-            x = self._call_block(block, x, y, y_valid, t_mlp, T, S, tpe if i == 0 else None)
-        x = self.final_layer(x, t)  # [B, N, pt*ph*pw*C_out]
+            x = self._call_block(block, x, y, y_valid, t_mlp, T, S_run, tpe if i == 0 else None, shard)
+        x = self.final_layer(x, t)  # [B, T*S_run, pt*ph*pw*C_out]
+        if sp is not None:
+            x = sp.gather(x, T, S)  # [B, N, pt*ph*pw*C_out]
         return unpatchify(x, cfg.patch_size, T, Hp, Wp, cfg.input_size).float()
 
     def _call_block(self, block, *args):

@@ -99,6 +99,8 @@ class STDiT2Block(nn.Module):
     3. x += cross_attn(x, y)   (no norm, no modulation)
     4. x += gate_mlp * mlp(modulate(norm2(x), shift_mlp, scale_mlp))
     With `x_mask` [B, T], frames marked False take every shift/scale/gate from the t=0 tables.
+    Under sequence parallelism x holds this rank's S of each frame and `sp` (a
+    `stdit2_parallel` shard) runs the spatial attention over every rank's tokens.
     """
 
     def __init__(self, hidden_size, num_heads, mlp_ratio=4.0, drop_path=0.0, qk_norm=True, qk_norm_legacy=True):
@@ -115,7 +117,8 @@ class STDiT2Block(nn.Module):
         self.attn_temp = (RoPEFirstSelfAttention if qk_norm_legacy else SelfAttention)(C, num_heads, qk_norm)
         self.scale_shift_table_temporal = nn.Parameter(torch.randn(3, C) / C**0.5)
 
-    def forward(self, x, y, y_valid, t_mlp, t_tmp_mlp, T: int, S: int, x_mask=None, t0_mlp=None, t0_tmp_mlp=None, rope=None):
+    def forward(self, x, y, y_valid, t_mlp, t_tmp_mlp, T: int, S: int, x_mask=None, t0_mlp=None, t0_tmp_mlp=None, rope=None,
+                sp=None):  # fmt: skip
         """x [B, T*S, C]; y [B, L', C] with y_valid [B, L'] or None; t_mlp [B, 6C]; t_tmp_mlp [B, 3C]."""
         B, N, C = x.shape
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = modulation_table(
@@ -124,7 +127,10 @@ class STDiT2Block(nn.Module):
         shift_tmp, scale_tmp, gate_tmp = modulation_table(self.scale_shift_table_temporal, t_tmp_mlp, x_mask, t0_tmp_mlp)
 
         h = t2i_modulate(self.norm1(x).view(B, T, S, C), shift_msa, scale_msa)  # [B, T, S, C]
-        a = self.attn(h.reshape(B * T, S, C)).view(B, T, S, C)  # over the S tokens of a frame
+        if sp is not None:  # the S of every rank
+            a = sp.spatial_attention(self.attn, h)  # [B, T, S, C]
+        else:
+            a = self.attn(h.reshape(B * T, S, C)).view(B, T, S, C)  # over the S tokens of a frame
         x = x + self.drop_path((gate_msa * a).reshape(B, N, C))
 
         h = t2i_modulate(self.norm_temp(x).view(B, T, S, C), shift_tmp, scale_tmp)  # [B, T, S, C]
@@ -141,7 +147,8 @@ class STDiT2(nn.Module):
     """The v1.1 diffusion transformer; state dict identical to the official checkpoints.
 
     Run-time switches (not config fields): `set_attention_backend`,
-    `enable_gradient_checkpointing` and `official_bf16_quantization`. The latter, off by
+    `enable_gradient_checkpointing`, `set_sequence_parallel_group` (tokens sharded over
+    processes) and `official_bf16_quantization`. The latter, off by
     default, rounds timestep, num_frames, height, width, ar and fps to bfloat16 and uses
     bfloat16 RoPE / position-embedding frequency tables, as the official bf16 runs did
     (spec section 1); with it off these are used in float32 whatever the model dtype.
@@ -157,6 +164,7 @@ class STDiT2(nn.Module):
         self.config = config
         self.official_bf16_quantization = official_bf16_quantization
         self.gradient_checkpointing = False
+        self.sequence_parallel = None  # a stdit2_parallel.StackSequenceParallel, see set_sequence_parallel_group
         C, depth = config.hidden_size, config.depth
         # Registration order = the official state-dict order (checked against the schema).
         self.pos_embed = PositionEmbedding2D(C)  # no tensors
@@ -202,6 +210,15 @@ class STDiT2(nn.Module):
     def enable_gradient_checkpointing(self, enabled: bool = True) -> None:
         """Recompute each block in backward (torch.utils.checkpoint, non-reentrant)."""
         self.gradient_checkpointing = enabled
+
+    def set_sequence_parallel_group(self, group, mode: str = "auto") -> None:
+        """Shard the tokens over the ranks of `group` (a torch.distributed process group; None
+        or one rank: off). Every rank of the group must then call forward with the same
+        inputs; each returns the full output. `mode`: "auto", "ulysses" or "allgather_kv"
+        (see `opensora_sdk.models.stdit2_parallel`)."""
+        from opensora_sdk.models.stdit2_parallel import make_sequence_parallel
+
+        self.sequence_parallel = make_sequence_parallel(group, self.config.num_heads, mode)
 
     # ---- forward ----------------------------------------------------------------------------
 
@@ -269,15 +286,20 @@ class STDiT2(nn.Module):
         x = (x.view(B, T, S, -1) + pos[:, None]).flatten(1, 2)  # [B, N, C]
 
         rope = self.rope.cos_sin(T, device=x.device, quantize_bf16=quant)  # 2 x [T, D]
+        sp, S_run, shard = self.sequence_parallel, S, None
+        if sp is not None:  # blocks and final layer on this rank's S_run of the S positions, then gather
+            x, S_run, shard = sp.shard(x, T, S)  # [B, T*S_run, C]
         for block in self.blocks:
-            args = (x, y, y_valid, t_mlp, t_tmp_mlp, T, S, x_mask, t0_mlp, t0_tmp_mlp, rope)
+            args = (x, y, y_valid, t_mlp, t_tmp_mlp, T, S_run, x_mask, t0_mlp, t0_tmp_mlp, rope, shard)
             if self.gradient_checkpointing and torch.is_grad_enabled():
                 x = checkpoint(block, *args, use_reentrant=False)
             else:
                 x = block(*args)
         # Official asymmetry (spec 9.1, 11.2): generated frames use t without data_info,
         # conditioning frames t0 + data_info.
-        x = self.final_layer(x, t, x_mask, t0_spc, T, S)  # [B, N, pt*ph*pw*C_out]
+        x = self.final_layer(x, t, x_mask, t0_spc, T, S_run)  # [B, T*S_run, pt*ph*pw*C_out]
+        if sp is not None:
+            x = sp.gather(x, T, S)  # [B, N, pt*ph*pw*C_out]
         return unpatchify(x, cfg.patch_size, T, Hp, Wp, (T0, H0, W0)).float()
 
     def encode_text(self, y, mask=None, *, force_drop_ids=None, generator=None):

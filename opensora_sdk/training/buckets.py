@@ -219,6 +219,36 @@ class BucketConfig:
         return self.batch_sizes[(bucket[0], bucket[1])]
 
 
+class FixedSize:
+    """One size for every clip (the v1.0 `VideoTextDataset`, spec 9.2): T frames of H x W, every
+    clip resized to cover and centre-cropped, `batch_size` per micro-batch. The same interface as
+    `BucketConfig` for `BucketBatchSampler`; its one bucket is ("fixed", T, "HxW").
+
+    Every video takes part (a clip shorter than T * frame_interval repeats frames, as the
+    official temporal crop does); images take part only when T is 1.
+    """
+
+    def __init__(self, num_frames: int, image_size: Sequence[int], batch_size: int):
+        H, W = (int(v) for v in image_size)
+        self.bucket: BucketId = ("fixed", int(num_frames), f"{H}x{W}")
+        self.size = (int(num_frames), H, W)
+        self.batch_sizes = {("fixed", int(num_frames)): int(batch_size)}
+        self.num_buckets = 1
+
+    def bucket_index(self, res: str, t: int) -> int:
+        return 0
+
+    def get_bucket_id(self, T: int, H: int, W: int, frame_interval: int = 1, seed: int = 0) -> BucketId | None:
+        """The bucket, or None for an image when T > 1 (no draw: the assignment is fixed)."""
+        return self.bucket if self.size[0] == 1 or T > 1 else None
+
+    def shape(self, bucket: BucketId) -> tuple[int, int, int]:
+        return self.size
+
+    def batch_size(self, bucket: BucketId) -> int:
+        return self.batch_sizes[(bucket[0], bucket[1])]
+
+
 class BucketBatchSampler:
     """Deterministic, resumable, rank-sharded micro-batches of one bucket each.
 

@@ -1,10 +1,11 @@
 """Training checkpoints: everything needed to continue a run exactly, written atomically.
 
-One format for both trainers (training/train.py: STDiT3; training/train_vae.py: the video VAE,
-one checkpoint root per stage). Layout of `<output>/checkpoints/step-00000200/`:
+One format for both trainers (training/train.py: STDiT3, STDiT2 or STDiT; training/train_vae.py:
+the video VAE, one checkpoint root per stage). Layout of `<output>/checkpoints/step-00000200/`:
 
-    model/          config.json + model.safetensors   raw weights  (STDiT3 / VideoAutoencoder.from_pretrained)
-    ema/            config.json + model.safetensors   EMA weights  (STDiT3.from_pretrained)
+    model/          config.json + model.safetensors   raw weights  (the model class's from_pretrained,
+                                                                    or opensora_sdk.models.auto.load_transformer)
+    ema/            config.json + model.safetensors   EMA weights  (likewise)
     optimizer.pt    optimizer state (optimizer/rank{r}.pt per rank when it is sharded)
     lr_scheduler.pt learning-rate scheduler state
     grad_scaler.pt  fp16 loss-scaler state (fp16 runs only)
@@ -32,7 +33,7 @@ from typing import Callable, Mapping, NamedTuple
 import numpy as np
 import torch
 
-from opensora_sdk.configs import STDiT3Config, VideoAutoencoderConfig, config_to_dict
+from opensora_sdk.configs import STDiT2Config, STDiT3Config, STDiTConfig, VideoAutoencoderConfig, config_to_dict
 from opensora_sdk.loading import fsync_dir, save_safetensors_atomic, write_file_atomic, write_json_atomic
 from opensora_sdk.models.vae import official_config_dict
 
@@ -75,16 +76,24 @@ def resolve_resume(value: str | os.PathLike, *roots: str | os.PathLike) -> Path:
     return folder
 
 
-def model_config_json(config: STDiT3Config | VideoAutoencoderConfig, dtype: str) -> dict:
+# The transformer configs and the class name each model's `save_pretrained` writes.
+_ARCHITECTURES = {STDiT3Config: "STDiT3", STDiT2Config: "STDiT2", STDiTConfig: "STDiT"}
+
+
+def model_config_json(config: STDiT3Config | STDiT2Config | STDiTConfig | VideoAutoencoderConfig, dtype: str) -> dict:
     """config.json of a model folder, as the model's `save_pretrained` writes it."""
-    if isinstance(config, STDiT3Config):
-        return {"architectures": ["STDiT3"], "model_type": "STDiT3", **config_to_dict(config), "torch_dtype": dtype}
+    if type(config) in _ARCHITECTURES:
+        arch = _ARCHITECTURES[type(config)]
+        return {"architectures": [arch], "model_type": config.model_type, **config_to_dict(config), "torch_dtype": dtype}
     if isinstance(config, VideoAutoencoderConfig):
         return {**official_config_dict(config), "torch_dtype": dtype}
-    raise TypeError(f"model_config: {type(config).__name__} is not supported; allowed: STDiT3Config, VideoAutoencoderConfig")
+    raise TypeError(
+        f"model_config: {type(config).__name__} is not supported; allowed: STDiT3Config, STDiT2Config, STDiTConfig, "
+        "VideoAutoencoderConfig"
+    )
 
 
-def write_model_folder(state_dict: Mapping[str, torch.Tensor], config: STDiT3Config | VideoAutoencoderConfig,
+def write_model_folder(state_dict: Mapping[str, torch.Tensor], config: STDiT3Config | STDiT2Config | STDiTConfig | VideoAutoencoderConfig,
                        folder: str | os.PathLike) -> None:  # fmt: skip
     """model.safetensors + config.json in the layout of the model's `save_pretrained`."""
     folder = Path(folder)
@@ -156,7 +165,7 @@ def save_checkpoint(
     rank: int,
     is_main: bool,
     barrier: Callable[[], None],
-    model_config: STDiT3Config | VideoAutoencoderConfig,
+    model_config: STDiT3Config | STDiT2Config | STDiTConfig | VideoAutoencoderConfig,
     model_state: Mapping[str, torch.Tensor] | None,
     ema_state: Mapping[str, torch.Tensor] | None,
     optimizer_state: dict | None,

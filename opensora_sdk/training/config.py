@@ -16,13 +16,17 @@ from typing import Any
 import yaml
 
 PRECISIONS = (None, "no", "fp16", "bf16")
+MODEL_TYPES = (None, "STDiT3", "STDiT2", "STDiT")
+FPS_CONDITIONS = (None, "divided", "native")
+AR_CONDITIONS = (None, "W/H", "H/W")
 
 
 @dataclass
 class ModelSection:
-    preset: str | None = "STDiT3-XL/2"  # a name of STDIT3_PRESETS, used when from_pretrained is null
-    from_pretrained: str | None = None  # folder, file or hub id of STDiT3 weights
-    config_overrides: dict = field(default_factory=dict)  # STDiT3Config fields, e.g. freeze_y_embedder
+    preset: str | None = "STDiT3-XL/2"  # a name of STDIT3_PRESETS / STDIT2_PRESETS / STDIT_PRESETS (when from_pretrained is null)
+    from_pretrained: str | None = None  # folder, file or hub id of STDiT3 / STDiT2 / STDiT weights
+    type: str | None = None  # STDiT3 | STDiT2 | STDiT (v1.2 | v1.1 | v1.0); null: from the preset or the checkpoint
+    config_overrides: dict = field(default_factory=dict)  # config fields of that model, e.g. freeze_y_embedder
     gradient_checkpointing: bool = False
     attention_backend: str = "sdpa"
     official_bf16_quantization: bool = False
@@ -30,8 +34,8 @@ class ModelSection:
 
 @dataclass
 class VAESection:
-    preset: str | None = "OpenSoraVAE_V1_2"  # VAE_PRESETS name (random weights) when from_pretrained is null
-    from_pretrained: str | None = None  # e.g. hpcai-tech/OpenSora-VAE-v1.2
+    preset: str | None = "OpenSoraVAE_V1_2"  # VAE_PRESETS name or SD-VAE / SD-VAE-tiny (random weights) when from_pretrained is null
+    from_pretrained: str | None = None  # e.g. hpcai-tech/OpenSora-VAE-v1.2, or stabilityai/sd-vae-ft-ema (v1.1 / v1.0)
     dtype: str = "bf16"
     micro_batch_size: int | None = None  # frames per spatial encode call (None: the config's)
 
@@ -50,6 +54,9 @@ class DataSection:
     frame_interval: int = 1
     buckets: dict = field(default_factory=dict)  # {resolution: {num_frames: [keep_prob, batch_size]}}
     extra_resolutions: dict = field(default_factory=dict)  # {name: pixel count} for small custom buckets
+    fixed_size: dict | None = None  # {num_frames, image_size: [H, W], batch_size}: one size, centre crop (v1.0), instead of buckets
+    fps_condition: str | None = None  # "divided" (video fps // frame_interval) | "native" (video fps); null: the family's
+    ar_condition: str | None = None  # STDiT2's ar input: "W/H" (official v1.1 training, sic) | "H/W" (inference); null: W/H
     score_columns: dict = field(default_factory=dict)  # {aes|flow|camera_motion: column}
     score_format: str = "inference"
     score_drop_prob: float = 0.0
@@ -93,8 +100,8 @@ class TrainConfig:
     keep_last: int | None = None  # keep only the newest N checkpoints
     tensorboard: bool = True  # used when the tensorboard package is installed
     sp_size: int = 1  # sequence parallelism degree (needs opensora_sdk.distributed)
-    mask_ratios: Any = "stage1"  # preset name, {type: ratio} or null
-    scheduler: dict = field(default_factory=dict)  # RectifiedFlow fields (official training defaults)
+    mask_ratios: Any = "stage1"  # preset name ("v1.1" for STDiT2), {type: ratio} or null (STDiT: must be null)
+    scheduler: dict = field(default_factory=dict)  # RectifiedFlow fields (STDiT3), or IDDPM's diffusion_steps (STDiT2 / STDiT)
     model: ModelSection = field(default_factory=ModelSection)
     vae: VAESection = field(default_factory=VAESection)
     text_encoder: TextEncoderSection = field(default_factory=TextEncoderSection)
@@ -194,15 +201,31 @@ def check_config(cfg: TrainConfig) -> None:
            f"an integer in [0, max_steps={cfg.max_steps}] (0 = no decay)")
     _check(isinstance(o.grad_clip, (int, float)) and o.grad_clip >= 0, "optim.grad_clip", o.grad_clip, "a number >= 0 (0 = off)")
     _check(_pos_int(o.gradient_accumulation_steps), "optim.gradient_accumulation_steps", o.gradient_accumulation_steps, "an integer >= 1")
+    _check(m.type in MODEL_TYPES, "model.type", m.type, f"one of {MODEL_TYPES}")
     d = cfg.data
     _check(d.csv is not None, "data.csv", d.csv, "a path to a .csv or .parquet file")
-    _check(bool(d.buckets), "data.buckets", d.buckets, "a mapping {resolution: {num_frames: [keep_prob, batch_size]}}")
+    _check(bool(d.buckets) != (d.fixed_size is not None), "data.buckets", d.buckets,
+           "a mapping {resolution: {num_frames: [keep_prob, batch_size]}}, or {} with data.fixed_size set")  # fmt: skip
+    if d.fixed_size is not None:
+        d.fixed_size = _fixed_size(d.fixed_size)
+    _check(d.fps_condition in FPS_CONDITIONS, "data.fps_condition", d.fps_condition, f"one of {FPS_CONDITIONS}")
+    _check(d.ar_condition in AR_CONDITIONS, "data.ar_condition", d.ar_condition, f"one of {AR_CONDITIONS}")
     _check(_pos_int(d.frame_interval), "data.frame_interval", d.frame_interval, "an integer >= 1")
     _check(isinstance(d.num_workers, int) and d.num_workers >= 0, "data.num_workers", d.num_workers, "an integer >= 0")
     t = cfg.text_encoder
     _check((t.from_pretrained is None) != (t.tiny_t5 is None), "text_encoder.from_pretrained", t.from_pretrained,
            "set exactly one of text_encoder.from_pretrained and text_encoder.tiny_t5")  # fmt: skip
     _check(_pos_int(cfg.features.batch_size), "features.batch_size", cfg.features.batch_size, "an integer >= 1")
+
+
+def _fixed_size(value) -> dict:
+    """data.fixed_size checked: {num_frames: T, image_size: [H, W], batch_size: n}."""
+    allowed = "{num_frames: T, image_size: [H, W], batch_size: n} with positive integers, e.g. {num_frames: 16, image_size: [256, 256], batch_size: 8}"
+    ok = isinstance(value, dict) and set(value) == {"num_frames", "image_size", "batch_size"}
+    ok = ok and isinstance(value["image_size"], (list, tuple)) and len(value["image_size"]) == 2
+    ok = ok and all(_pos_int(v) for v in (value["num_frames"], value["batch_size"], *value["image_size"]))
+    _check(ok, "data.fixed_size", value, allowed)
+    return {"num_frames": value["num_frames"], "image_size": [int(v) for v in value["image_size"]], "batch_size": value["batch_size"]}
 
 
 def config_as_dict(cfg: TrainConfig) -> dict:

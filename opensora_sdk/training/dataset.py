@@ -12,8 +12,9 @@ Relative paths are resolved against the folder of the CSV (absolute ones are use
 
 Videos are decoded with PyAV, cropped in time with the official random crop (window
 T * frame_interval, `temporal_crop_indices`) and resized-to-cover + centre-cropped with the
-official bilinear transform; fps = floor(video fps / frame_interval). Images use the official
-bicubic transform and fps 120. Randomness (crop start, score drops) comes from
+official bilinear transform; fps = floor(video fps / frame_interval) (v1.2), or the video's own
+fps with `native_fps=True` (the v1.1 dataset, spec 9.1). Images use the official bicubic
+transform and fps 120. Randomness (crop start, score drops) comes from
 `numpy.random.default_rng([seed, epoch, idx])`, so a sample is the same in every run and
 worker: call `set_epoch` before each epoch, like the sampler.
 
@@ -115,6 +116,7 @@ class VideoTextDataset(torch.utils.data.Dataset):
             "datautil" writes the official data tool's "{text} [aesthetic score: 6.5, motion
             score: 4.0]" plus " Camera motion: pan left.".
         score_drop_prob: each suffix is left out with this probability (datautil used 0.2).
+        native_fps: fps = the video's fps (v1.1) instead of floor(fps / frame_interval) (v1.2).
         max_substitutes: unreadable rows tolerated in a row before raising.
     """
 
@@ -127,6 +129,7 @@ class VideoTextDataset(torch.utils.data.Dataset):
         score_columns: Mapping[str, str] | None = None,
         score_format: str = "inference",
         score_drop_prob: float = 0.0,
+        native_fps: bool = False,
         max_substitutes: int = 16,
     ):
         self.data_path = Path(data_path)
@@ -141,6 +144,7 @@ class VideoTextDataset(torch.utils.data.Dataset):
         self.frame_interval, self.seed = frame_interval, int(seed)
         self.score_format, self.score_drop_prob = score_format, float(score_drop_prob)
         self.max_substitutes = max_substitutes
+        self.native_fps = bool(native_fps)
         self.score_columns = dict(score_columns or {})
         for kind, column in self.score_columns.items():
             if kind not in SCORE_KINDS:
@@ -245,7 +249,7 @@ class VideoTextDataset(torch.utils.data.Dataset):
         else:
             frames, video_fps = self._read_clip(path, idx, T, rng)
             video = resize_crop(frames, H, W, mode="bilinear")  # [3, T, H, W]
-            fps = float(video_fps // self.frame_interval)
+            fps = float(video_fps if self.native_fps else video_fps // self.frame_interval)
         return {
             "video": video,
             "text": self.caption(idx),

@@ -16,6 +16,7 @@ conditioning). Types (q = T' // 4, quarter types need T' >= 4):
     image_head_tail    the first and the last frame
     intepolate         every 2nd frame from a random start 0 or 1 (official spelling;
                        "interpolate" is accepted as the same key)
+    (v1.1 spelled every key with a "mask_" prefix and identity "mask_no"; both are accepted)
     random             r ~ U(0.1, 0.9); a frame is generated iff rand > r; if none is,
                        the last frame is
 
@@ -47,7 +48,8 @@ MASK_TYPES = (
     "intepolate",
     "random",
 )
-_ALIASES = {"interpolate": "intepolate"}
+# v1.1 spelled the keys with a "mask_" prefix and called identity "mask_no" (spec 9.1).
+_ALIASES = {"interpolate": "intepolate", "mask_no": "identity", **{f"mask_{k}": k for k in MASK_TYPES if k != "identity"}}
 
 
 def _stage(random_, intepolate, quarter, image_random, image_head, image_tail, image_head_tail):
@@ -71,6 +73,12 @@ MASK_RATIO_PRESETS: dict[str, dict[str, float]] = {
     "stage2": _stage(0.05, 0.005, 0.005, 0.025, 0.05, 0.025, 0.025),  # identity 0.80
     "stage3": _stage(0.01, 0.002, 0.002, 0.0, 0.22, 0.005, 0.005),  # identity 0.75
     "adapt": {"random": 0.2},
+    # v1.1 training (spec 9.1): mask_no 0.75 first, then the quarter and image types.
+    "v1.1": {
+        "identity": 0.75,
+        "quarter_random": 0.025, "quarter_head": 0.025, "quarter_tail": 0.025, "quarter_head_tail": 0.05,
+        "image_random": 0.025, "image_head": 0.025, "image_tail": 0.025, "image_head_tail": 0.05,
+    },  # fmt: skip
 }
 
 
