@@ -30,6 +30,8 @@ import sys
 from pathlib import Path
 from typing import Callable
 
+from opensora_sdk import cli_refine
+
 EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130
 DTYPE_CHOICES = ("auto", "fp32", "bf16", "fp16")
@@ -84,14 +86,26 @@ def _align(text: str) -> int | str | None:
         raise argparse.ArgumentTypeError(f"--align {text!r}: expected a positive integer or 'none'") from None
 
 
+OFFICIAL_WATERMARK = "assets/images/watermark/watermark.png"  # the official logo, relative to the working folder
+
+
+def _watermark(text: str) -> str | None:
+    """--watermark VALUE: 'true' the official logo, 'false' off, anything else an image path."""
+    try:
+        return OFFICIAL_WATERMARK if cli_refine.str2bool(text) else None
+    except argparse.ArgumentTypeError:
+        return text
+
+
 def _add_generation_args(p: argparse.ArgumentParser) -> None:
     from opensora_sdk.text import CAMERA_MOTIONS
 
     g = p.add_argument_group("prompts")
     g.add_argument("--prompt", nargs="+", help="one or more prompts (loop segments '|0|a|1|b' and inline JSON allowed)")
     g.add_argument("--prompt-path", help="a text file with one prompt per line (blank lines are skipped)")
-    g.add_argument("--start-index", type=int, default=0, help="first prompt used from --prompt-path; output numbering starts here")
-    g.add_argument("--end-index", type=int, default=None, help="stop before this prompt of --prompt-path")
+    g.add_argument("--start-index", type=int, default=0, help="first prompt used from --prompt-path (blank lines not counted); file numbering starts here, also with "
+                        "--prompt (default 0)")
+    g.add_argument("--end-index", type=int, default=None, help="stop before this prompt of --prompt-path (default: after the last)")
     g.add_argument("--negative-prompt", default=None, help="text that replaces the null caption in guidance")
 
     g = p.add_argument_group("size and length (defaults: the preset's, e.g. the built-in model's native 64x64, 17 frames at 8 fps)")
@@ -125,6 +139,11 @@ def _add_generation_args(p: argparse.ArgumentParser) -> None:
                    help="snap mask-strategy starts to multiples of this many latent frames ('none': exact; default: the "
                         "model family's, 5 for v1.2)")
 
+    _add_model_args(p)
+
+
+def _add_model_args(p: argparse.ArgumentParser) -> None:
+    """Which model runs and how (generate, info and app share these)."""
     g = p.add_argument_group("models and memory")
     g.add_argument("--preset", default=None,
                    help="model preset: builtin (default without --model/--vae/--text-encoder), v1.2 (default for the "
@@ -143,6 +162,9 @@ def _add_generation_args(p: argparse.ArgumentParser) -> None:
 
 
 def _read_prompts(args) -> list[str]:
+    for flag, value in (("--start-index", args.start_index), ("--end-index", args.end_index)):
+        if value is not None and value < 0:
+            raise ValueError(f"{flag} {value}: expected an integer >= 0")
     if args.prompt and args.prompt_path:
         raise ValueError("give --prompt or --prompt-path, not both")
     if args.prompt:
@@ -191,10 +213,10 @@ def _preset_name(args) -> str:
 
 def _check_sources(configs, args) -> None:
     """Before any weight is read: the given weight files are whole, and the parts fit together."""
-    from opensora_sdk.loading import CheckpointError, check_weight_files, resolve_checkpoint
+    from opensora_sdk.loading import CheckpointError, check_weight_files, looks_like_repo_id, resolve_checkpoint
 
     for kind, option in (("transformer", args.model), ("vae", args.vae), ("text_encoder", args.text_encoder)):
-        if option is None or not Path(option).expanduser().exists():
+        if option is None or (not Path(option).expanduser().exists() and looks_like_repo_id(option)):
             continue  # a hub id is checked when it is resolved
         try:
             check_weight_files(resolve_checkpoint(option).weight_files)
@@ -214,12 +236,11 @@ def _check_sources(configs, args) -> None:
     t, te = configs.transformer, configs.text_encoder
     d_model = te.get("d_model")
     if d_model is not None and d_model != t.caption_channels:
-        given = [f"--{k}" for k, v in (("model", args.model), ("vae", args.vae), ("text-encoder", args.text_encoder)) if v]
         raise ValueError(
-            f"the transformer takes {t.caption_channels}-channel text embeddings but the text encoder gives "
-            f"{d_model} ({configs.sources['transformer']} with {configs.sources['text_encoder']}); with "
-            f"{' '.join(given) or 'these options'} give the matching --text-encoder too (T5-XXL, 4096 channels, for "
-            "the v1.2 transformer), or --preset v1.2 for the official three"
+            f"the transformer ({configs.sources['transformer']}) takes {t.caption_channels}-channel text embeddings "
+            f"but the text encoder ({configs.sources['text_encoder']}) gives {d_model}: give --model and "
+            "--text-encoder that belong together (the released transformers go with T5-XXL, 4096 channels), or "
+            "--preset v1.2 for the official three"
         )
 
 
@@ -277,8 +298,11 @@ def _device_and_dtype(args, *, available: bool = True):
     return device, dtype
 
 
-def _configs_and_plan(args):
-    """The architectures (from configs, no weights) and the one plan of this command."""
+def _configs_and_plan(args, prompts: list[str] | None = None, num_sample: int = 1):
+    """The architectures (from configs, no weights) and the one plan of this command.
+    `prompts`: instead of --prompt / --prompt-path; `num_sample`: each prompt (and its
+    per-prompt references) repeated that many times in a row, seeds consecutive."""
+    from opensora_sdk.diffusers_compat import repeat_per_prompt
     from opensora_sdk.plan import plan_generation, plan_prompts
     from opensora_sdk.presets import get_preset, model_configs
 
@@ -292,7 +316,11 @@ def _configs_and_plan(args):
     configs = model_configs(_preset_name(args), model=args.model, vae=args.vae, text_encoder=args.text_encoder)
     _check_sources(configs, args)
     kwargs = _plan_kwargs(args, configs)
-    prompts = plan_prompts(_read_prompts(args), negative_prompt=args.negative_prompt,
+    texts, _, kwargs["reference_path"], kwargs["mask_strategy"] = repeat_per_prompt(
+        num_sample, _read_prompts(args) if prompts is None else prompts, (), kwargs["reference_path"],
+        kwargs["mask_strategy"],
+    )
+    prompts = plan_prompts(texts, negative_prompt=args.negative_prompt,
                            aesthetic_score=kwargs.pop("aesthetic_score"), motion_score=args.flow,
                            camera_motion=args.camera_motion)
     plan = plan_generation(configs.facts, prompts, **kwargs)
@@ -302,13 +330,6 @@ def _configs_and_plan(args):
 # --------------------------------------------------------------------------------------------
 # generate
 # --------------------------------------------------------------------------------------------
-
-
-def output_paths(plan, save_dir: str | os.PathLike, sample_name: str | None, start_index: int = 0) -> list[Path]:
-    """Official naming: {save_dir}/{sample_name or "sample"}_{idx:04d}.mp4 (.png for one frame)."""
-    suffix = ".png" if plan.total_frames == 1 else ".mp4"
-    name = sample_name or "sample"
-    return [Path(save_dir) / f"{name}_{start_index + s.index:04d}{suffix}" for s in plan.samples]
 
 
 def _load_pipeline(args, device, dtype, sp_group=None):
@@ -340,10 +361,24 @@ def _check_models_fit(configs, pipe) -> None:
         )
 
 
+def _output_fps(args, plan) -> float | None:
+    """--save-fps, else fps / --frame-interval when given, else None (the plan's: fps / the
+    family's frame interval)."""
+    from opensora_sdk.families import FAMILIES
+
+    if args.save_fps is not None:
+        return float(args.save_fps)
+    if args.frame_interval is not None:
+        return plan.fps * FAMILIES[plan.family].frame_interval / args.frame_interval
+    return None
+
+
 def cmd_generate(args: argparse.Namespace) -> int:
+    import dataclasses
     import time
     from contextlib import nullcontext
 
+    from opensora_sdk import outputs
     from opensora_sdk.generation import Timings
     from opensora_sdk.video_io import check_writable
 
@@ -356,20 +391,47 @@ def cmd_generate(args: argparse.Namespace) -> int:
         proc = distributed.init_from_env(backend="gloo" if device.type == "cpu" else None)
         device = proc.device if device.type == proc.device.type else device
     is_main = proc is None or proc.is_main
-    configs, plan = _configs_and_plan(args)
-    paths = output_paths(plan, args.save_dir, args.sample_name, args.start_index)
+    for flag, value in (("--num-sample", args.num_sample), ("--frame-interval", args.frame_interval)):
+        if value is not None and value < 1:
+            raise ValueError(f"{flag} {value}: expected an integer >= 1")
+    if args.save_fps is not None and not args.save_fps > 0:
+        raise ValueError(f"--save-fps {args.save_fps}: expected a positive number")
+    watermark = None if args.watermark is None else outputs.check_watermark_image(args.watermark)
+    endpoint = cli_refine.endpoint(args) if args.llm_refine else None  # a missing key fails here
+    originals = _read_prompts(args)
+    # every option is checked before the LLM or a model runs (an empty prompt, which the LLM
+    # replaces by a random one, checked as a stand-in)
+    stand_in = [p if p.strip() or endpoint is None else "a video" for p in originals]
+    configs, plan = _configs_and_plan(args, stand_in, args.num_sample)
+    names = outputs.sample_file_names(
+        originals, num_sample=args.num_sample, sample_name=args.sample_name, start_index=args.start_index,
+        prompt_as_path=args.prompt_as_path, suffix=".png" if plan.total_frames == 1 else ".mp4",
+    )
+    paths = [Path(args.save_dir) / name for name in names]
+    keep = [k for k, path in enumerate(paths) if not (args.prompt_as_path and path.exists())]
+    say = is_main and args.verbose >= 1
+    if say and len(keep) < len(paths):
+        print(f"skipping {len(paths) - len(keep)} of {len(paths)} video(s): their files exist (--prompt-as-path)",
+              file=sys.stderr)
+    if not keep:
+        return 0
     if is_main:
         try:
             Path(args.save_dir).mkdir(parents=True, exist_ok=True)
         except OSError as e:
             raise ValueError(f"--save-dir {args.save_dir!r}: cannot create the folder ({e.strerror})") from e
-        for path in paths:
-            check_writable(path, num_frames=plan.total_frames)
-    if args.save_fps is not None and not args.save_fps > 0:
-        raise ValueError(f"--save-fps {args.save_fps}: expected a positive number")
+        for k in keep:
+            check_writable(paths[k], num_frames=plan.total_frames)
+    texts = originals
+    if endpoint is not None:
+        which = {k // args.num_sample for k in keep}
+        texts = cli_refine.refine_prompts(args, endpoint, originals, which, say, proc)
+        configs, plan = _configs_and_plan(args, texts, args.num_sample)
+    # skipped samples leave the plan; the others keep the seeds they have in a full run
+    plan = dataclasses.replace(plan, samples=[plan.samples[k] for k in keep])
+    paths = [paths[k] for k in keep]
 
-    say = is_main and not args.quiet
-    if is_main and args.verbose:
+    if is_main and args.verbose >= 2:
         print(plan.summary(), file=sys.stderr)
     t_load = time.perf_counter()
     pipe = _load_pipeline(args, device, dtype, sp_group=None if proc is None else proc.group)
@@ -385,11 +447,17 @@ def cmd_generate(args: argparse.Namespace) -> int:
                   f"seeds {plan.seeds}" + (f", {proc.world_size} processes" if proc else ""), file=sys.stderr)
         videos = pipe.generate(plan, progress=say and not args.no_progress, timings=timings)
         if is_main:
+            fps = _output_fps(args, plan)
             with timings.stage("save"):
-                for video, path in zip(videos, paths):
-                    if args.save_fps is not None:
-                        video.fps = float(args.save_fps)
+                for video, path, sample in zip(videos, paths, plan.samples):
+                    if fps is not None:
+                        video.fps = fps
+                    if endpoint is not None:
+                        video.metadata["original_prompt"] = originals[sample.index // args.num_sample]
+                        video.metadata["refined_prompt"] = sample.prompt
                     print(video.save(path))
+                    if watermark is not None and path.suffix == ".mp4":
+                        print(outputs.add_watermark(path, watermark))
     if say:
         stages = ", ".join(f"{k} {v:.1f} s" for k, v in timings.items())
         print(f"done in {sum(timings.values()):.1f} s ({stages})", file=sys.stderr)
@@ -435,9 +503,23 @@ def _register_generate(sub) -> None:
     g.add_argument("--save-dir", default="./samples/samples/",
                    help="output folder, created if missing (default ./samples/samples/, as the official script)")
     g.add_argument("--sample-name", default=None, help="file name prefix (default 'sample': sample_0000.mp4, ...)")
+    g.add_argument("--prompt-as-path", action="store_true",
+                   help="name each file after its prompt (characters / \\ : * ? \" < > | become _; cut to 180 bytes) "
+                        "and skip the videos whose files exist, so a run can resume (default off)")
+    g.add_argument("--num-sample", type=int, default=1, metavar="N",
+                   help="videos per prompt, with consecutive seeds; files get -0, -1, ... (default 1)")
+    g.add_argument("--frame-interval", type=int, default=None, metavar="N",
+                   help="the file plays at fps / N; --save-fps wins (default: the model family's: 1 for v1.2, 3 for "
+                        "v1.1 and v1.0)")
+    g.add_argument("--watermark", nargs="?", type=_watermark, const=OFFICIAL_WATERMARK, default=None, metavar="IMAGE",
+                   help=f"also write <name>_watermark.mp4 with IMAGE on the top-left corner, 10%% of the video height "
+                        f"(alone or 'true': {OFFICIAL_WATERMARK}, the official logo's place; default off)")
     g.add_argument("--no-progress", action="store_true", help="no progress bar")
-    g.add_argument("--quiet", action="store_true", help="print only the paths of the saved videos (and errors)")
-    g.add_argument("--verbose", action="store_true", help="also print the resolved plan before generating")
+    g.add_argument("--verbose", nargs="?", type=int, const=2, default=1, choices=(0, 1, 2), metavar="LEVEL",
+                   help="0: print only the saved paths and errors; 1: also progress, refined prompts and timings "
+                        "(default); 2 (--verbose alone): also the resolved plan before generating")
+    g.add_argument("--quiet", dest="verbose", action="store_const", const=0, help="the same as --verbose 0")
+    cli_refine.add_refine_args(p)
     p.set_defaults(func=cmd_generate)
 
 
@@ -445,6 +527,21 @@ def _register_info(sub) -> None:
     p = sub.add_parser("info", help="print sizes, latent shape, tokens, memory estimate; loads no model")
     _add_generation_args(p)
     p.set_defaults(func=cmd_info)
+
+
+def _register_app(sub) -> None:
+    p = sub.add_parser("app", help="the web app (Gradio; pip install -e \".[app]\"): the official demo in a browser")
+    g = p.add_argument_group("server")
+    g.add_argument("--host", default="127.0.0.1",
+                   help="address to listen on (default 127.0.0.1: this computer only; 0.0.0.0: the whole network)")
+    g.add_argument("--port", type=int, default=None, help="port (default: Gradio's, 7860 or the next free one)")
+    g.add_argument("--share", action="store_true", help="also open a temporary public gradio.live link (default off)")
+    g.add_argument("--output", default="./outputs", help="folder for the generated files (default ./outputs)")
+    g.add_argument("--watermark", nargs="?", type=_watermark, const=OFFICIAL_WATERMARK, default=None, metavar="IMAGE",
+                   help="also watermark each video with IMAGE (<name>_watermarked.mp4 is shown) (default off)")
+    _add_model_args(p)
+    cli_refine.add_refine_args(p)
+    p.set_defaults(func=lazy("opensora_sdk.app", "cmd_app"))
 
 
 def _register_workflow(sub) -> None:
@@ -464,7 +561,20 @@ def _register_workflow(sub) -> None:
 # Each entry adds one subcommand. A command implemented outside the SDK registers a parser
 # whose func is `lazy("package.module", "function")`, e.g. the ComfyUI workflow runner:
 #     p = sub.add_parser("workflow", ...); p.set_defaults(func=lazy("comfy_nodes.headless", "cmd_workflow_run"))
-SUBCOMMANDS: list[Callable] = [_register_generate, _register_info, _register_workflow]
+def _register_data(sub) -> None:
+    from opensora_sdk.data.cli import register  # parsers only; each action imports its code when it runs
+
+    register(sub)
+
+
+def _register_eval(sub) -> None:
+    from opensora_sdk.evaluation.cli import register
+
+    register(sub)
+
+
+SUBCOMMANDS: list[Callable] = [_register_generate, _register_info, _register_workflow, _register_app]
+SUBCOMMANDS += [_register_data, _register_eval]
 
 
 class _Parser(argparse.ArgumentParser):
@@ -485,7 +595,10 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     from opensora_sdk.loading import CheckpointError
 
-    args = build_parser().parse_args(argv)
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as done:  # --help, or a one-line usage error (already printed)
+        return done.code if isinstance(done.code, int) else EXIT_USAGE
     try:
         return args.func(args)
     except KeyboardInterrupt:

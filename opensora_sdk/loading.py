@@ -59,7 +59,8 @@ class ResolvedCheckpoint:
     source: str = ""
 
 
-def _looks_like_repo_id(source: str) -> bool:
+def looks_like_repo_id(source: str) -> bool:
+    """"org/name": a Hugging Face repo id rather than a local path."""
     parts = source.split("/")
     return (
         len(parts) == 2
@@ -122,7 +123,7 @@ def resolve_checkpoint(
         if not file.is_file():
             raise CheckpointError(f"{filename!r} is not in the hub repo {repo_id!r} (checked {str(folder)!r})")
         return ResolvedCheckpoint([file], None, text)
-    if not _looks_like_repo_id(text):
+    if not looks_like_repo_id(text):
         raise CheckpointError(
             f"checkpoint {text!r} not found: expected an existing folder, a .safetensors/.pth file, "
             "or a Hugging Face repo id like 'hpcai-tech/OpenSora-STDiT-v3'"

@@ -117,3 +117,86 @@ def test_a_registered_subcommand_is_imported_only_when_it_runs(monkeypatch, tmp_
     assert cli.main(["info", "--prompt", "a", "--preset", "tiny-random", "--num-frames", "1"]) == 0
     assert "late_cmd" not in sys.modules
     assert cli.main(["late", "x"]) == 0 and capsys.readouterr().out.endswith("ran x\n")
+
+
+@pytest.fixture(scope="module")
+def bad_files(tmp_path_factory):
+    """Files a user can get wrong: a text file and a corrupt mp4 as references, a damaged and a
+    truncated weight file, a folder with only a config, the weights of another model."""
+    import torch
+
+    root = tmp_path_factory.mktemp("bad")
+    (root / "notes.txt").write_text("not a picture")
+    (root / "corrupt.mp4").write_bytes(b"\x00\x00\x00\x18ftypmp42" + bytes(range(256)) * 4)
+    (root / "damaged.safetensors").write_bytes(b"\xff" * 64)
+    good = (cli.Path(__file__).resolve().parents[1] / "opensora_sdk" / "builtin" / "tiny" / "vae" / "model.safetensors")
+    data = good.read_bytes()
+    (root / "truncated.safetensors").write_bytes(data[: len(data) // 2])
+    torch.save({"w": torch.zeros(1000)}, root / "whole.pth")
+    whole = (root / "whole.pth").read_bytes()
+    (root / "truncated.pth").write_bytes(whole[: len(whole) // 2])
+    (root / "only_config").mkdir()
+    (root / "only_config" / "config.json").write_text("{}")
+    return root
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--resolution", "999p"], "resolution '999p' is not one of"),
+        (["--aspect-ratio", "7:3"], "aspect_ratio '7:3' has no entry"),
+        (["--preset", "huge"], "preset='huge' is not known"),
+        (["--num-frames", "-3"], "num_frames '-3' must be a positive integer"),
+        (["--num-frames", "0"], "num_frames 0 must be a positive integer"),
+        (["--num-frames", "100000"], "needs 29412 latent frames; this model takes at most 10"),
+        (["--reference-path", "missing.png"], "reference_path[0]='missing.png': file not found"),
+        (["--reference-path", "{bad}/notes.txt"], "extension '.txt' is not supported"),
+        (["--reference-path", "{bad}/corrupt.mp4"], "cannot be decoded as a video"),
+        (["--prompt", ""], "is empty: give a text describing the video"),
+        (["--camera-motion", "sideways"], "argument --camera-motion: invalid choice: 'sideways'"),
+        (["--seed", "abc"], "--seed 'abc': expected an integer >= 0 or 'random'"),
+        (["--dtype", "fp64"], "argument --dtype: invalid choice: 'fp64'"),
+        (["--num-sampling-steps", "0"], "num_steps=0 is not allowed"),
+        (["--cfg-scale", "nan"], "guidance_scale=nan is not allowed"),
+        (["--loop", "0"], "loop=0 is not allowed"),
+        (["--model", "{bad}/damaged.safetensors"], "damaged.safetensors' is not a readable .safetensors file"),
+        (["--vae", "{bad}/truncated.safetensors"], "truncated.safetensors"),
+        (["--vae", "{bad}/truncated.pth"], "truncated.pth' is truncated or damaged"),
+        (["--model", "{bad}/only_config"], "no weights found in folder"),
+        (["--text-encoder", "{bad}/only_config"], "no weights found in folder"),
+        (["--vae", "{bad}/no/such/folder"], "not found"),
+        (["--model", "opensora_sdk/builtin/tiny/vae"], "not an Open-Sora transformer"),
+    ],
+)
+def test_every_bad_input_is_one_line_before_any_model_loads(no_model_loading, bad_files, tmp_path, capsys, args,
+                                                             message):
+    """The list of a new user's first hour: each is one line, exit 2, nothing written."""
+    root = cli.Path(__file__).resolve().parents[1]
+    args = [a.replace("{bad}", str(bad_files)) for a in args]
+    args = [str(root / a) if a.startswith("opensora_sdk/") else a for a in args]
+    out = tmp_path / "out"
+    prompt = [] if "--prompt" in args else ["--prompt", "a cat"]
+    rc = cli.main(["generate", *prompt, "--save-dir", str(out), *args])
+    err = capsys.readouterr().err
+    assert rc == cli.EXIT_USAGE, err
+    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
+    assert message in err, err
+    assert not out.exists() or not any(out.iterdir())  # no partial output
+
+
+def test_cuda_without_cuda_and_an_unwritable_folder_are_one_line(no_model_loading, tmp_path, capsys):
+    import torch
+
+    if not torch.cuda.is_available():
+        assert cli.main(["generate", "--prompt", "a cat", "--device", "cuda", "--save-dir", str(tmp_path)]) == 2
+        err = capsys.readouterr().err
+        assert "--device 'cuda': CUDA is not available" in err and len(err.strip().splitlines()) == 1
+    (tmp_path / "ro").mkdir()
+    (tmp_path / "ro" / "file").write_text("x")
+    assert cli.main(["generate", "--prompt", "a cat", "--save-dir", str(tmp_path / "ro" / "file" / "sub")]) == 2
+    assert "--save-dir" in capsys.readouterr().err
+
+
+def test_debug_shows_the_traceback(no_model_loading, capsys):
+    with pytest.raises(ValueError, match="resolution '999p'"):
+        cli.main(["generate", "--prompt", "a cat", "--resolution", "999p", "--debug"])
