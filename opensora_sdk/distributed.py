@@ -7,7 +7,30 @@ Setup
     calling collectives raises `CollectiveError` instead of waiting forever.
     `make_mesh(sp_size)` splits the world into (dp x sp) groups for training: ranks
     [k*sp, (k+1)*sp) form sequence-parallel group k, which sees one batch; ranks with the same
-    position in their SP group form a data-parallel group.
+    position in their SP group form a data-parallel group. The groups are made once per process
+    group; later calls return the same mesh.
+    `shutdown()` at the end, on every rank: waits (bounded) for all ranks, then destroys every
+    group while the interpreter is alive (see the comment there: an exit with live groups can
+    abort with SIGABRT).
+
+Failing together
+    with fail_together(group):     # on every rank, around work the ranks do together
+        video = pipe(...)
+        if rank == 0: save(video)
+    When the block raises on one rank (rank 0 cannot write the file), that rank publishes
+    "rank, Type: message" in the c10d store (the first failure of the launch wins), waits up to
+    ACK_TIMEOUT_S for the peers to have read it, and re-raises its own error. Every other rank
+    inside a block raises `PeerError` (a `CollectiveError`; `.rank`, `.error`) naming it within
+    about POLL_S: a watchdog thread polls the store and interrupts the guarded thread (an
+    exception raised at its next Python instruction), and the collectives of this module and
+    `barrier` wait in slices, so a rank blocked in one raises too. A rank blocked in a call that
+    cannot be interrupted (torch.distributed's own collectives, a long kernel) prints the error
+    and exits with status 1 after `exit_after_s` (default 10 s; None: never). A rank that raised
+    PeerError ends with status 1 at exit (atexit, os._exit) whatever happens after: a collective
+    it left in flight would make the interpreter's teardown hang or abort. So the failing rank
+    exits with 1 (its own uncaught error) and so do the others. A block inside an open block is
+    the identity. After a failure, `shutdown()` does not wait for the others and a new block
+    raises the first failure at once.
 
 Collectives (all the identity when `group` is None or has one rank; no global process group
 is used anywhere: the group is always an argument)
@@ -30,7 +53,8 @@ parameter gradients of the ranks of an SP group *average* to the single-process 
 a data-parallel average over all ranks (DDP, FSDP) is right as it is; without DDP, call
 `average_gradients(params, sp_group)`.
 
-`vae_decode_split` spreads the VAE's independent temporal chunks over the ranks (sampling).
+The VAE decode spread over the ranks (`vae_decode_split`) lives next to the VAE, in
+opensora_sdk/models/vae_parallel.py.
 
 Communication is counted (bytes each rank sends, ring / pairwise algorithms) while a
 `count_communication()` block is open (a module-level list of open counters, empty unless a
@@ -39,7 +63,14 @@ benchmark opens one); see benchmarks/bench_distributed.py.
 
 from __future__ import annotations
 
+import atexit
+import ctypes
+import gc
+import logging
 import os
+import sys
+import threading
+import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import timedelta
@@ -152,10 +183,6 @@ def init_from_env(
     return ProcessInfo(rank, world, local_rank, device, dist.group.WORLD)
 
 
-def shutdown() -> None:
-    """Leave the process group (if one was joined)."""
-    if dist.is_initialized():
-        dist.destroy_process_group()
 
 
 @dataclass(frozen=True)
@@ -172,11 +199,20 @@ class ParallelMesh:
     sp_group: object | None = None
 
 
+_MESHES: dict[int, tuple[object, ParallelMesh]] = {}  # sp_size -> (world group, its mesh); shutdown() clears
+
+
 def make_mesh(sp_size: int, *, timeout_s: float | None = None) -> ParallelMesh:
-    """Split the initialised world into (dp x sp) groups; every rank must call this once, in
-    the same order relative to other group creations. Without a process group: sp_size 1."""
+    """Split the initialised world into (dp x sp) groups. The groups are made once per process
+    group: every rank's first call for an sp_size creates them (all ranks must make it, in the
+    same order relative to other group creations; `timeout_s` applies then) and later calls
+    return the same mesh, groups included. Without a process group: sp_size 1, no groups."""
     if not isinstance(sp_size, int) or isinstance(sp_size, bool) or sp_size < 1:
         raise ValueError(f"sp_size={sp_size!r} must be an integer >= 1")
+    world_group = dist.group.WORLD if dist.is_initialized() else None
+    cached = _MESHES.get(sp_size)
+    if cached is not None and cached[0] is world_group:  # the same process group as when it was made
+        return cached[1]
     world = dist.get_world_size() if dist.is_initialized() else 1
     rank = dist.get_rank() if dist.is_initialized() else 0
     if world % sp_size:
@@ -196,11 +232,13 @@ def make_mesh(sp_size: int, *, timeout_s: float | None = None) -> ParallelMesh:
             dp_group = group if j == sp_rank else dp_group
     elif dp_size > 1:
         dp_group = dist.group.WORLD
-    return ParallelMesh(dp_size, sp_size, dp_rank, sp_rank, dp_group, sp_group)
+    mesh = ParallelMesh(dp_size, sp_size, dp_rank, sp_rank, dp_group, sp_group)
+    _MESHES[sp_size] = (world_group, mesh)
+    return mesh
 
 
 def sequence_parallel_group(sp_size: int):
-    """This rank's SP group of `make_mesh(sp_size)` (the trainer's hook); None for sp_size 1."""
+    """This rank's SP group of `make_mesh(sp_size)` (made once, see there); None for sp_size 1."""
     return make_mesh(sp_size).sp_group
 
 
@@ -210,6 +248,271 @@ def group_size(group) -> int:
 
 def group_rank(group) -> int:
     return 0 if group is None else dist.get_rank(group)
+
+
+def shutdown(timeout_s: float = 60.0) -> None:
+    """Leave the process group (if one was joined); every rank calls it at the end.
+
+    Waits (at most `timeout_s`, through the c10d store, not a collective) until every rank got
+    here, then destroys every group, subgroups before the world group, and collects them, so
+    their communication threads end now rather than during the interpreter's exit. No wait after
+    a rank failed inside `fail_together` (the others may never arrive). A process that gave up
+    on a collective still in flight (`fail_together`) keeps its groups: it ends with status 1 at
+    exit, see `fail_together`.
+    """
+    global _GENERATION
+    _MESHES.clear()
+    if not dist.is_initialized() or _ABANDONED:
+        return
+    if dist.get_world_size() > 1 and _failure_record() is None:
+        _store_barrier(f"opensora_sdk/{_GENERATION}/shutdown", timeout_s)
+    # Why the wait and the destroy (the SIGABRT at exit of 2-process runs): a gloo collective
+    # completes in a worker thread of its process group, which drops its last references to the
+    # work, and so to the work's tensors, only after the caller's wait() has returned. Dropping a
+    # tensor that has a Python object needs the GIL; once the main thread has returned and the
+    # interpreter is finalising, a thread asking for the GIL is ended by pthread_exit, whose
+    # unwinding through that C++ destructor calls std::terminate: "terminate called without an
+    # active exception", SIGABRT. A rank that leaves right after its last collective (the trainer's
+    # final gather; the faster rank) loses that race now and then, more often on a busy CPU; a
+    # peer exiting while this rank's collective is still in flight makes a failed work finish the
+    # same way. Waiting for every rank, then destroying the groups while the interpreter is alive
+    # (the destructor joins the worker threads, the GIL released) closes both windows.
+    dist.destroy_process_group()  # every group: torch shuts subgroups down first, then the world group
+    gc.collect()  # groups held only by reference cycles are destroyed now, not at interpreter exit
+    _GENERATION += 1
+
+
+def _store():
+    return dist.distributed_c10d._get_default_store()
+
+
+def _store_barrier(key: str, timeout_s: float) -> None:
+    """Every rank adds 1 to `key` and waits until all did, a rank failed, or `timeout_s` passed."""
+    world = dist.get_world_size()
+    deadline = time.monotonic() + timeout_s
+    try:
+        store = _store()
+        store.add(key, 1)
+        while int(store.add(key, 0)) < world and _failure_record() is None:
+            if time.monotonic() > deadline:
+                print(f"[rank {dist.get_rank()}] shutdown: not every rank arrived within {timeout_s} s; leaving anyway",
+                      file=sys.stderr, flush=True)  # fmt: skip
+                return
+            time.sleep(0.02)
+    except (RuntimeError, OSError):  # the store's host (rank 0) already left: so did every rank before it
+        return
+
+
+# --------------------------------------------------------------------------------------------
+# Failing together
+# --------------------------------------------------------------------------------------------
+
+POLL_S = 0.1  # how often a guarded rank looks for a peer's failure (watchdog, collective waits)
+ACK_TIMEOUT_S = 5.0  # how long a failing rank waits for its peers to have read its error
+_GENERATION = 0  # process groups this process has left; keys of the c10d store are per generation
+_ABANDONED = False  # a collective was left in flight after a peer failed (see fail_together)
+_GUARD: _Guard | None = None  # the open fail_together block of this process (one at a time)
+
+
+class PeerError(CollectiveError):
+    """Another rank raised inside `fail_together`; `rank` and `error` ("Type: message") say which
+    and what. Raised on every other rank in its place."""
+
+    rank: int = -1
+    error: str = ""
+
+
+def _peer_error(rank: int, error: str) -> type[PeerError]:
+    """A PeerError class whose instances made without arguments carry the message (an exception
+    raised in a thread from outside is created from its class, with no arguments)."""
+    message = f"rank {rank} failed, so this rank stops too (fail_together): {error}"
+
+    def __init__(self, *args):
+        CollectiveError.__init__(self, *(args or (message,)))
+
+    return type("PeerError", (PeerError,), {"rank": rank, "error": error, "__init__": __init__, "__module__": __name__})
+
+
+def _failure_key() -> str:
+    return f"opensora_sdk/{_GENERATION}/failure"
+
+
+def _failure_record(store=None) -> tuple[int, str] | None:
+    """(rank, error) of the first rank that failed inside `fail_together`, or None."""
+    try:
+        store = _store() if store is None else store
+        if not store.check([_failure_key()]):
+            return None
+        rank, error = store.get(_failure_key()).decode().split("\n", 1)
+    except (RuntimeError, OSError):  # no store (not initialised) or its host is gone
+        return None
+    return int(rank), error
+
+
+def _interrupt(thread_id: int, exc_class) -> None:
+    """Raise `exc_class` in thread `thread_id` at its next Python instruction (None: cancel)."""
+    ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(thread_id), ctypes.py_object(exc_class) if exc_class else None)
+
+
+def _exit_after_abandoned_collective() -> None:
+    # atexit (before the interpreter's teardown): a collective a failed peer never joined is still
+    # running in a gloo worker thread, which can be neither interrupted nor joined; the teardown
+    # would wait for it (destroying its group) or abort (when it ends and drops its tensors
+    # without the GIL, see shutdown). Flush and end the process now, status 1.
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(1)
+
+
+class _Guard:
+    """The state of one `fail_together` block: see there."""
+
+    def __init__(self, size: int, exit_after_s: float | None):
+        self.size, self.exit_after_s, self.rank = size, exit_after_s, dist.get_rank()
+        self.thread_id = threading.get_ident()
+        self.peer: type[PeerError] | None = None
+        self.stop = threading.Event()
+        self.watchdog = threading.Thread(target=self._watch, name="opensora-fail-together", daemon=True)
+
+    def _watch(self) -> None:
+        """Poll the store for a peer's failure; interrupt the guarded thread; exit if it stays stuck."""
+        try:
+            store = _store().clone()  # its own connection: the guarded thread may use the store too
+            store.set_timeout(timedelta(seconds=ACK_TIMEOUT_S))
+        except (RuntimeError, OSError):
+            return
+        while not self.stop.wait(POLL_S):
+            record = _failure_record(store)
+            if record is None or record[0] == self.rank:
+                continue
+            self.peer = _peer_error(*record)
+            try:
+                store.add(f"{_failure_key()}/read", 1)  # tell the failing rank its error arrived
+            except (RuntimeError, OSError):
+                pass
+            if self.stop.is_set():
+                return
+            _interrupt(self.thread_id, self.peer)  # the guarded thread raises at its next Python instruction
+            if self.exit_after_s is None or self.stop.wait(self.exit_after_s):
+                return
+            # Still inside the block: blocked in a call that cannot be interrupted (a collective this
+            # module did not issue, a long C++ kernel) or the error was swallowed. End the process.
+            print(f"[rank {self.rank}] {self.peer()}; this rank did not stop within {self.exit_after_s} s "
+                  f"(blocked in a call that cannot be interrupted): exiting with status 1", file=sys.stderr, flush=True)  # fmt: skip
+            _exit_after_abandoned_collective()
+
+    def wait(self, work) -> None:
+        """`work.wait()` in slices of POLL_S, raising the peer's error as soon as one is known."""
+        try:
+            while self.peer is None:
+                try:
+                    work.wait(timeout=timedelta(seconds=POLL_S))
+                    return
+                except RuntimeError as err:
+                    if isinstance(err, CollectiveError):
+                        raise  # the interrupt
+                    if work.is_completed():  # it failed, or it ended just after the slice timed out
+                        work.wait()  # its outcome: returns, or raises the collective's error
+                        return
+        except PeerError:
+            pass  # the interrupt, often delivered while handling a slice's timeout: raised below without that context
+        raise self.peer() from None  # the work stays in flight (see __exit__)
+
+    def __enter__(self) -> _Guard:
+        global _GUARD
+        record = _failure_record()
+        if record is not None and record[0] != self.rank:
+            raise _peer_error(*record)()
+        _GUARD = self
+        self.watchdog.start()
+        return self
+
+    def _close(self) -> None:
+        global _GUARD
+        self.stop.set()
+        self.watchdog.join(timeout=2 * ACK_TIMEOUT_S)
+        _interrupt(self.thread_id, None)  # an interrupt not delivered yet is dropped
+        _GUARD = None
+
+    def __exit__(self, exc_type, exc, tb) -> bool:
+        global _ABANDONED
+        try:
+            self._close()
+        finally:  # an interrupt delivered while closing lands here: close again (once), then it propagates
+            self._close()
+            if self.peer is not None and not _ABANDONED:
+                # A peer failed while this rank was inside: a collective it never joined may still be
+                # in flight here (left by `wait`, or by the interrupt), so end the process at exit.
+                _ABANDONED = True
+                atexit.register(_exit_after_abandoned_collective)
+        if exc is None or isinstance(exc, PeerError) or not isinstance(exc, (Exception, KeyboardInterrupt)):
+            if exc is None and self.peer is not None:
+                raise self.peer()  # this rank finished, a peer did not: the run failed
+            return False
+        error = f"{type(exc).__name__}: {exc}"[:4000]
+        try:  # first failure wins; tell the others and give them a moment to read it
+            store = _store()
+            rank, first = store.compare_set(_failure_key(), "", f"{self.rank}\n{error}").decode().split("\n", 1)
+            if int(rank) != self.rank:  # a peer failed first (this rank's error is probably its consequence)
+                raise _peer_error(int(rank), first)() from exc
+            deadline = time.monotonic() + ACK_TIMEOUT_S
+            while int(store.add(f"{_failure_key()}/read", 0)) < self.size - 1 and time.monotonic() < deadline:
+                time.sleep(POLL_S / 4)
+        except (RuntimeError, OSError) as err:
+            if isinstance(err, PeerError):
+                raise
+        return False  # this rank's own error propagates
+
+
+class _Inert:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> bool:
+        return False
+
+
+def fail_together(group=None, *, exit_after_s: float | None = 10.0):
+    """`with fail_together(group): ...` around work that the ranks of `group` (None: the world)
+    do together (a generation, a generation and its save): when the block raises on one rank,
+    every other rank inside a block raises `PeerError` (a `CollectiveError`) naming that rank and
+    its error, within about a second, instead of waiting for the collective timeout; see the
+    module docstring. Every rank of the group enters it. A block inside an open block is the
+    identity (the outer one watches), and so is a group of one rank or no process group."""
+    if exit_after_s is not None and not exit_after_s > 0:
+        raise ValueError(f"exit_after_s={exit_after_s} must be a number of seconds > 0, or None (never exit)")
+    size = group_size(group) if group is not None else dist.get_world_size() if dist.is_initialized() else 1
+    if size == 1 or _guard_of_this_thread() is not None:
+        return _Inert()
+    if _GUARD is not None:
+        raise RuntimeError("fail_together: another thread of this process has a block open; one thread at a time")
+    return _Guard(size, exit_after_s)
+
+
+def _guard_of_this_thread() -> _Guard | None:
+    guard = _GUARD
+    return guard if guard is not None and guard.thread_id == threading.get_ident() else None
+
+
+def _wait(work, group) -> None:
+    """Wait for a collective's work; interruptible by a peer's failure inside `fail_together`
+    (gloo: NCCL work does not block the CPU, and its wait(timeout) would abort the communicator)."""
+    guard = _guard_of_this_thread()
+    if guard is None or dist.get_backend(group) != "gloo":
+        work.wait()
+    else:
+        guard.wait(work)
+
+
+@torch.no_grad()
+def barrier(group) -> None:
+    """Wait until every rank of `group` got here (the identity without a group); interruptible
+    inside `fail_together`, unlike torch.distributed.barrier."""
+    if not _active(group):
+        return
+    with _collective("barrier", group):
+        _wait(dist.barrier(group=group, async_op=True), group)
 
 
 # --------------------------------------------------------------------------------------------
@@ -295,7 +598,7 @@ def _all_to_all(x: torch.Tensor, group, scatter_dim: int, gather_dim: int) -> to
     recv = torch.empty_like(send)  # row r <- rank r
     _count("all_to_all", _nbytes(send) * (P - 1) / P)
     with _collective("all_to_all", group):
-        dist.all_to_all_single(recv, send, group=group)
+        _wait(dist.all_to_all_single(recv, send, group=group, async_op=True), group)
     recv = recv.movedim(1, scatter_dim + 1)  # [P, *x.shape with X_s/P]
     return recv.movedim(0, gather_dim).flatten(gather_dim, gather_dim + 1)  # rank-major along gather_dim
 
@@ -312,7 +615,7 @@ def _gather(x: torch.Tensor, dim: int, group) -> torch.Tensor:
     parts = [torch.empty_like(x) for _ in range(P)]
     _count("all_gather", _nbytes(x) * (P - 1))
     with _collective("all_gather", group):
-        dist.all_gather(parts, x, group=group)
+        _wait(dist.all_gather(parts, x, group=group, async_op=True), group)
     return torch.cat(parts, dim)
 
 
@@ -324,7 +627,7 @@ def _reduce_scatter(x: torch.Tensor, dim: int, group) -> torch.Tensor:
     out = torch.empty_like(parts[0])
     _count("reduce_scatter", _nbytes(x) * (P - 1) / P)
     with _collective("reduce_scatter", group):
-        dist.reduce_scatter(out, parts, group=group)
+        _wait(dist.reduce_scatter(out, parts, group=group, async_op=True), group)
     return out
 
 
@@ -333,7 +636,7 @@ def _all_reduce(x: torch.Tensor, group) -> torch.Tensor:
     x = x.contiguous()
     _count("all_reduce", _nbytes(x) * 2 * (P - 1) / P)
     with _collective("all_reduce", group):
-        dist.all_reduce(x, group=group)
+        _wait(dist.all_reduce(x, group=group, async_op=True), group)
     return x
 
 
@@ -446,52 +749,23 @@ def broadcast(x: torch.Tensor, group, src_rank_in_group: int = 0) -> torch.Tenso
         return x
     _count("broadcast", _nbytes(x) if group_rank(group) == src_rank_in_group else 0)
     with _collective("broadcast", group):
-        dist.broadcast(x, dist.get_global_rank(group, src_rank_in_group), group=group)
+        _wait(dist.broadcast(x, dist.get_global_rank(group, src_rank_in_group), group=group, async_op=True), group)
     return x
-
-
-# --------------------------------------------------------------------------------------------
-# VAE decode spread over ranks
-# --------------------------------------------------------------------------------------------
-
-
-@torch.no_grad()
-def vae_decode_split(vae, latent: torch.Tensor, num_frames: int, group, **decode_kwargs) -> torch.Tensor:
-    """`vae.decode(latent, num_frames)` with its temporal chunks (5 latent -> 17 pixel frames,
-    decoded independently) spread round-robin over the ranks of `group` and all-gathered, so
-    every rank gets the whole video [B, 3, num_frames, H, W] for about 1/P of the decode time.
-    `vae` is a `VideoAutoencoder`; without a group (or micro_frame_size None) a plain decode."""
-    mfs = vae.config.micro_frame_size
-    if not _active(group) or mfs is None:
-        return vae.decode(latent, num_frames, **decode_kwargs)
-    P, r = group_size(group), group_rank(group)
-    step = vae.latent_size(mfs, None, None)[0]  # latent frames per chunk
-    chunks = [(i, k * mfs, min(mfs, num_frames - k * mfs)) for k, i in enumerate(range(0, latent.shape[2], step))]
-    B, _, _, h, w = latent.shape
-    f, C = vae.spatial_factor, vae.config.vae_2d.out_channels
-    out = torch.empty(B, C, num_frames, h * f, w * f, dtype=vae.dtype, device=vae.device)
-    for j in range(0, len(chunks), P):  # round j: rank q decodes chunk j + q
-        pixels = out.new_zeros(B, C, mfs, h * f, w * f)
-        if j + r < len(chunks):
-            i, _, n = chunks[j + r]
-            pixels[:, :, :n] = vae.decode(latent[:, :, i : i + step], n, **decode_kwargs)
-        parts = _gather(pixels[None], 0, group)  # [P, B, C, mfs, H, W]
-        for q in range(min(P, len(chunks) - j)):
-            _, t0, n = chunks[j + q]
-            out[:, :, t0 : t0 + n] = parts[q, :, :, :n]
-    return out
 
 
 __all__ = [
     "CollectiveError",
     "CommCounter",
     "ParallelMesh",
+    "PeerError",
     "ProcessInfo",
     "all_gather",
     "all_to_all",
     "average_gradients",
+    "barrier",
     "broadcast",
     "count_communication",
+    "fail_together",
     "gather_forward_split_backward",
     "group_rank",
     "group_size",
@@ -500,5 +774,4 @@ __all__ = [
     "sequence_parallel_group",
     "shutdown",
     "split_forward_gather_backward",
-    "vae_decode_split",
 ]

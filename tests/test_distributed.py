@@ -185,6 +185,20 @@ def pipeline_case(group) -> dict[str, float]:
     return {"latent": max_err(z, z_ref), "frames": float((frames - frames_ref).abs().max()), "bytes": sent}
 
 
+def random_seed_case(group) -> dict[str, float]:
+    """seed=None through the Python API: every rank draws its own random seed, the SDK agrees on
+    rank 0's, and the sharded video equals one process run with that seed."""
+    from opensora_sdk.pipeline import OpenSoraPipeline
+
+    kwargs = dict(height=64, width=64, num_frames=17, num_steps=2)
+    sharded = OpenSoraPipeline.from_preset("tiny-random", device="cpu", progress=False, sp_group=group)
+    video = sharded("a red panda", seed=None, **kwargs)
+    seed = int(video.metadata["seed"])
+    alone = OpenSoraPipeline.from_preset("tiny-random", device="cpu", progress=False)("a red panda", seed=seed, **kwargs)
+    diff = float((torch.from_numpy(video.frames).int() - torch.from_numpy(alone.frames).int()).abs().max())
+    return {"frames": diff, "seed": float(seed)}
+
+
 def model_cases(P: int) -> dict[str, dict]:
     """name -> kwargs of model_case. S = (H/2)*(W/2): 6 divides by 2 and 3, 4 and 9 do not."""
     even, odd = (6, 4), (6, 6) if P == 2 else (4, 4)  # (H, W): S = 6 | S = 9 (P=2) or 4 (P=3)
@@ -203,7 +217,7 @@ def worker(rank: int, world: int, port: int, out: str) -> None:
     info = distributed.init_from_env(timeout_s=120)
     results = {}
     jobs = {"primitives": lambda: primitives_case(info.group), "sampling": lambda: sampling_case(info.group),
-            "pipeline": lambda: pipeline_case(info.group)}  # fmt: skip
+            "pipeline": lambda: pipeline_case(info.group), "random_seed": lambda: random_seed_case(info.group)}  # fmt: skip
     jobs.update({name: (lambda kw=kw: model_case(info.group, **kw)) for name, kw in model_cases(world).items()})
     for name, job in jobs.items():
         try:
@@ -214,9 +228,19 @@ def worker(rank: int, world: int, port: int, out: str) -> None:
     distributed.shutdown()
 
 
+def spawn(fn, args: tuple, nprocs: int) -> None:
+    """mp.spawn that also asserts every process exited with status 0 (a signal at exit, such as
+    SIGABRT after the last step, fails the test too)."""
+    context = mp.start_processes(fn, args=args, nprocs=nprocs, join=False, start_method="spawn")
+    while not context.join():  # raises ProcessRaisedException / ProcessExitedException on the first failure
+        pass
+    codes = [p.exitcode for p in context.processes]
+    assert codes == [0] * nprocs, f"exit statuses {codes}"
+
+
 def run_world(P: int, tmp_path_factory) -> list[dict]:
     out = tmp_path_factory.mktemp(f"sp{P}")
-    mp.spawn(worker, args=(P, free_port(), str(out)), nprocs=P, join=True)
+    spawn(worker, (P, free_port(), str(out)), P)
     return [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(P)]
 
 
@@ -270,6 +294,14 @@ def test_sampling_gives_the_single_process_latent(world):
     assert errors["latent"] < TOL, errors
 
 
+def test_a_random_seed_is_agreed_across_ranks_through_the_python_api(world):
+    P, results = world
+    for r, res in enumerate(results):
+        assert not isinstance(res["random_seed"], str), f"rank {r}:\n{res['random_seed']}"
+    assert len({res["random_seed"]["seed"] for res in results}) == 1  # every rank uses rank 0's draw
+    assert max(res["random_seed"]["frames"] for res in results) <= 1  # = one process with that seed
+
+
 def test_pipeline_gives_the_single_process_video(world):
     P, results = world
     errors = errors_of(results, "pipeline")
@@ -300,17 +332,20 @@ def mesh_worker(rank: int, world: int, port: int, out: str) -> None:
     torch.set_num_threads(1)
     distributed.init_from_env(timeout_s=120)
     mesh = distributed.make_mesh(2)
+    again = distributed.make_mesh(2)  # made once: the same groups, no new ones
+    same = again is mesh and distributed.sequence_parallel_group(2) is mesh.sp_group and again.dp_group is mesh.dp_group
     sums = [distributed._all_reduce(torch.tensor([float(rank)]), g).item() for g in (mesh.sp_group, mesh.dp_group)]
     # each SP group shards its own batch (inputs drawn from its dp rank)
     errors = model_case(mesh.sp_group, heads=4, mode="ulysses", B=1, T=2, H=6, W=6, x_mask=False, seed=mesh.dp_rank)
-    torch.save({"mesh": (mesh.dp_size, mesh.sp_size, mesh.dp_rank, mesh.sp_rank), "sums": sums, "errors": errors},
-               Path(out) / f"rank{rank}.pt")  # fmt: skip
+    torch.save({"mesh": (mesh.dp_size, mesh.sp_size, mesh.dp_rank, mesh.sp_rank), "sums": sums, "errors": errors,
+                "same": same}, Path(out) / f"rank{rank}.pt")  # fmt: skip
     distributed.shutdown()
 
 
 def test_a_dp_x_sp_mesh_of_4_processes(tmp_path):
-    mp.spawn(mesh_worker, args=(4, free_port(), str(tmp_path)), nprocs=4, join=True)
+    spawn(mesh_worker, (4, free_port(), str(tmp_path)), 4)
     results = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(4)]
+    assert all(r["same"] for r in results)  # a second make_mesh / sequence_parallel_group returns the same groups
     assert [r["mesh"] for r in results] == [(2, 2, 0, 0), (2, 2, 0, 1), (2, 2, 1, 0), (2, 2, 1, 1)]
     assert [r["sums"] for r in results] == [[1, 2], [1, 4], [5, 2], [5, 4]]  # SP {0,1} {2,3}; DP {0,2} {1,3}
     for r in results:
@@ -330,6 +365,15 @@ def test_everything_is_the_identity_without_a_group():
     assert model.sequence_parallel is None
     info = distributed.init_from_env(environ={})
     assert (info.rank, info.world_size, info.group) == (0, 1, None)
+    distributed.barrier(None)
+    with distributed.fail_together():  # alone: nothing to tell anyone
+        pass
+    with pytest.raises(KeyError), distributed.fail_together():
+        raise KeyError("its own error, unchanged")
+    mesh = distributed.make_mesh(1)
+    assert distributed.make_mesh(1) is mesh and mesh.sp_group is None
+    distributed.shutdown()  # forgets the meshes
+    assert distributed.make_mesh(1) is not mesh
 
 
 def test_bad_arguments_name_the_value_and_the_choices():
@@ -344,6 +388,8 @@ def test_bad_arguments_name_the_value_and_the_choices():
         distributed.make_mesh(2)
     with pytest.raises(ValueError, match="timeout_s=0 must be"):
         distributed.timeout_seconds(0)
+    with pytest.raises(ValueError, match=r"exit_after_s=-1 must be a number of seconds > 0, or None"):
+        distributed.fail_together(exit_after_s=-1)
     from opensora_sdk.models.stdit3_parallel import SequenceParallel
 
     with pytest.raises(ValueError, match="mode='diagonal' is not known"):
@@ -392,6 +438,69 @@ def test_a_failing_rank_brings_the_others_down_with_a_clear_message(failure, tmp
     assert "finished without noticing" not in out0
     assert "CollectiveError" in out0 and "failed on rank 0" in out0 and "a peer process probably raised" in out0, out0[-2000:]
     assert elapsed < 60, elapsed
+
+
+# ---- fail_together: one rank's error stops every rank, with that error ------------------------
+
+FAIL_TOGETHER = textwrap.dedent(
+    """
+    import os, time, torch
+    from opensora_sdk import distributed
+    torch.set_num_threads(1)
+    then = os.environ["TEST_THEN"]
+    info = distributed.init_from_env(timeout_s=120)
+    try:
+        with distributed.fail_together(info.group, exit_after_s=3.0), distributed.fail_together():  # nested: inert
+            distributed.all_gather(torch.ones(2), 0, info.group)  # a collective together
+            if info.rank == 0 and then != "nothing fails":
+                raise OSError("cannot write out/sample_0000.mp4: disk full")  # rank 0's save fails
+            if then == "barrier":
+                distributed.barrier(info.group)
+            elif then == "compute":  # in Python code, far from any collective
+                while True:
+                    sum(range(1000))
+            elif then == "torch barrier":  # a collective this module cannot interrupt: the fallback exit
+                torch.distributed.barrier()
+            print(f"rank {info.rank} went on", flush=True)
+    finally:
+        if info.rank == 0:
+            time.sleep(float(os.environ["TEST_LINGER_S"]))  # the failing rank stays alive (or not)
+        distributed.shutdown()
+    """
+)
+
+
+@pytest.mark.parametrize("then, linger_s", [("barrier", 8.0), ("barrier", 0.0), ("compute", 8.0), ("torch barrier", 8.0),
+                                            ("nothing fails", 0.0)])  # fmt: skip
+def test_fail_together_stops_every_rank_with_the_first_error(then, linger_s, tmp_path):
+    """Rank 0 raises after a collective while rank 1 goes on into a barrier (or computes): rank 1
+    raises PeerError naming rank 0 and its error within seconds, even while rank 0 stays alive."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TEST_THEN": then, "TEST_LINGER_S": str(linger_s)}
+    port, start = free_port(), time.monotonic()
+    procs = [subprocess.Popen([sys.executable, "-c", FAIL_TOGETHER], env={**env, **rank_env(r, 2, port)}, cwd=tmp_path,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for r in range(2)]  # fmt: skip
+    ended, outs = [0.0, 0.0], ["", ""]
+    try:
+        for r in (1, 0):
+            outs[r], _ = procs[r].communicate(timeout=60)
+            ended[r] = time.monotonic() - start
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.communicate()
+    codes = [p.returncode for p in procs]
+    if then == "nothing fails":
+        assert codes == [0, 0] and all("went on" in out for out in outs), (f"exit statuses {codes}", outs)
+        return
+    assert codes == [1, 1], (f"exit statuses {codes}", outs)  # the failing rank: its own error; the others: PeerError
+    assert "OSError: cannot write out/sample_0000.mp4: disk full" in outs[0] and "PeerError" not in outs[0], outs[0][-2000:]
+    assert "rank 0 failed" in outs[1] and "OSError: cannot write out/sample_0000.mp4: disk full" in outs[1], outs[1][-2000:]
+    assert "went on" not in outs[1]
+    assert ("PeerError" in outs[1]) == (then != "torch barrier")  # the fallback prints the error and exits
+    if linger_s:
+        assert ended[0] - ended[1] > 3.0, ended  # rank 1 did not wait for rank 0 to exit
+    assert max(ended) < 30, ended
 
 
 # ---- the trainer with sp_size=2 --------------------------------------------------------------

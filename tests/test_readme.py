@@ -34,6 +34,7 @@ from __future__ import annotations
 import argparse
 import os
 import re
+import runpy
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -224,8 +225,9 @@ def run_python(block: Block, folder: Path) -> None:
         try:
             torch.set_num_threads(1)
             os.chdir(folder)
-            exec(compile(block.code, str(ROOT / block.doc) + f" (block at line {block.line})", "exec"),
-                 {"__name__": "__readme__"})
+            script = folder / f"readme_block_{block.line}.py"  # run as a file (tracebacks name the block)
+            script.write_text(f"# {block.doc}, block at line {block.line}\n" + block.code)
+            runpy.run_path(str(script), run_name="__readme__")
         finally:
             os.chdir(cwd)
             torch.set_num_threads(threads)
@@ -268,7 +270,9 @@ def test_plan_only_still_fails_on_bad_arguments(tmp_path, capsys):
     def plan_only_cli(*argv):
         with pytest.MonkeyPatch.context() as patch, pytest.raises(SystemExit) as exit:
             patch.setattr(sys, "argv", ["opensora", *argv])
-            exec(PLAN_ONLY_CLI, {"__name__": "__main__"})
+            script = tmp_path / "plan_only_cli.py"
+            script.write_text(PLAN_ONLY_CLI)
+            runpy.run_path(str(script), run_name="__main__")
         return exit.value.code, capsys.readouterr()
 
     code, out = plan_only_cli("generate", "--preset", "v1.2", "--prompt", "a", "--resolution", "240p",
