@@ -1,7 +1,9 @@
 """The Open-Sora v1.2 node pack for ComfyUI: thin nodes over `opensora_sdk`.
 
     OpenSoraModelLoader / OpenSoraVAELoader / OpenSoraTextEncoderLoader -> models
+    OpenSoraLoraLoader: model -> model with a LoRA adapter (chain to stack)
     OpenSoraTextEncode -> OPENSORA_TEXT        OpenSoraEmptyLatentVideo -> LATENT
+    OpenSoraPromptRefine: an LLM rewrites a prompt (STRING -> STRING)
     OpenSoraImageCondition / OpenSoraVideoCondition -> OPENSORA_CONDITIONS
     OpenSoraSampler -> LATENT -> OpenSoraVAEDecode -> IMAGE + fps -> OpenSoraSaveVideo
     OpenSoraLongVideo (loops) -> IMAGE + fps;  OpenSoraVAEEncode: IMAGE -> LATENT
@@ -37,9 +39,9 @@ def _make_sdk_importable() -> None:
 
 _make_sdk_importable()
 
-from . import comfy_host, conditioning, latent, loaders, sampler, text, vae, video  # noqa: E402
+from . import comfy_host, conditioning, latent, loaders, lora, refine, sampler, text, vae, video  # noqa: E402
 
-_MODULES = (loaders, text, conditioning, latent, sampler, vae, video)
+_MODULES = (loaders, lora, text, refine, conditioning, latent, sampler, vae, video)
 
 NODE_CLASS_MAPPINGS: dict = {}
 NODE_DISPLAY_NAME_MAPPINGS: dict = {}

@@ -4,7 +4,9 @@ Inside a running ComfyUI every function here delegates to ComfyUI (`folder_paths
 `comfy.model_management`, `comfy.utils.ProgressBar`, `latent_preview`). Outside it (tests,
 `opensora workflow run`), the same functions work on their own: devices come from the SDK,
 model folders and the output folder from `configure()`, progress goes to registered
-listeners, and interruption is a flag set by `request_interrupt()`.
+listeners, and interruption is a flag set by `request_interrupt()`. `node_hooks()` hands both
+to the SDK's generation path: an interrupt check before every transformer block and a
+progress bar (with the same check) for every VAE encode / decode.
 
 Nothing is imported from ComfyUI when this module is imported; the first call decides.
 """
@@ -23,10 +25,12 @@ _comfy: dict | None = None
 _settings = {"models_dir": None, "output_dir": None, "input_dir": None}
 _interrupt = threading.Event()
 _progress_listeners: list[Callable] = []
+_progress_label = ["sampling"]
 
 
 class InterruptedByUser(Exception):
-    """Raised between sampling steps when an interrupt was requested outside ComfyUI."""
+    """Raised at the next check (between transformer blocks, sampling steps or VAE units) when
+    an interrupt was requested outside ComfyUI."""
 
 
 def _modules() -> dict:
@@ -216,16 +220,17 @@ def check_interrupted() -> None:
         mm.throw_exception_if_processing_interrupted()
     if _interrupt.is_set():
         _interrupt.clear()
-        raise InterruptedByUser("interrupted: sampling stopped between steps")
+        raise InterruptedByUser("interrupted: stopped at the next check (between blocks, steps or VAE units)")
 
 
 def request_interrupt() -> None:
-    """Outside ComfyUI: the next check between steps raises InterruptedByUser."""
+    """Outside ComfyUI: the next check (any thread's) raises InterruptedByUser."""
     _interrupt.set()
 
 
 def add_progress_listener(fn: Callable) -> Callable:
-    """fn(value, total, preview) on every progress update outside ComfyUI; returns fn."""
+    """fn(value, total, preview) on every progress update outside ComfyUI; returns fn.
+    `progress_label()` tells what is counted ("sampling", "decoding", "encoding")."""
     _progress_listeners.append(fn)
     return fn
 
@@ -235,20 +240,53 @@ def remove_progress_listener(fn: Callable) -> None:
         _progress_listeners.remove(fn)
 
 
+def progress_label() -> str:
+    """What the latest progress update counted."""
+    return _progress_label[0]
+
+
 class Progress:
     """comfy.utils.ProgressBar when in ComfyUI (websocket progress + its interrupt check),
     else the registered listeners."""
 
-    def __init__(self, total: int):
+    def __init__(self, total: int, label: str = "sampling"):
         utils = _modules().get("utils")
         self.bar = utils.ProgressBar(total) if utils is not None else None
-        self.total = total
+        self.total, self.label = total, label
 
     def update_absolute(self, value: int, preview=None) -> None:
+        _progress_label[0] = self.label
         if self.bar is not None:
             self.bar.update_absolute(value, self.total, preview)
         for fn in list(_progress_listeners):
             fn(value, self.total, preview)
+
+
+class VaeProgress:
+    """The VAE's progress(stage, done, total) on a progress bar, then an interrupt check:
+    a new bar whenever a new encode / decode starts."""
+
+    def __init__(self):
+        self.bar, self.stage, self.done = None, None, 0
+
+    def __call__(self, stage: str, done: int, total: int) -> None:
+        if self.bar is None or stage != self.stage or done <= self.done or total != self.bar.total:
+            self.bar, self.stage = Progress(total, stage), stage
+        self.done = done
+        self.bar.update_absolute(done)
+        check_interrupted()
+
+    def stage_fn(self, stage: str) -> Callable[[int, int], None]:
+        """progress(done, total) of one stage (for a direct vae.encode / vae.decode call)."""
+        return lambda done, total: self(stage, done, total)
+
+
+def node_hooks():
+    """The SDK's generation hooks of a node run: ComfyUI's interrupt check before every
+    transformer block, VAE progress on ComfyUI's bar (each update also checks)."""
+    from opensora_sdk.generation import Hooks
+
+    return Hooks(between_blocks=check_interrupted, vae_progress=VaeProgress())
 
 
 # Linear map from the 4 latent channels to RGB for ComfyUI's Latent2RGB previews. It is the

@@ -1,11 +1,13 @@
 """Reference conditions: images and videos pinned to latent frames of the output.
 
 Each node adds one condition to an optional incoming list, so first + last frame, or a video
-plus a closing image, are chains of two nodes. The pixels are kept as given and resized
-(cover + centre crop) to the output size when the sampler encodes them with the VAE.
+plus a closing image, are chains of two nodes. The pixels are kept as given and fitted to the
+output size (`opensora_sdk.fit`) when the sampler encodes them with the VAE.
 
 Positions are **latent frames** (one latent frame is about 4 video frames; 17 video frames
-make 5 latent frames): 0 is the first, -1 the last. Edit ratio 0 keeps the reference fixed;
+make 5 latent frames): 0 is the first, -1 the last. An image of another aspect ratio than the
+output is fitted as its `fit` widget says: crop (cover + centre crop, the official way and the
+default), pad (all of it, on black borders) or stretch (all of it, distorted). Edit ratio 0 keeps the reference fixed;
 r in (0, 1) lets the model repaint it in the last r of the sampling (editing).
 """
 
@@ -43,6 +45,12 @@ def _common_inputs() -> dict:
 _OPTIONAL = {"conditions": (CONDITIONS, tip("Conditions to add this one to (chain nodes for several)"))}
 
 
+def fit_choices() -> list[str]:
+    from opensora_sdk.fit import FITS
+
+    return list(FITS)
+
+
 class OpenSoraImageCondition:
     DESCRIPTION = (
         "Pins an image to one latent frame of the output: frame 0 = image-to-video, frame -1 = ends on the "
@@ -57,19 +65,30 @@ class OpenSoraImageCondition:
     def INPUT_TYPES(cls):
         return {
             "required": {
-                "image": ("IMAGE", tip("The reference image; resized to cover the output and centre-cropped")),
+                "image": ("IMAGE", tip("The reference image; resized to the output as `fit` says")),
                 "frame": ("INT", tip("Latent frame of the output (0 first, -1 last; 1 latent frame ~ 4 video frames)",
                                      default=0, min=-1024, max=1024)),
                 "batch_index": ("INT", tip("Which image of the batch to use", default=0, min=0, max=4095)),
                 **_common_inputs(),
             },
-            "optional": dict(_OPTIONAL),
+            "optional": {
+                **_OPTIONAL,
+                # the last widget, so saved workflows keep their widget order; optional, so older API prompts
+                # without it still run (with today's behaviour, crop)
+                "fit": (fit_choices(), tip(
+                    "When the image's aspect ratio differs from the output's: crop (cover and centre-crop, as "
+                    "officially), pad (keep all of it, black borders) or stretch (keep all of it, distorted)",
+                    default="crop")),
+            },
         }
 
-    def add(self, image, frame, batch_index, edit_ratio, loop, conditions=None):
+    def add(self, image, frame, batch_index, edit_ratio, loop, conditions=None, fit="crop"):
         from opensora_sdk.conditioning import ImageCondition
 
-        condition = ImageCondition(image_to_pixels(image, batch_index), frame=frame, edit_ratio=edit_ratio, loop=loop)
+        if fit not in fit_choices():
+            raise ValueError(f"fit={fit!r} is not allowed: choose one of {fit_choices()}")
+        condition = ImageCondition(image_to_pixels(image, batch_index), frame=frame, edit_ratio=edit_ratio, loop=loop,
+                                   fit=fit)
         return ((conditions or ConditionList()).plus(condition),)
 
 

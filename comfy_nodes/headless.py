@@ -13,11 +13,13 @@ are handled as in the editor. Subgraphs are not supported.
 `--set NODE.INPUT=VALUE` overrides an input; NODE is a node id or its title (the editor's
 title, or the display name of its type), VALUE is JSON when it parses as JSON, else a string.
 The nodes are validated as ComfyUI does (required inputs, combo options, min/max, the nodes'
-VALIDATE_INPUTS) before anything runs; the output nodes and what they need are executed once
-each, in dependency order. Core nodes used by the shipped workflows (LoadImage, LoadVideo,
-GetVideoComponents, CreateVideo, SaveVideo, SaveImage, PreviewImage, SaveAnimatedWEBP) have
-headless stand-ins (`headless_core`). Saved files are embedded with the workflow, like
-ComfyUI's own.
+VALIDATE_INPUTS, whose message ComfyUI attaches to every input it declares) before anything
+runs; the output nodes and what they need are executed once each, in dependency order. As in
+ComfyUI, every output is a list: a node whose inputs come from a list output (OUTPUT_IS_LIST,
+e.g. the decoders with a batch) runs once per item, shorter lists repeating their last item.
+Core nodes used by the shipped workflows (LoadImage, LoadVideo, GetVideoComponents,
+CreateVideo, SaveVideo, SaveImage, PreviewImage, SaveAnimatedWEBP) have headless stand-ins
+(`headless_core`). Saved files are embedded with the workflow, like ComfyUI's own.
 
 Exit status: 0 ok, 1 a node failed, 2 invalid workflow or input, 130 interrupted.
 """
@@ -215,7 +217,9 @@ def _check_value(spec, value) -> str | None:
 
 
 def validate(prompt: dict, classes: dict) -> list[str]:
-    """ComfyUI's checks: known types, links, required inputs, combos, min/max, VALIDATE_INPUTS."""
+    """ComfyUI's checks: known types, links, required inputs, combos, min/max, VALIDATE_INPUTS.
+    As ComfyUI does, a VALIDATE_INPUTS message counts once for every input it declares that
+    the node has ("node #5 X: input 'width': message")."""
     import inspect
 
     errors = []
@@ -249,7 +253,7 @@ def validate(prompt: dict, classes: dict) -> list[str]:
             args = {a: (None if isinstance(inputs.get(a), list) else inputs.get(a)) for a in declared if a != "cls"}
             verdict = validator(**args)
             if verdict is not True:
-                errors.append(f"{where}: {verdict}")
+                errors += [f"{where}: input {a!r}: {verdict}" for a in declared if a in inputs]
     return errors
 
 
@@ -259,40 +263,57 @@ def validate(prompt: dict, classes: dict) -> list[str]:
 
 
 def execute(prompt: dict, classes: dict, extra_pnginfo: dict | None = None, log=None) -> dict:
-    """Run the output nodes and their inputs once each; {node id: ui dict} of the output nodes."""
+    """Run the output nodes and their inputs once each; {node id: ui dict} of the output nodes.
+    Outputs are lists, mapped over as ComfyUI does (see the module docstring)."""
     results, ui = {}, {}
     log = log or (lambda message: None)
 
-    def run(node_id: str, stack: tuple = ()):
+    def run(node_id: str, stack: tuple = ()) -> tuple[list, ...]:
         if node_id in results:
             return results[node_id]
         if node_id in stack:
             raise WorkflowError(f"node #{node_id} is part of a cycle: {' -> '.join(stack + (node_id,))}")
         node = prompt[node_id]
         cls = classes[node["class_type"]]
-        kwargs = {}
+        inputs = {}
         for name, value in node["inputs"].items():
             if isinstance(value, list):
-                kwargs[name] = run(str(value[0]), stack + (node_id,))[value[1]]
+                inputs[name] = run(str(value[0]), stack + (node_id,))[value[1]]
             else:
-                kwargs[name] = value
+                inputs[name] = [value]
         hidden = cls.INPUT_TYPES().get("hidden", {})
         for name, kind in hidden.items():
             kind = kind[0] if isinstance(kind, (list, tuple)) else kind
-            kwargs[name] = {"PROMPT": prompt, "EXTRA_PNGINFO": extra_pnginfo or {}, "UNIQUE_ID": node_id}.get(kind)
-        log(f"node #{node_id} {node['class_type']}")
-        try:
-            out = getattr(cls(), cls.FUNCTION)(**kwargs)
-        except (host.InterruptedByUser, KeyboardInterrupt):
-            raise
-        except Exception as err:
-            raise NodeFailed(f"node #{node_id} {node['class_type']}: {type(err).__name__}: {err}") from err
-        if isinstance(out, dict):
-            if out.get("ui"):
-                ui[node_id] = out["ui"]
-            out = out.get("result", ())
-        results[node_id] = tuple(out)
-        return results[node_id]
+            inputs[name] = [{"PROMPT": prompt, "EXTRA_PNGINFO": extra_pnginfo or {}, "UNIQUE_ID": node_id}.get(kind)]
+        if getattr(cls, "INPUT_IS_LIST", False):
+            calls = [inputs]
+        elif any(len(v) == 0 for v in inputs.values()):
+            calls = []
+        else:
+            count = max((len(v) for v in inputs.values()), default=1)
+            calls = [{k: v[min(i, len(v) - 1)] for k, v in inputs.items()} for i in range(count)]
+        returns = getattr(cls, "RETURN_TYPES", ())
+        is_list = tuple(getattr(cls, "OUTPUT_IS_LIST", ())) + (False,) * len(returns)
+        outputs: tuple[list, ...] = tuple([] for _ in returns)
+        for i, kwargs in enumerate(calls):
+            log(f"node #{node_id} {node['class_type']}" + (f" ({i + 1}/{len(calls)})" if len(calls) > 1 else ""))
+            try:
+                out = getattr(cls(), cls.FUNCTION)(**kwargs)
+            except (host.InterruptedByUser, KeyboardInterrupt):
+                raise
+            except Exception as err:
+                raise NodeFailed(f"node #{node_id} {node['class_type']}: {type(err).__name__}: {err}") from err
+            if isinstance(out, dict):
+                for key, values in (out.get("ui") or {}).items():
+                    ui.setdefault(node_id, {}).setdefault(key, []).extend(values)
+                out = out.get("result", ())
+            for slot, value in enumerate(tuple(out)[: len(returns)]):
+                if is_list[slot]:
+                    outputs[slot].extend(value)
+                else:
+                    outputs[slot].append(value)
+        results[node_id] = outputs
+        return outputs
 
     outputs = [nid for nid, n in prompt.items() if getattr(classes[n["class_type"]], "OUTPUT_NODE", False)]
     if not outputs:
@@ -335,8 +356,8 @@ def cmd_workflow_run(args) -> int:
     steps = None
     if not args.quiet and sys.stderr.isatty():
         steps = host.add_progress_listener(
-            lambda value, total, preview: print(f"\r  step {value}/{total}", end="\n" if value == total else "",
-                                                file=sys.stderr, flush=True))
+            lambda value, total, preview: print(f"\r  {host.progress_label()} {value}/{total}",
+                                                end="\n" if value == total else "", file=sys.stderr, flush=True))
     try:
         _, files = run_workflow(data, args.set or [], log)
     except WorkflowError as err:

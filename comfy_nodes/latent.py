@@ -5,6 +5,15 @@ LATENT layout: {"samples": zeros [B, 4, T, h, w], "num_frames": N, "height": H, 
 5 latent frames, 8x8 pixels per latent; the per-frame SD VAE of v1.1/v1.0: one latent frame
 per video frame). H and W are the size the model is conditioned on: table sizes are kept as the
 official tables give them (240p 9:16 is 240x426) and decoded to multiples of 8 (424).
+
+Limits here are generic (what any Open-Sora model could take): the limits of the loaded model
+(frames per clip, a fixed size) are checked by the sampler, which knows the model, and what
+the machine can do by the resource guard (`comfy_nodes.guard`). Errors name one input each:
+ComfyUI checks every widget's options and range on its own and attaches the error to that
+widget; the rules that involve two widgets (an aspect ratio the resolution's table lacks, a
+custom size that is not a multiple of 8) are checked when the node runs, with one message
+naming the one input to change (a VALIDATE_INPUTS would repeat its message on every input it
+declares).
 """
 
 from __future__ import annotations
@@ -140,17 +149,6 @@ class OpenSoraEmptyLatentVideo:
             "vae": (VAE, tip("The VAE the video will be decoded with: the latent takes its geometry (channels, "
                              "frames per latent frame, pixels per latent); without it, the v1.2 VAE's")),
         }}
-
-    @classmethod
-    def VALIDATE_INPUTS(cls, resolution, aspect_ratio, duration, width, height, num_frames):
-        values = (resolution, aspect_ratio, duration, width, height, num_frames)
-        if any(v is None for v in values):  # an input wired from another node: checked when it runs
-            return True
-        try:
-            resolve_size(*values)
-        except ValueError as err:
-            return str(err)
-        return True
 
     def create(self, resolution, aspect_ratio, duration, width, height, num_frames, fps, batch_size, vae=None):
         h, w, n = resolve_size(resolution, aspect_ratio, duration, width, height, num_frames)

@@ -5,12 +5,21 @@ Choices are listed when ComfyUI asks for the node definitions (never at import t
 then every weight file under ComfyUI's folder for that model kind and under models/opensora.
 A sub-folder holding a config.json (the official Hugging Face layout) is offered once, as
 "name/", and loaded as a folder; any other file is loaded as a single checkpoint.
+
+A file that cannot be loaded raises `ModelFileError`, in ComfyUI's terms: which file (the
+entry and its full path), what is wrong with it (damaged, not this kind of model, not
+Open-Sora), and where such files come from and which folder they go in. The SDK's advice to
+pass a config object (which a graph cannot do) becomes: use the Hugging Face folder with its
+config.json.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import functools
+import pickle
+import re
 from pathlib import Path
 
 from . import comfy_host as host
@@ -21,6 +30,72 @@ FOLDERS = {
     "vae": ("vae", host.OPENSORA_FOLDER),
     "text_encoder": ("text_encoders", host.OPENSORA_FOLDER),
 }
+
+
+LABELS = {"model": "diffusion model", "vae": "VAE", "text_encoder": "text encoder"}
+WHERE_FROM = {
+    "model": (
+        "Open-Sora diffusion models are the Hugging Face folders hpcai-tech/OpenSora-STDiT-v3 (v1.2) and "
+        "hpcai-tech/OpenSora-STDiT-v2-stage3 (v1.1), or the OpenSora-v1-*.pth files of hpcai-tech/Open-Sora (v1.0): "
+        "download the whole folder (with its config.json) into ComfyUI/models/diffusion_models or models/opensora "
+        "and pick 'name/', or put a single file there"
+    ),
+    "vae": (
+        "Open-Sora VAEs are the Hugging Face folders hpcai-tech/OpenSora-VAE-v1.2 (v1.2) and stabilityai/sd-vae-ft-ema "
+        "(v1.1, v1.0): download the folder (with its config.json) into ComfyUI/models/vae or models/opensora and pick "
+        "'name/'"
+    ),
+    "text_encoder": (
+        "Open-Sora's text encoder is T5-XXL v1.1: the Hugging Face folder DeepFloyd/t5-v1_1-xxl (pick 'name/'), or "
+        "one T5-XXL file such as ComfyUI's t5xxl_fp16.safetensors, in ComfyUI/models/text_encoders or models/opensora"
+    ),
+}
+
+
+class ModelFileError(ValueError):
+    """A model file that cannot be loaded: which file, what is wrong, where such files come from."""
+
+
+def _what_is_wrong(err: BaseException) -> str:
+    """The SDK's message without advice a graph cannot follow (passing a config object)."""
+    text = str(err).strip() or type(err).__name__
+    if not isinstance(err, _checkpoint_error()):
+        text = f"{type(err).__name__}: {text}"
+    kept = []
+    for line in text.splitlines():
+        parts = [p for p in re.split(r";\s+", line) if not re.search(r"pass (config=|the matching config)", p)]
+        if parts:
+            kept.append("; ".join(parts).rstrip(" ,;("))
+    text = "\n".join(kept)
+    if re.search(r"pass (config=|the matching config)", str(err)):
+        text += ("; the loader cannot tell the model's settings from this file alone: use the model's Hugging Face "
+                 "folder with its config.json (pick 'name/'), or a complete official checkpoint")
+    return text
+
+
+def _checkpoint_error() -> type:
+    from opensora_sdk.loading import CheckpointError
+
+    return CheckpointError
+
+
+@contextlib.contextmanager
+def explained(kind: str, choice: str, path: Path):
+    """Re-raise a failed load as `ModelFileError` naming the file in ComfyUI's terms."""
+    import torch
+
+    try:
+        yield
+    except torch.cuda.OutOfMemoryError:
+        raise
+    except (_checkpoint_error(), OSError, ValueError, RuntimeError, KeyError, EOFError,
+            pickle.UnpicklingError) as err:
+        what = _what_is_wrong(err).rstrip(". ")
+        if str(path) not in what:
+            what = f"{path}: {what}"
+        raise ModelFileError(
+            f"{LABELS[kind]} {choice!r} cannot be loaded. {what}. {WHERE_FROM[kind]}."
+        ) from err
 
 
 # --------------------------------------------------------------------------------------------
@@ -101,7 +176,8 @@ def load_model(choice: str, dtype: str = "auto", attention: str = "sdpa") -> Loa
         source, max_frames = f"built-in preset {preset!r}", get_preset(preset).latent_frame_limit
     else:
         path = resolve_choice("model", choice)
-        transformer = load_transformer(path, dtype=torch_dtype, device=host.offload_device("unet"))
+        with explained("model", choice, path):
+            transformer = load_transformer(path, dtype=torch_dtype, device=host.offload_device("unet"))
         source, max_frames = str(path), family_of(transformer).max_latent_frames
     transformer.set_attention_backend(attention)
     transformer.to(host.offload_device("unet"))
@@ -119,7 +195,8 @@ def load_vae(choice: str, dtype: str = "auto") -> LoadedVAE:
         source = f"built-in preset {preset!r}"
     else:
         path = resolve_choice("vae", choice)
-        vae = sdk_load_vae(path, dtype=torch_dtype, device=host.offload_device("vae"))
+        with explained("vae", choice, path):
+            vae = sdk_load_vae(path, dtype=torch_dtype, device=host.offload_device("vae"))
         source = str(path)
     vae.to(host.offload_device("vae"))
     return LoadedVAE(vae.eval().requires_grad_(False), source, torch_dtype)
@@ -136,12 +213,15 @@ def load_text_encoder(choice: str, dtype: str = "auto", max_length: int = 300) -
         source = f"built-in preset {preset!r}"
     else:
         path = resolve_choice("text_encoder", choice)
-        if path.is_dir():
-            encoder = T5TextEncoder.from_pretrained(path, model_max_length=max_length, dtype=torch_dtype, device="cpu")
-        else:
-            encoder = T5TextEncoder.from_single_file(
-                path, tokenizer_search=_bundled_t5_tokenizer_folders(), model_max_length=max_length, dtype=torch_dtype
-            )
+        with explained("text_encoder", choice, path):
+            if path.is_dir():
+                encoder = T5TextEncoder.from_pretrained(path, model_max_length=max_length, dtype=torch_dtype,
+                                                        device="cpu")
+            else:
+                encoder = T5TextEncoder.from_single_file(
+                    path, tokenizer_search=_bundled_t5_tokenizer_folders(), model_max_length=max_length,
+                    dtype=torch_dtype,
+                )
         source = str(path)
     return LoadedTextEncoder(encoder, source)  # placed per use by comfy_nodes.placement
 

@@ -5,8 +5,16 @@ become a `GenerationPlan` (`plan_for_latent`), and the SDK samples it with Comfy
 `Placement`. The noise, the re-noising draws and the reference encodings of sample k come
 from one generator seeded with seed + k, as in `opensora generate`, so a graph and the CLI
 with the same seed and settings give the same video on the same device. Every step updates
-ComfyUI's progress bar (with a latent preview when the server has previews on) and checks
-for an interrupt.
+ComfyUI's progress bar (with a latent preview when the server has previews on); an interrupt
+is checked before every transformer block and after every unit of VAE work.
+
+Before any model runs, the request is checked against the loaded model's own limits (frames
+per clip, a fixed-size model's size) and against the machine (`comfy_nodes.guard`).
+
+Seeds: ComfyUI's seed widgets give 0..2^64-1; the SDK's generators take seeds below 2^63.
+`generator_seed` maps a seed to seed mod (2^63 - 4096): every seed below that (all the seeds
+`opensora generate --seed` takes for batches of up to 4096) is used as it is, so the graph and
+the CLI agree; larger ones fold onto the same range, the same way every time.
 """
 
 from __future__ import annotations
@@ -15,7 +23,55 @@ from . import comfy_host as host
 from .latent import latent_geometry
 from .types import CATEGORY, CONDITIONS, MODEL, TEXT, VAE, tip
 
-MAX_SEED = 2**63 - 1 - 4096  # seed + k must stay a valid generator seed for a batch
+MAX_SEED = 2**64 - 1  # ComfyUI's seed range
+SEED_MODULUS = 2**63 - 4096  # seed + k (k < 4096) stays a valid generator seed for a batch
+
+
+def generator_seed(seed: int) -> int:
+    """The generator seed of a widget seed in 0..2^64-1 (see the module docstring)."""
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= MAX_SEED:
+        raise ValueError(f"seed={seed!r} is not allowed: use an integer in 0..{MAX_SEED}")
+    return seed % SEED_MODULUS
+
+
+def vae_config_for(model, vae):
+    """The VAE geometry of a run: the connected VAE's, else the model family's default VAE."""
+    from opensora_sdk.configs import AutoencoderKLConfig, VideoAutoencoderConfig
+    from opensora_sdk.families import V1_2, family_of
+
+    if vae is not None:
+        return vae.vae.config
+    return VideoAutoencoderConfig() if family_of(model.transformer) is V1_2 else AutoencoderKLConfig()
+
+
+def longest_clip(facts) -> int:
+    """The most pixel frames whose latent fits the model's `max_latent_frames`."""
+    n = 1
+    while facts.latent_size(n + 1, None, None)[0] <= facts.max_latent_frames:
+        n += 1
+    return n
+
+
+def check_model_limits(model, facts, height: int, width: int, num_frames: int) -> None:
+    """The loaded model's own limits, in the terms of the nodes (checked before any work)."""
+    T, h, w = facts.latent_size(num_frames, height, width)
+    if facts.fixed_latent_size is not None and (T, h, w) != tuple(facts.fixed_latent_size):
+        ft, fh, fw = facts.fixed_latent_size
+        f = facts.space_factor
+        frames = ft if not facts.micro_frame_size else num_frames
+        raise ValueError(
+            f"latent: the diffusion model {model.source!r} makes {fw * f}x{fh * f} (W x H) videos of {frames} frames "
+            f"only, the latent asks for {width}x{height}, {num_frames} frames: set OpenSoraEmptyLatentVideo to "
+            f"resolution custom, width {fw * f}, height {fh * f}, duration custom, num_frames {frames}"
+        )
+    if facts.max_latent_frames is not None and T > facts.max_latent_frames:
+        longest = longest_clip(facts)
+        raise ValueError(
+            f"latent: {num_frames} frames per clip is more than the diffusion model {model.source!r} takes: at most "
+            f"{longest} frames ({facts.max_latent_frames} latent frames). Set OpenSoraEmptyLatentVideo's duration to "
+            f"custom and num_frames to {longest} or fewer; for longer videos use OpenSoraLongVideo (clips of up to "
+            f"{longest} frames, each continuing the last)"
+        )
 
 
 def check_compatible(model, text, shape) -> None:
@@ -40,8 +96,7 @@ def plan_for_latent(model, text, latent: dict, *, vae=None, seed: int, steps: in
                     timestep_warp: bool = True, conditions=None, align: int | None = None, loops: int = 1,
                     condition_frames: int = 5, condition_edit: float = 0.0):
     """The SDK plan of a node run: one sample per latent in the batch, all with the text."""
-    from opensora_sdk.configs import AutoencoderKLConfig, VideoAutoencoderConfig
-    from opensora_sdk.families import V1_2, family_of
+    from opensora_sdk.families import family_of
     from opensora_sdk.plan import ModelFacts, PromptPlan, plan_generation
     from opensora_sdk.text import ProcessedPrompt, merge_loop_prompt
 
@@ -51,11 +106,8 @@ def plan_for_latent(model, text, latent: dict, *, vae=None, seed: int, steps: in
     check_compatible(model, text, shape)
     family = family_of(model.transformer)
     H, W, N, fps = latent_geometry(latent)
-    if vae is not None:
-        vae_config = vae.vae.config
-    else:  # the family's VAE geometry: the v1.2 video VAE, or the per-frame SD VAE
-        vae_config = VideoAutoencoderConfig() if family is V1_2 else AutoencoderKLConfig()
-    facts = ModelFacts.from_configs(model.transformer.config, vae_config, model.max_latent_frames)
+    facts = ModelFacts.from_configs(model.transformer.config, vae_config_for(model, vae), model.max_latent_frames)
+    check_model_limits(model, facts, H, W, N)
     B = shape[0]
     processed = ProcessedPrompt(merge_loop_prompt(text.segments), tuple(text.segments))
     size = ({"resolution": latent["resolution"], "aspect_ratio": latent["aspect_ratio"], "height": None, "width": None}
@@ -65,7 +117,8 @@ def plan_for_latent(model, text, latent: dict, *, vae=None, seed: int, steps: in
         raise ValueError("conditions are connected but vae is not: connect the VAE that encodes the references")
     plan = plan_generation(
         facts, PromptPlan((text.prompt,) * B, (processed,) * B, text.negative_text), **size, num_frames=N, fps=fps,
-        num_steps=steps, guidance_scale=cfg, timestep_warp=timestep_warp, conditions=items, reference_path=None, mask_strategy=None, seed=seed, loop=loops,
+        num_steps=steps, guidance_scale=cfg, timestep_warp=timestep_warp, conditions=items, reference_path=None,
+        mask_strategy=None, seed=generator_seed(seed), loop=loops,
         condition_frame_length=condition_frames, condition_frame_edit=condition_edit, align=align or None,
         batch_size=B, family=family,
     )
@@ -75,6 +128,17 @@ def plan_for_latent(model, text, latent: dict, *, vae=None, seed: int, steps: in
             f"{shape[2:]}; make the latent with OpenSoraEmptyLatentVideo for this VAE"
         )
     return plan
+
+
+def guard(node: str, model, plan, vae=None, *, decode: bool = False, tiling=None) -> None:
+    """The resource guard for a plan (before any model work); see `comfy_nodes.guard`."""
+    from opensora_sdk.plan import ModelFacts
+
+    from . import guard as resource_guard
+
+    facts = ModelFacts.from_configs(model.transformer.config, vae_config_for(model, vae), model.max_latent_frames)
+    encode = plan.loop > 1 or any(s.conditions or s.references for s in plan.samples)
+    resource_guard.check_generation(node, model, vae, plan, facts, decode=decode, encode=encode, tiling=tiling)
 
 
 class StepCounter:
@@ -92,15 +156,16 @@ class StepCounter:
 def node_models(model, vae=None, tiling=None):
     from opensora_sdk.generation import Models
 
-    return Models(model.transformer, vae.vae if vae is not None else None, vae_tiling=tiling)
+    return Models(model.transformer, vae.vae if vae is not None else None, vae_tiling=tiling, hooks=host.node_hooks())
 
 
 def sampling_inputs() -> dict:
     """Inputs shared by OpenSoraSampler and OpenSoraLongVideo."""
     return {
         "seed": ("INT", tip("Sample k of the batch uses seed + k; the same seed as `opensora generate --seed` gives "
-                            "the same video on the same device", default=42, min=0, max=MAX_SEED,
-                            control_after_generate=True)),
+                            "the same video on the same device. Any seed in 0..2^64-1: seeds from 2^63-4096 up are "
+                            "folded onto the generator's range (seed mod (2^63-4096))", default=42, min=0,
+                            max=MAX_SEED, control_after_generate=True)),
         "steps": ("INT", tip("Rectified-flow steps (official: 30)", default=30, min=1, max=1000)),
         "cfg": ("FLOAT", tip("Classifier-free guidance scale (official: 7.0; 1 = no guidance, twice as fast)",
                              default=7.0, min=0.0, max=50.0, step=0.1, round=0.01)),
@@ -148,6 +213,7 @@ class OpenSoraSampler:
 
         plan = plan_for_latent(model, text, latent, vae=vae, seed=seed, steps=steps, cfg=cfg,
                                timestep_warp=timestep_warp, conditions=conditions, align=condition_align)
+        guard("OpenSoraSampler", model, plan, vae)
         models, where = node_models(model, vae), placement()
         state = start_batch(models, where, plan, plan.samples)
         latents = sample_clip(models, where, plan, plan.samples, state, text.for_length(plan.text_tokens).embeddings,

@@ -96,7 +96,8 @@ class TextEmbeds:
 @dataclass
 class ConditionList:
     """Typed conditions (opensora_sdk.conditioning.ImageCondition / VideoCondition) with
-    their pixels as tensors [3, F, H, W] in [-1, 1]; resized to the output at sampling."""
+    their pixels as tensors [3, F, H, W] in [-1, 1]; fitted to the output (their `fit`:
+    crop, pad or stretch) when the sampler encodes them."""
 
     items: list = field(default_factory=list)
 

@@ -3,12 +3,14 @@
 OpenSoraLongVideo generates `loops` clips one after another; clip i starts from the last
 `condition_frames` latent frames of clip i - 1 (decoded, then re-encoded, as the official
 loop), and takes its prompt from the loop segments of the text ("|0|...|1|..."). Output: the
-joined frames (the shared frames once) and the fps.
+joined frames (the shared frames once) of each video (a batch gives a list, one IMAGE per
+video) and the fps.
 
 OpenSoraSaveVideo writes an IMAGE batch to ComfyUI's output folder as ComfyUI's own savers do:
 "<prefix>_<counter:05>_.<ext>", the file written atomically, the graph stored in the file's
 metadata under "prompt" and "workflow" (MP4/WebM container tags, WebP EXIF, PNG text), so
-dropping the file into the editor restores the workflow.
+dropping the file into the editor restores the workflow. It saves one file per IMAGE it gets:
+the decoders output one IMAGE per video of a batch, and ComfyUI runs the saver once for each.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ import torch
 from . import comfy_host as host
 from .sampler import StepCounter, condition_inputs, node_models, plan_for_latent, sampling_inputs
 from .types import CATEGORY, MODEL, TEXT, VAE, tip
-from .vae import make_tiling, to_images, validate_tiling
+from .vae import make_tiling, tiling_inputs, to_videos, validate_tile_size
 
 FORMATS = ("mp4", "webm", "gif", "webp", "png")
 
@@ -32,10 +34,15 @@ def long_video(model, vae, text, latent, *, loops: int, condition_frames: int = 
     from opensora_sdk.generation import CallProgress, iter_clips
 
     from .placement import placement
+    from .sampler import guard
 
+    if isinstance(condition_frames, int) and (condition_frames < 5 or condition_frames % 5):
+        raise ValueError(f"condition_frames={condition_frames} is not allowed: use a multiple of 5 latent frames "
+                         "(5, 10, ...; 5 latent frames = 17 video frames)")
     plan = plan_for_latent(model, text, latent, vae=vae, seed=seed, steps=steps, cfg=cfg, timestep_warp=timestep_warp,
                            conditions=conditions, align=align, loops=loops, condition_frames=condition_frames,
                            condition_edit=condition_edit)
+    guard("OpenSoraLongVideo", model, plan, vae, decode=True, tiling=tiling)
     progress = CallProgress(steps * loops, StepCounter(steps * loops))
     embeddings = text.for_length(plan.text_tokens).embeddings
     clips = iter_clips(node_models(model, vae, tiling), placement(), plan, plan.samples, embeddings, progress)
@@ -50,6 +57,9 @@ class OpenSoraLongVideo:
     CATEGORY = CATEGORY
     RETURN_TYPES = ("IMAGE", "FLOAT")
     RETURN_NAMES = ("images", "fps")
+    OUTPUT_IS_LIST = (True, False)
+    OUTPUT_TOOLTIPS = ("The frames of each video (a batch gives one IMAGE per video; the nodes after this one run "
+                       "once per video)", "Frame rate")
     FUNCTION = "generate"
 
     @classmethod
@@ -70,19 +80,14 @@ class OpenSoraLongVideo:
                     "Edit ratio of the carried frames: 0 keeps them, higher lets the model repaint them",
                     default=0.0, min=0.0, max=1.0, step=0.05)),
                 **sampling_inputs(),
-                "tile_size": ("INT", tip("VAE decode tile size in pixels; 0 = off", default=0, min=0, max=4096,
-                                         step=8)),
-                "tile_overlap": ("INT", tip("Overlap between VAE tiles in pixels", default=64, min=0, max=1024,
-                                            step=8)),
+                **tiling_inputs("VAE: decode and re-encode"),
             },
             "optional": optional,
         }
 
     @classmethod
-    def VALIDATE_INPUTS(cls, condition_frames, tile_size, tile_overlap):
-        if condition_frames is not None and (condition_frames < 5 or condition_frames % 5):
-            return f"condition_frames={condition_frames} is not allowed: use a multiple of 5 latent frames (5, 10, ...)"
-        return validate_tiling(tile_size, tile_overlap)
+    def VALIDATE_INPUTS(cls, tile_size):  # one input: ComfyUI repeats the message on every declared input
+        return validate_tile_size(tile_size)
 
     def generate(self, model, vae, text, latent, loops, condition_frames, condition_edit, seed, steps, cfg,
                  timestep_warp, tile_size, tile_overlap, conditions=None, condition_align=0):
@@ -91,7 +96,7 @@ class OpenSoraLongVideo:
             seed=seed, steps=steps, cfg=cfg, timestep_warp=timestep_warp, tiling=make_tiling(tile_size, tile_overlap),
             conditions=conditions, align=condition_align,
         )
-        return (to_images(frames), fps)
+        return (to_videos(frames), fps)
 
 
 def workflow_metadata(prompt, extra_pnginfo) -> dict[str, str]:
@@ -150,17 +155,9 @@ class OpenSoraSaveVideo:
             "hidden": {"prompt": "PROMPT", "extra_pnginfo": "EXTRA_PNGINFO"},
         }
 
-    @classmethod
-    def VALIDATE_INPUTS(cls, format, crf):
-        if format is not None and format not in FORMATS:
-            return f"format={format!r} is not allowed: choose one of {list(FORMATS)}"
-        if crf is not None and format == "mp4" and not 0 <= crf <= 51:
-            return f"crf={crf} is not allowed for mp4: use 0..51"
-        if crf is not None and not 0 <= crf <= 63:
-            return f"crf={crf} is not allowed: use 0..51 for mp4, 0..63 for webm"
-        return True
-
     def save(self, images, fps, filename_prefix, format, crf, prompt=None, extra_pnginfo=None):
+        if format == "mp4" and not 0 <= crf <= 51:  # the widget allows webm's 0..63
+            raise ValueError(f"crf={crf} is not allowed for mp4: use 0..51 (0..63 is for webm)")
         entry = save_frames(images, fps, filename_prefix, format, crf, workflow_metadata(prompt, extra_pnginfo))
         return {"ui": {"images": [entry], "animated": (format not in ("png",),)}, "result": ()}
 

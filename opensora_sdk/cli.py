@@ -97,15 +97,28 @@ def _watermark(text: str) -> str | None:
         return text
 
 
+def _lora_spec(text: str) -> tuple[str, float]:
+    """--lora PATH[:SCALE] -> (path, scale); a colon not followed by a number is part of the path."""
+    path, sep, scale = text.rpartition(":")
+    if sep and path:
+        try:
+            return path, float(scale)
+        except ValueError:
+            pass
+    return text, 1.0
+
+
 def _add_generation_args(p: argparse.ArgumentParser) -> None:
     from opensora_sdk.text import CAMERA_MOTIONS
 
     g = p.add_argument_group("prompts")
     g.add_argument("--prompt", nargs="+", help="one or more prompts (loop segments '|0|a|1|b' and inline JSON allowed)")
     g.add_argument("--prompt-path", help="a text file with one prompt per line (blank lines are skipped)")
-    g.add_argument("--start-index", type=int, default=0, help="first prompt used from --prompt-path (blank lines not counted); file numbering starts here, also with "
-                        "--prompt (default 0)")
-    g.add_argument("--end-index", type=int, default=None, help="stop before this prompt of --prompt-path (default: after the last)")
+    g.add_argument("--start-index", type=int, default=0,
+                   help="first prompt used from --prompt-path (blank lines not counted); file numbering starts here, "
+                        "also with --prompt (default 0)")
+    g.add_argument("--end-index", type=int, default=None,
+                   help="stop before this prompt of --prompt-path (default: after the last)")
     g.add_argument("--negative-prompt", default=None, help="text that replaces the null caption in guidance")
 
     g = p.add_argument_group("size and length (defaults: the preset's, e.g. the built-in model's native 64x64, 17 frames at 8 fps)")
@@ -190,6 +203,21 @@ def _one_or_list(values):
     return values[0] if len(values) == 1 else list(values)
 
 
+def _apply_generation_card(args) -> dict:
+    """--model FOLDER with a generation.json (a training checkpoint, see
+    `opensora_sdk.presets.generation_card`): its VAE and text encoder fill a missing --vae /
+    --text-encoder, its defaults go over the preset's. Returns the card ({} without one)."""
+    if not hasattr(args, "_generation_card"):
+        from opensora_sdk.presets import generation_card
+
+        card = (generation_card(args.model) if args.model and not args.preset else None) or {}
+        for key in ("vae", "text_encoder"):
+            if getattr(args, key) is None and card.get(key):
+                setattr(args, key, card[key])
+        args._generation_card = card
+    return args._generation_card
+
+
 def _preset_name(args) -> str:
     """--preset, else the official preset of the family --model belongs to (v1.2, v1.1 or v1.0,
     recognised from its config.json or its keys; it brings that family's defaults and fills
@@ -250,7 +278,7 @@ def _plan_kwargs(args, configs) -> dict:
     from opensora_sdk.presets import get_preset, resolve_defaults
 
     preset = get_preset(_preset_name(args))
-    defaults = dict(preset.defaults)
+    defaults = {**preset.defaults, **(_apply_generation_card(args).get("defaults") or {})}
     fixed = configs.facts.fixed_latent_size
     if fixed is not None:
         f = configs.facts.space_factor
@@ -306,6 +334,7 @@ def _configs_and_plan(args, prompts: list[str] | None = None, num_sample: int = 
     from opensora_sdk.plan import plan_generation, plan_prompts
     from opensora_sdk.presets import get_preset, model_configs
 
+    _apply_generation_card(args)
     if args.preset and (args.model or args.vae or args.text_encoder):
         p = get_preset(args.preset)
         if not all(isinstance(v, str) for v in (p.transformer, p.vae, p.text_encoder)):
@@ -342,14 +371,33 @@ def _load_pipeline(args, device, dtype, sp_group=None):
         local_files_only=args.local_files_only or None,
         vae_tiling=SpatialTiling(*args.vae_tiling) if args.vae_tiling else None, sp_group=sp_group,
     )
+    card = _apply_generation_card(args)
     name = _preset_name(args)
     preset = get_preset(name)
     if not (args.model or args.vae or args.text_encoder):
         return OpenSoraPipeline.from_preset(name, **kwargs)
+    limit = card["max_latent_frames"] if card.get("max_latent_frames") is not None else preset.latent_frame_limit
     return OpenSoraPipeline.from_pretrained(
         args.model or preset.transformer, args.vae or preset.vae, args.text_encoder or preset.text_encoder,
-        defaults=preset.defaults, max_latent_frames=preset.latent_frame_limit, family=preset.family, **kwargs,
+        defaults={**preset.defaults, **(card.get("defaults") or {})}, max_latent_frames=limit, family=preset.family,
+        **kwargs,
     )
+
+
+def _check_loras(args) -> None:
+    """--lora files: readable LoRA adapters, before any model is loaded (the fit to the model is
+    checked when each is applied)."""
+    from opensora_sdk.lora import read_metadata
+
+    for path, _ in getattr(args, "lora", None) or []:
+        read_metadata(path)
+
+
+def _load_loras(args, pipe) -> None:
+    for path, scale in getattr(args, "lora", None) or []:
+        name = pipe.load_lora_weights(path, scale=scale)
+        if args.verbose >= 1:
+            print(f"LoRA {name}: {path} (scale {scale:g})", file=sys.stderr)
 
 
 def _check_models_fit(configs, pipe) -> None:
@@ -414,6 +462,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
         print(f"skipping {len(paths) - len(keep)} of {len(paths)} video(s): their files exist (--prompt-as-path)",
               file=sys.stderr)
     if not keep:
+        if proc is not None:
+            distributed.shutdown()
         return 0
     if is_main:
         try:
@@ -433,8 +483,10 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
     if is_main and args.verbose >= 2:
         print(plan.summary(), file=sys.stderr)
+    _check_loras(args)
     t_load = time.perf_counter()
     pipe = _load_pipeline(args, device, dtype, sp_group=None if proc is None else proc.group)
+    _load_loras(args, pipe)
     if proc is not None:
         pipe.transformer.set_sequence_parallel_group(proc.group, args.sp_mode)
     _check_models_fit(configs, pipe)
@@ -519,6 +571,10 @@ def _register_generate(sub) -> None:
                    help="0: print only the saved paths and errors; 1: also progress, refined prompts and timings "
                         "(default); 2 (--verbose alone): also the resolved plan before generating")
     g.add_argument("--quiet", dest="verbose", action="store_const", const=0, help="the same as --verbose 0")
+    g = p.add_argument_group("LoRA adapters")
+    g.add_argument("--lora", action="append", type=_lora_spec, default=[], metavar="PATH[:SCALE]",
+                   help="apply a LoRA adapter (.safetensors: this SDK's, PEFT / diffusers or kohya layout) with SCALE "
+                        "(default 1); repeat to stack several")
     cli_refine.add_refine_args(p)
     p.set_defaults(func=cmd_generate)
 

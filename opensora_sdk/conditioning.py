@@ -203,12 +203,16 @@ class ImageCondition:
         17-frame chunk; an image always fills exactly one latent frame.
     edit_ratio: 0 keeps the frame fixed; r in (0, 1) regenerates it once t <= r * 1000.
     loop: the loop (long-video generation) in which the condition applies.
+    fit: how an image of another aspect ratio meets the output (`opensora_sdk.fit`): "crop"
+        (cover + centre crop, the official way), "pad" (all of it, black borders) or
+        "stretch" (all of it, distorted).
     """
 
     image: Union[Tensor, "PIL.Image.Image", PathLike]  # noqa: F821
     frame: int = 0
     edit_ratio: float = 0.0
     loop: int = 0
+    fit: str = "crop"
 
 
 @dataclass
@@ -221,7 +225,7 @@ class VideoCondition:
     target_start: latent frame of the output where the span starts (negative: from the end).
     length: latent frames to copy; None = up to the end of the reference, but leaving at least
         one VAE chunk of the output (5 latent frames) to generate. Clipped to what fits.
-    edit_ratio, loop: as for `ImageCondition`.
+    edit_ratio, loop, fit: as for `ImageCondition`.
 
     Extension: VideoCondition(clip, ref_start=-5, target_start=0, length=5) on an output of
     more than 5 latent frames (34 frames or more): its first chunk continues the clip.
@@ -234,6 +238,7 @@ class VideoCondition:
     length: int | None = None
     edit_ratio: float = 0.0
     loop: int = 0
+    fit: str = "crop"
 
 
 Condition = Union[ImageCondition, VideoCondition]
@@ -300,51 +305,45 @@ def _check_pixels(x: Tensor, what: str) -> Tensor:
     return x
 
 
-def _uint8_frames(x: Tensor):
-    """pixels [3, F, H, W] in [-1, 1] -> uint8 frames [F, H, W, 3] (numpy), as a file holds them."""
-    u8 = ((x.detach().float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
-    return u8.permute(1, 2, 3, 0).cpu().numpy()
-
-
 def condition_pixels(
     condition: Condition, height: int, width: int, read_video: Callable[[PathLike], Tensor] | None = None
 ) -> Tensor:
     """The condition's pixels as [3, F, height, width] float32 in [-1, 1] (F = 1 for images).
 
-    Every route goes through the one official resize-to-cover + centre crop
-    (`opensora_sdk.video_io.resize_crop`): images with PIL bicubic, videos with bilinear
-    interpolation. A tensor that needs resizing is taken as 8-bit pixels (quantised to the
-    256 levels a file holds, as PIL needs), so a clip passed as a tensor and the same clip
-    passed as a file give the same pixels; a tensor already at (height, width) is used as it
-    is (the official resize is the identity there). `read_video(path)` reads a video path as
-    pixels [3, F, H, W] in [-1, 1] (e.g. `video_io.read_video_pixels`).
+    Every route goes through the one official resize (`opensora_sdk.fit.fit_pixels`, "crop"
+    being `video_io.resize_crop`'s cover + centre crop): images with PIL bicubic, videos with
+    bilinear interpolation. A tensor that needs resizing is taken as 8-bit pixels (quantised
+    to the 256 levels a file holds), so a clip passed as a tensor and the same clip passed as
+    a file give the same pixels; a tensor already at (height, width) is used as it is (the
+    resize is the identity there). `read_video(path)` reads a video path as pixels
+    [3, F, H, W] in [-1, 1] (e.g. `video_io.read_video_pixels`).
     """
-    from opensora_sdk.video_io import load_reference, resize_crop
+    from opensora_sdk.fit import fit_pixels
+    from opensora_sdk.video_io import load_reference, read_image
 
     if isinstance(condition, ImageCondition):
         img = condition.image
         if not isinstance(img, Tensor):  # a path or a PIL image: the official image path
-            x = load_reference(img, height, width)
-            if x.shape[1] != 1:
-                raise ValueError(f"ImageCondition.image={img!r} is a video; use VideoCondition for videos")
-            return x
+            if condition.fit == "crop":
+                x = load_reference(img, height, width)
+                if x.shape[1] != 1:
+                    raise ValueError(f"ImageCondition.image={img!r} is a video; use VideoCondition for videos")
+                return x
+            import numpy as np
+
+            arr = read_image(img) if isinstance(img, (str, os.PathLike)) else np.asarray(img.convert("RGB"))
+            img = torch.from_numpy(np.array(arr)).permute(2, 0, 1).float().div(255).sub(0.5).div(0.5)
         x = img.unsqueeze(1) if img.dim() == 3 else img
         if x.dim() != 4 or x.shape[1] != 1:
             raise ValueError(f"ImageCondition.image: expected [3, H, W] or [3, 1, H, W], got {tuple(img.shape)}")
-        x = _check_pixels(x, "ImageCondition.image").float()
-        if tuple(x.shape[-2:]) == (height, width):
-            return x
-        return resize_crop(_uint8_frames(x)[0], height, width, mode="bicubic")
+        return fit_pixels(_check_pixels(x, "ImageCondition.image"), height, width, condition.fit, "bicubic")
     if isinstance(condition, VideoCondition):
         video = condition.video
         if not isinstance(video, Tensor):
             if read_video is None:
                 raise ValueError(f"VideoCondition.video is a path ({video!r}); pass read_video to load it")
             video = read_video(video)
-        x = _check_pixels(video, "VideoCondition.video").float()
-        if tuple(x.shape[-2:]) == (height, width):
-            return x
-        return resize_crop(_uint8_frames(x), height, width, mode="bilinear")
+        return fit_pixels(_check_pixels(video, "VideoCondition.video"), height, width, condition.fit, "bilinear")
     raise TypeError(f"expected ImageCondition or VideoCondition, got {type(condition).__name__}")
 
 

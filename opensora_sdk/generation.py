@@ -20,6 +20,11 @@ Randomness: sample k of a plan has its own `torch.Generator` on the compute devi
 its seed, used for its reference encodings, then per loop for its starting noise and its
 re-noising draws, so a sample does not depend on its batch or its front end.
 
+Hooks (`Hooks`, carried by `Models`): `between_blocks()` runs before every transformer block
+and `vae_progress(stage, done, total)` after every unit of VAE work (stage "encoding" or
+"decoding"); either may raise to stop the work there. The ComfyUI nodes pass ComfyUI's
+interrupt check and progress bar; `generate(progress=True)` shows tqdm bars for the VAE.
+
 Loops: clip i > 0 starts from the last `condition_frame_length` latent frames of clip i - 1,
 decoded, clamped to [-1, 1] (the pixels the video shows; the official loop re-encodes the
 unclamped decoder output) and re-encoded, with the group "i,<ref>,-c,0,c,<edit>". A frame mask
@@ -29,10 +34,12 @@ the mask path anyway, but there it changes nothing but one unused noise draw per
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import re
 import time
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, Iterator, Sequence
 
 import numpy as np
@@ -49,12 +56,31 @@ Embeddings = dict  # {processed text: (y [1, 1, L, C], mask [1, L])}
 
 
 @dataclass
+class Hooks:
+    """Calls a front end gets while work runs; each may raise to stop the work there.
+
+    between_blocks(): before every transformer block (one step of a large video is minutes
+    on a CPU), e.g. an interrupt check. vae_progress(stage, done, total): after each unit of
+    VAE work (temporal chunk, micro-batch of frames, tile), stage "encoding" or "decoding".
+    """
+
+    between_blocks: Callable[[], None] | None = None
+    vae_progress: Callable[[str, int, int], None] | None = None
+
+    def vae(self, stage: str) -> Callable[[int, int], None] | None:
+        """The VAE's progress(done, total) for `stage`, or None."""
+        report = self.vae_progress
+        return None if report is None else (lambda done, total: report(stage, done, total))
+
+
+@dataclass
 class Models:
     """The models of a generation and how they run.
 
     text_encoder may be None for front ends that encoded the text elsewhere (ComfyUI);
     vae_tiling (a `SpatialTiling`) bounds the VAE's working set; sp_group shards STDiT3 and
-    splits the VAE decode over the processes of a torch.distributed group.
+    splits the VAE decode over the processes of a torch.distributed group; hooks (`Hooks`)
+    report progress and let a front end stop work between blocks and VAE units.
     """
 
     transformer: torch.nn.Module
@@ -62,6 +88,7 @@ class Models:
     text_encoder: object | None = None
     vae_tiling: object | None = None
     sp_group: object | None = None
+    hooks: Hooks = field(default_factory=Hooks)
 
 
 @dataclass
@@ -103,6 +130,58 @@ class CallProgress:
         self.bar.close()
 
 
+class VaeBars:
+    """tqdm bars "encoding" / "decoding" fed by the VAE's progress, then the caller's
+    vae_progress(stage, done, total)."""
+
+    def __init__(self, user: Callable | None = None):
+        self.user, self.bars = user, {}
+
+    def __call__(self, stage: str, done: int, total: int) -> None:
+        from tqdm.auto import tqdm
+
+        bar = self.bars.get(stage)
+        if bar is None or done < bar.n:
+            bar = self.bars[stage] = tqdm(total=total, desc=stage, unit="part", leave=False)
+        bar.total = total
+        bar.update(done - bar.n)
+        if done >= total:
+            bar.close()
+            del self.bars[stage]
+        if self.user is not None:
+            self.user(stage, done, total)
+
+
+def with_progress_bars(models: Models, progress: bool) -> Models:
+    """`models` whose VAE progress also drives tqdm bars (when `progress`)."""
+    if not progress:
+        return models
+    hooks = dataclasses.replace(models.hooks, vae_progress=VaeBars(models.hooks.vae_progress))
+    return dataclasses.replace(models, hooks=hooks)
+
+
+@contextmanager
+def block_callback(transformer: torch.nn.Module, fn: Callable[[], None] | None):
+    """`fn()` before every block of `transformer` while inside: STDiT3's `set_block_callback`,
+    or forward pre-hooks on the blocks of a model without it (STDiT2, STDiT: `blocks.<i>`)."""
+    if fn is None:
+        yield
+    elif hasattr(transformer, "set_block_callback"):
+        previous = transformer.set_block_callback(fn)
+        try:
+            yield
+        finally:
+            transformer.set_block_callback(previous)
+    else:
+        blocks = [m for name, m in transformer.named_modules() if re.fullmatch(r"(\w+_)?blocks\.\d+", name)]
+        handles = [m.register_forward_pre_hook(lambda module, args: fn()) for m in blocks]
+        try:
+            yield
+        finally:
+            for handle in handles:
+                handle.remove()
+
+
 # --------------------------------------------------------------------------------------------
 # The steps
 # --------------------------------------------------------------------------------------------
@@ -137,9 +216,10 @@ def guided_model(transformer, batch: int, uncond_mask: torch.Tensor | None):
     return fn
 
 
-def _vae_encode(vae, pixels: torch.Tensor, generator, tiling) -> torch.Tensor:
+def _vae_encode(vae, pixels: torch.Tensor, generator, tiling, progress=None) -> torch.Tensor:
     """pixels [1, 3, F, H, W] in [-1, 1] -> latent [1, C, T', h, w] float32 (sampled posterior)."""
-    return vae.encode(pixels.to(vae.device, vae.dtype), generator=generator, tiling=tiling).float()
+    kwargs = {} if progress is None else {"progress": progress}
+    return vae.encode(pixels.to(vae.device, vae.dtype), generator=generator, tiling=tiling, **kwargs).float()
 
 
 def start_batch(models: Models, placement: Placement, plan: GenerationPlan, batch: Sequence[SamplePlan]) -> BatchState:
@@ -157,7 +237,8 @@ def start_batch(models: Models, placement: Placement, plan: GenerationPlan, batc
         raise ValueError("conditions are given but no VAE: connect the VAE that encodes the references")
     with torch.no_grad(), placement.use(models.vae, "vae") as vae:
         for b, (s, g) in enumerate(zip(batch, gens)):
-            encode = lambda px, g=g: _vae_encode(vae, px, g, models.vae_tiling)  # noqa: E731
+            progress = models.hooks.vae("encoding")
+            encode = lambda px, g=g: _vae_encode(vae, px, g, models.vae_tiling, progress)  # noqa: E731
             if s.conditions:
                 refs[b], strategies[b] = encode_conditions(
                     s.conditions, encode, height=H, width=W, read_video=read_video_pixels,
@@ -208,7 +289,8 @@ def sample_clip(
             null = null_caption(transformer, B, device)
         null = null.to(y.dtype)
     family = FAMILIES[plan.family]
-    with torch.no_grad(), placement.use(transformer, "transformer"):
+    stop_check = block_callback(transformer, models.hooks.between_blocks)
+    with torch.no_grad(), placement.use(transformer, "transformer"), stop_check:
         return family.sample(
             guided_model(transformer, B, uncond_mask), z, plan.scheduler, size=(H, W, N), y=y, y_null=null,
             y_mask=y_mask, guidance_scale=plan.guidance_scale, frame_mask=frame_mask,
@@ -218,12 +300,14 @@ def sample_clip(
 
 def decode_clip(models: Models, placement: Placement, latents: torch.Tensor, num_frames: int) -> torch.Tensor:
     """latents [B, C, T', h, w] -> pixels [B, 3, num_frames, H, W] (about [-1, 1], the VAE's dtype)."""
+    progress = models.hooks.vae("decoding")
+    kwargs = {} if progress is None else {"progress": progress}  # per chunk under SP
     with torch.no_grad(), placement.use(models.vae, "vae") as vae:
         if models.sp_group is not None:  # temporal chunks spread over the ranks, then gathered
             from opensora_sdk.models.vae_parallel import vae_decode_split
 
-            return vae_decode_split(vae, latents, num_frames, models.sp_group, tiling=models.vae_tiling)
-        return vae.decode(latents, num_frames, tiling=models.vae_tiling)
+            return vae_decode_split(vae, latents, num_frames, models.sp_group, tiling=models.vae_tiling, **kwargs)
+        return vae.decode(latents, num_frames, tiling=models.vae_tiling, **kwargs)
 
 
 def carry_over(
@@ -233,7 +317,8 @@ def carry_over(
     becomes each sample's newest reference, its last latents the start of this loop."""
     with torch.no_grad(), placement.use(models.vae, "vae") as vae:
         for b, g in enumerate(state.generators):
-            latent = _vae_encode(vae, clip[b : b + 1].clamp(-1, 1), g, models.vae_tiling)[0]  # [C, T', h, w]
+            progress = models.hooks.vae("encoding")
+            latent = _vae_encode(vae, clip[b : b + 1].clamp(-1, 1), g, models.vae_tiling, progress)[0]  # [C, T', h, w]
             state.references[b], state.strategies[b] = append_loop_reference(
                 state.references[b], state.strategies[b], latent, loop_i, plan.condition_frame_length,
                 plan.condition_frame_edit, plan.latent_chunk,
@@ -324,8 +409,10 @@ def generate(
     encoded with `models.text_encoder` first. `callback(step, total, latent, denoised)` is
     called after every sampling step, counted over the whole call; returning False stops
     with `SamplingInterrupted` before anything is decoded further. `timings` (a `Timings`)
-    receives the seconds spent per stage.
+    receives the seconds spent per stage. With `progress`, tqdm bars show the sampling steps
+    and the VAE's encoding / decoding.
     """
+    models = with_progress_bars(models, progress)
 
     def videos(batch, embeddings, steps, timings) -> list[Video]:
         frames: list[list[np.ndarray]] = [[] for _ in batch]
@@ -349,6 +436,7 @@ def generate_latents(
 ) -> torch.Tensor:
     """`generate` without the final decode: the latents [N, C, T', h, w] of every sample after
     its last loop (earlier loops are decoded: the next loop needs their pixels)."""
+    models = with_progress_bars(models, progress)
 
     def latents(batch, embeddings, steps, timings) -> list[torch.Tensor]:
         *_, (last, _) = iter_clips(models, placement, plan, batch, embeddings, steps, timings, decode_last=False)
@@ -382,8 +470,11 @@ def video_metadata(plan: GenerationPlan, s: SamplePlan) -> dict[str, str]:
 __all__ = [
     "BatchState",
     "CallProgress",
+    "Hooks",
     "Models",
     "Timings",
+    "VaeBars",
+    "block_callback",
     "carry_over",
     "decode_clip",
     "encode_texts",
@@ -395,4 +486,5 @@ __all__ = [
     "sample_clip",
     "start_batch",
     "video_metadata",
+    "with_progress_bars",
 ]

@@ -275,6 +275,49 @@ _PRESET_ARCHITECTURES = {
 }
 
 
+# --------------------------------------------------------------------------------------------
+# generation.json: what a trained model folder says about generating with it
+# --------------------------------------------------------------------------------------------
+
+GENERATION_FILE = "generation.json"
+
+
+def generation_card(model) -> dict | None:
+    """What the folder of transformer weights `model` (or the folder of a weight file) records
+    for generating with it, or None: `generation.json` beside its config.json (written by
+    training/train.py into every checkpoint's model/ and ema/ folders):
+
+        {"vae": "<folder, file or hub id>", "text_encoder": "...", "family": "v1.2",
+         "defaults": {"height": 64, "width": 64, "num_frames": 17, "fps": 8, ...},
+         "max_latent_frames": 10 or null}
+
+    Relative vae / text_encoder paths are relative to the folder holding generation.json.
+    The built-in model's transformer folder answers with the built-in preset's card."""
+    if not isinstance(model, (str, os.PathLike)):
+        return None
+    path = Path(model).expanduser()
+    folder = path if path.is_dir() else path.parent
+    file = folder / GENERATION_FILE
+    if file.is_file():
+        try:
+            card = json.loads(file.read_text("utf-8"))
+        except (OSError, ValueError) as err:
+            raise ValueError(f"{file}: cannot be read as JSON ({err})") from None
+        if not isinstance(card, dict):
+            raise ValueError(f"{file}: expected a JSON object")
+        check_defaults(card.get("defaults"))
+        for key in ("vae", "text_encoder"):
+            value = card.get(key)
+            if isinstance(value, str) and value and not Path(value).is_absolute() and (folder / value).exists():
+                card[key] = str((folder / value).resolve())
+        return card
+    if path.exists() and folder.resolve() == (BUILTIN_DIR / "transformer").resolve():
+        p = get_preset("builtin")
+        return {"vae": p.vae, "text_encoder": p.text_encoder, "family": p.family.name, "defaults": dict(p.defaults),
+                "max_latent_frames": p.max_latent_frames}
+    return None
+
+
 __all__ = [
     "BUILTIN_DIR",
     "BUILTIN_PRESET",
@@ -286,6 +329,7 @@ __all__ = [
     "PRESETS",
     "V1_2",
     "builtin_preset",
+    "generation_card",
     "get_preset",
     "model_configs",
     "resolve_defaults",

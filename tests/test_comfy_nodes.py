@@ -130,7 +130,7 @@ def test_nodes_match_the_pipeline_with_conditions(models, pipe):
     embeds = text.OpenSoraTextEncode().encode(te, "a cat", "blurry", 6.5, 5.0, "pan left")[0]
     empty = latent.OpenSoraEmptyLatentVideo().create("custom", "9:16", "custom", 32, 32, 34, 24.0, 1)[0]
     out = sampler.OpenSoraSampler().sample(model, embeds, empty, 7, 2, 7.0, True, vae_, conds, 5)[0]
-    frames, fps = vae.OpenSoraVAEDecode().decode(vae_, out, 0, 64)
+    (frames,), fps = vae.OpenSoraVAEDecode().decode(vae_, out, 0, 64)  # one IMAGE per video
     px = image[0].permute(2, 0, 1) * 2 - 1
     expected = pipe("a cat", negative_prompt="blurry", motion_score=5.0, camera_motion="pan left", height=32,
                     width=32, num_frames=34, fps=24, num_steps=2, guidance_scale=7.0, seed=7, align=5,
@@ -144,7 +144,7 @@ def test_long_video_matches_pipeline_loops(models, pipe):
     model, vae_, te = models
     embeds = text.OpenSoraTextEncode().encode(te, "|0|a boat|1|a boat at sunset", "", 6.5, -1.0, "none")[0]
     empty = latent.empty_latent(32, 32, 34, 12.0)
-    frames, fps = video.OpenSoraLongVideo().generate(model, vae_, embeds, empty, 2, 5, 0.0, 3, 2, 7.0, True, 0, 64)
+    (frames,), fps = video.OpenSoraLongVideo().generate(model, vae_, embeds, empty, 2, 5, 0.0, 3, 2, 7.0, True, 0, 64)
     expected = pipe("|0|a boat|1|a boat at sunset", height=32, width=32, num_frames=34, num_steps=2,
                     guidance_scale=7.0, seed=3, loop=2, fps=12)
     assert fps == 12.0 and frames.shape[0] == 51
@@ -152,19 +152,24 @@ def test_long_video_matches_pipeline_loops(models, pipe):
 
 
 def test_bad_sizes_are_rejected_with_clear_messages(models):
-    check = latent.OpenSoraEmptyLatentVideo.VALIDATE_INPUTS
-    assert check("custom", "9:16", "custom", 424, 240, 51) is True
-    assert check("240p", "9:16", "4s", 100, 64, 1) is True  # width/height ignored with a table size
-    message = check("custom", "9:16", "custom", 100, 64, 17)
-    assert "width=100" in message and "multiple of 8" in message
-    message = check("custom", "9:16", "custom", 64, 64, 500)
-    assert "num_frames=500" in message and "1..408" in message and "OpenSoraLongVideo" in message
-    assert "resolution='999p'" in check("999p", "9:16", "2s", 64, 64, 17)
-    assert check("custom", "9:16", "custom", None, 64, 17) is True  # linked input: checked at run time
+    check = latent.resolve_size  # run when the node runs; ComfyUI checks each widget's options and range itself
+    assert check("custom", "9:16", "custom", 424, 240, 51) == (240, 424, 51)
+    assert check("240p", "9:16", "4s", 100, 64, 1)[:2] == (240, 426)  # width/height ignored with a table size
+    with pytest.raises(ValueError, match="width=100 .*multiple of 8"):
+        check("custom", "9:16", "custom", 100, 64, 17)
+    with pytest.raises(ValueError, match="num_frames=500 .*1..408.*OpenSoraLongVideo"):
+        check("custom", "9:16", "custom", 64, 64, 500)
+    with pytest.raises(ValueError, match="resolution='999p'"):
+        check("999p", "9:16", "2s", 64, 64, 17)
     with pytest.raises(ValueError, match="height=20"):
         latent.OpenSoraEmptyLatentVideo().create("custom", "9:16", "custom", 64, 20, 17, 24.0, 1)
-    assert "tile_size=40" in vae.OpenSoraVAEDecode.VALIDATE_INPUTS(40, 8)
-    assert "condition_frames=7" in video.OpenSoraLongVideo.VALIDATE_INPUTS(7, 0, 64)
+    assert "tile_size=40" in vae.OpenSoraVAEDecode.VALIDATE_INPUTS(40)
+    with pytest.raises(ValueError, match="tile_overlap=256 is not allowed with tile_size=256"):
+        vae.make_tiling(256, 256)
+    with pytest.raises(ValueError, match="condition_frames=7"):
+        model, vae_, te = models
+        video.long_video(model, vae_, text.encode_prompt(te, "a cat"), latent.empty_latent(32, 32, 34, 24), loops=2,
+                         condition_frames=7, seed=0, steps=1, cfg=1.0)
     with pytest.raises(ValueError, match="multiple of 17|whole 17-frame"):
         model, vae_, te = models  # the loop check is the SDK's plan, before any model runs
         video.long_video(model, vae_, text.encode_prompt(te, "a cat"), latent.empty_latent(32, 32, 30, 24), loops=2,
@@ -223,7 +228,7 @@ def test_comfyui_services_are_used_when_present(models, monkeypatch):
 
     def throw():
         calls["interrupt"] += 1
-        if calls["interrupt"] == 4:
+        if calls.get("stop"):
             raise Interrupted()
 
     cpu = torch.device("cpu")
@@ -248,10 +253,14 @@ def test_comfyui_services_are_used_when_present(models, monkeypatch):
     model, _, te = models
     embeds = text.encode_prompt(te, "a cat")
     out = sampler.OpenSoraSampler().sample(model, embeds, latent.empty_latent(32, 32, 17, 24), 0, 3, 7.0, True)[0]
-    assert calls["progress"] == [(1, 3), (2, 3), (3, 3)] and calls["interrupt"] == 3 and calls["empty"] >= 2
+    # the interrupt is checked before every transformer block (2 x depth per forward) and after every step
+    blocks = 2 * model.transformer.config.depth
+    assert calls["progress"] == [(1, 3), (2, 3), (3, 3)] and calls["interrupt"] == 3 * (blocks + 1)
+    assert calls["empty"] >= 2
     assert calls["previews"] == [(1, 4, 4, 4)] * 3  # the middle latent frame of sample 0
     assert formats[0].latent_channels == 4 and len(formats[0].latent_rgb_factors) == 4
     assert out["samples"].device.type == "cpu"
+    calls["stop"] = True
     with pytest.raises(Interrupted):
         sampler.OpenSoraSampler().sample(model, embeds, latent.empty_latent(32, 32, 17, 24), 0, 3, 7.0, True)
 

@@ -26,6 +26,7 @@ EXPECTED = {
     "opensora_video_extension.json": {"extend_00001_.mp4": 34},  # the 17 given frames + 17 new
     "opensora_long_video.json": {"long_00001_.mp4": 51},  # 2 loops of 34 frames sharing 17
     "opensora_text_to_image.json": {"t2i_00001_.png": 1},
+    "opensora_lora.json": {"lora_00001_.mp4": 17},  # the built-in model + the shipped "big" adapter
     "opensora_v11_text_to_video.json": {"v11_00001_.mp4": 16},  # on tiny v1.1 models, see below
 }
 # Workflows for models that do not ship with the pack: the folder each loader names.
@@ -108,8 +109,8 @@ def test_api_format_overrides_and_validation(tmp_path, monkeypatch):
     assert frames.shape[1:3] == (64, 32)
     meta = read_metadata(files[0])  # an API prompt has no editor workflow to embed
     assert "workflow" not in meta and json.loads(meta["prompt"])["5"]["inputs"]["width"] == 32
-    with pytest.raises(headless.WorkflowError, match=r"EmptyLatentVideo: width=100 is not allowed.*multiple of 8"):
-        headless.run_workflow(prompt, ["Open-Sora Empty Latent Video.width=100"])
+    with pytest.raises(headless.NodeFailed, match=r"EmptyLatentVideo: ValueError: width=100 is not allowed.*multiple of 8"):
+        headless.run_workflow(prompt, ["Open-Sora Empty Latent Video.width=100"])  # two-widget rule: at run time
     with pytest.raises(headless.WorkflowError, match=r"input 'steps': 0 is smaller than the minimum 1"):
         headless.run_workflow(prompt, ["Open-Sora Sampler.steps=0"])
     with pytest.raises(headless.WorkflowError, match="no node matches 'Nope'"):
@@ -133,7 +134,7 @@ def test_cli_workflow_run(tmp_path):
     assert saved == tmp_path / "out" / "cli" / "img_00001_.png" and saved.is_file()
 
     bad = _cli("workflow", "run", wf, "--set", "Open-Sora Empty Latent Video.num_frames=999", cwd=tmp_path)
-    assert bad.returncode == 2 and "num_frames=999 is not allowed" in bad.stderr
+    assert bad.returncode == 2 and "input 'num_frames': 999 is bigger than the maximum 408" in bad.stderr
     i2v = str(ROOT / "workflows" / "opensora_image_to_video.json")
     failed = _cli("workflow", "run", i2v, "--input-dir", str(tmp_path), cwd=tmp_path)
     assert failed.returncode == 1 and "LoadImage: FileNotFoundError: input file 'opensora_example.png'" in failed.stderr

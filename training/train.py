@@ -39,7 +39,9 @@ from opensora_sdk.models.text_encoder import T5TextEncoder, resolve_dtype, tiny_
 from opensora_sdk.text import text_preprocessing
 from opensora_sdk.training import checkpoint as ckpt
 from opensora_sdk.training import features as feats
+from opensora_sdk.training import lora as train_lora
 from opensora_sdk.training import objectives
+from opensora_sdk.training import validation as val
 from opensora_sdk.training.buckets import BucketBatchSampler, BucketConfig, FixedSize
 from opensora_sdk.training.config import config_as_dict, load_train_config
 from opensora_sdk.training.dataset import VideoTextDataset, collate_samples
@@ -98,6 +100,19 @@ def keep_random_encoders(cfg, vae, text_encoder, out: Path) -> None:
         text_encoder.tokenizer.save_pretrained(out / "random_encoders" / "text_encoder")
 
 
+def ensure_random_encoders(cfg, out: Path) -> None:
+    """Random VAE / T5 missing from this run's folder (its features were extracted by another
+    run): rebuild them from the same seeds, on the CPU, without touching the global RNG."""
+    missing_vae = not cfg.vae.from_pretrained and not (out / "random_encoders" / "vae").exists()
+    missing_te = not cfg.text_encoder.from_pretrained and not (out / "random_encoders" / "text_encoder").exists()
+    if missing_vae or missing_te:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(cfg.seed + 1)
+            text_encoder = build_text_encoder(cfg.text_encoder, "cpu")
+            torch.manual_seed(cfg.seed + 2)
+            keep_random_encoders(cfg, build_vae(cfg.vae, "cpu"), text_encoder, out)
+
+
 @torch.no_grad()
 def encode_batch(batch, vae, text_encoder, generator, device, clean_captions=False):
     """Pixels and captions -> (x0 latents [B, C, T', h, w], y [B, 1, L, C_text], mask [B, L]).
@@ -142,16 +157,44 @@ def full_optimizer_state(model, optimizer, is_fsdp):
     return optimizer.state_dict()
 
 
-def load_full_state(accelerator, model, optimizer, state, is_fsdp):
+def load_full_state(accelerator, model, optimizer, state, is_fsdp, adapter_only=False):
+    """Weights and optimizer state; `adapter_only`: state.model_state holds a LoRA run's adapter."""
     if is_fsdp:
         from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict, set_optimizer_state_dict
 
-        options = StateDictOptions(full_state_dict=True)
+        options = StateDictOptions(full_state_dict=True, strict=not adapter_only)
         set_model_state_dict(model, state.model_state, options=options)
-        set_optimizer_state_dict(model, optimizer.optimizer, state.optimizer_state, options=options)
+        set_optimizer_state_dict(model, optimizer.optimizer, state.optimizer_state, options=StateDictOptions(full_state_dict=True))
     else:
-        accelerator.unwrap_model(model).load_state_dict(state.model_state)
+        if adapter_only:
+            train_lora.load_into(accelerator.unwrap_model(model), state.model_state)
+        else:
+            accelerator.unwrap_model(model).load_state_dict(state.model_state)
         optimizer.load_state_dict(state.optimizer_state)
+
+
+def adapter_state(accelerator, model, is_fsdp) -> dict:
+    """A LoRA run's adapter weights as CPU tensors (gathered under FSDP: a collective)."""
+    if is_fsdp:
+        return {k: v for k, v in full_model_state(accelerator, model, is_fsdp).items() if ".lora_" in k}
+    return train_lora.trainable_state(accelerator.unwrap_model(model))
+
+
+def log_memory_estimate(cfg, model, buckets, sampler, device) -> None:
+    """The training memory estimate (`opensora_sdk.estimates.estimate_training`) for the largest
+    micro-batch of the run's buckets, before the first step."""
+    from opensora_sdk.estimates import estimate_training
+
+    counts = sampler.describe(0)
+    if not counts:
+        return
+    T, H, W = max((buckets.shape(b) + (buckets.batch_size(b),) for b in counts), key=lambda s: s[0] * s[1] * s[2] * s[3])[:3]
+    batch = max(buckets.batch_size(b) for b in counts if buckets.shape(b) == (T, H, W))
+    est = estimate_training(model, batch=batch, num_frames=T, height=H, width=W, vae_config=None,
+                            mixed_precision=cfg.mixed_precision, gradient_checkpointing=cfg.model.gradient_checkpointing,
+                            optimizer=cfg.optim.name, ema=cfg.optim.ema_decay > 0)  # fmt: skip
+    logger.info("memory estimate for the largest micro-batch (%d x %d frames of %dx%d, %s): %s", batch, T, H, W,
+                device.type, "; ".join(est.lines()))  # fmt: skip
 
 
 def peak_memory_mib(device) -> float:
@@ -207,7 +250,7 @@ def main(argv=None) -> dict:
         cpu=no_accelerator,  # several processes on a machine without GPUs: gloo DDP on the CPU
         mixed_precision=cfg.mixed_precision,
         gradient_accumulation_steps=cfg.optim.gradient_accumulation_steps,
-        log_with="tensorboard" if use_tb else None,
+        log_with=(["tensorboard"] if use_tb else []) + (["wandb"] if cfg.wandb_project else []) or None,
         project_dir=str(out),
     )
     logging.basicConfig(level=logging.INFO if accelerator.is_main_process else logging.WARNING,
@@ -234,6 +277,9 @@ def main(argv=None) -> dict:
     fps_condition = cfg.data.fps_condition or family.fps_condition
     torch.manual_seed(cfg.seed)
     model = objectives.build_model(cfg.model)
+    # ---- LoRA: freeze the transformer, train an adapter on its linear layers (lora.rank > 0) --
+    lora_info = train_lora.add_adapter(model, cfg.lora) if cfg.lora.rank else None
+    base_source = cfg.model.from_pretrained or f"preset {cfg.model.preset} (random weights, seed {cfg.seed})"
     dp_size, dp_rank = setup_sequence_parallel(cfg.sp_size, accelerator, model)
 
     # ---- data: CSV -> buckets -> batches of one shape per step ------------------------------
@@ -241,13 +287,14 @@ def main(argv=None) -> dict:
         fixed = cfg.data.fixed_size
         buckets = FixedSize(fixed["num_frames"], fixed["image_size"], fixed["batch_size"])
     else:
-        buckets = BucketConfig(cfg.data.buckets, cfg.data.extra_resolutions)
+        buckets = BucketConfig(cfg.data.buckets, cfg.data.extra_resolutions, cfg.data.length_rule)
     dataset = VideoTextDataset(cfg.data.csv, frame_interval=cfg.data.frame_interval, seed=cfg.seed,
                                score_columns=cfg.data.score_columns, score_format=cfg.data.score_format,
                                score_drop_prob=cfg.data.score_drop_prob, native_fps=fps_condition == "native")  # fmt: skip
     sampler_args = dict(seed=cfg.seed, frame_interval=cfg.data.frame_interval, num_replicas=dp_size, rank=dp_rank,
                         drop_last=cfg.data.drop_last)  # fmt: skip
     sampler = BucketBatchSampler(dataset.sizes, buckets, **sampler_args)
+    source_sizes = dataset.sizes[:3]  # for the error below (a feature dataset has no source sizes)
 
     # ---- frozen VAE and T5, or precomputed features (encode once, then train without them) --
     vae = text_encoder = None
@@ -262,6 +309,7 @@ def main(argv=None) -> dict:
         meta.update({"fixed_size": cfg.data.fixed_size} if cfg.data.fixed_size else {})
         meta.update({"fps_condition": fps_condition} if fps_condition != "divided" else {})
         meta.update({"clean_captions": True} if family.clean_captions else {})
+        meta.update({"length_rule": cfg.data.length_rule} if cfg.data.length_rule != "official" else {})
         if not feats.check_existing(cfg.features.dir, meta):
             torch.manual_seed(cfg.seed + 1)
             text_encoder = build_text_encoder(cfg.text_encoder, device)
@@ -285,6 +333,8 @@ def main(argv=None) -> dict:
                 feats.merge_indices(cfg.features.dir, accelerator.num_processes, meta)
             accelerator.wait_for_everyone()
             vae = text_encoder = None  # not needed any more: free their memory
+        if is_main:
+            ensure_random_encoders(cfg, out)  # what generation.json points at
         dataset = feats.FeatureDataset(cfg.features.dir, model_max_length=model.config.model_max_length)
         sampler = BucketBatchSampler(None, buckets, assignments=dataset.assignments, **sampler_args)
     else:
@@ -301,9 +351,12 @@ def main(argv=None) -> dict:
     loader = torch.utils.data.DataLoader(dataset, batch_sampler=sampler, collate_fn=collate_samples,
                                          num_workers=cfg.data.num_workers, pin_memory=cfg.data.pin_memory)  # fmt: skip
     if not sampler.epoch_batches(0):
+        fi = cfg.data.frame_interval
         raise ValueError(f"no sample of {cfg.data.csv!r} fills a whole micro-batch of any bucket in data.buckets "
-                         f"(source sizes of the first rows: {dataset.sizes[:3] if hasattr(dataset, 'sizes') else '?'}); "
-                         "check the resolutions, frame counts and batch sizes")  # fmt: skip
+                         f"(source (frames, height, width) of the first rows: {source_sizes}); a T-frame bucket takes clips "
+                         f"of more than T * frame_interval = T * {fi} frames (data.length_rule: window also takes exactly "
+                         "T * frame_interval) and at least 0.8 x the resolution's pixels; check the resolutions, frame "
+                         "counts and batch sizes")  # fmt: skip
     if is_main:
         logger.info("%d samples, %d micro-batches per epoch (all ranks); buckets %s", len(dataset),
                     len(sampler.epoch_batches(0)), sampler.describe(0))  # fmt: skip
@@ -317,8 +370,7 @@ def main(argv=None) -> dict:
     # ---- optimizer (official AdamW settings), linear warm-up, EMA ---------------------------
     model.to(device)  # before the optimizer: fused AdamW checks where its parameters live
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=cfg.optim.lr, betas=cfg.optim.betas, eps=cfg.optim.eps,
-                                  weight_decay=cfg.optim.weight_decay, fused=cfg.optim.fused or None)  # fmt: skip
+    optimizer = train_lora.make_optimizer(params, cfg.optim)  # AdamW, or 8-bit AdamW (optim.name: adamw8bit)
     schedule = dict(warmup_steps=cfg.optim.warmup_steps, max_steps=cfg.max_steps, decay_steps=cfg.optim.decay_steps)
     lr_scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda k: lr_factor(k, **schedule))
     model, optimizer = accelerator.prepare(model, optimizer)
@@ -330,14 +382,22 @@ def main(argv=None) -> dict:
         logger.info("%s (%s): %.1fM trainable parameters; %d processes (dp %d, sp %d: %s); %s", family.model_type, family.name,
                     n_train / 1e6, accelerator.num_processes, dp_size, cfg.sp_size, unwrapped.sequence_parallel or "off",
                     accelerator.mixed_precision)  # fmt: skip
+        if lora_info:
+            logger.info("LoRA rank %d, alpha %g on %d layers (%s): %.3fM parameters; base %s (fingerprint %s)", cfg.lora.rank,
+                        lora_info["alpha"], len(lora_info["layers"]), ", ".join(cfg.lora.target_modules),
+                        lora_info["parameters"] / 1e6, base_source, lora_info["fingerprint"])  # fmt: skip
+        log_memory_estimate(cfg, unwrapped, buckets, sampler, device)
 
     # ---- resume: weights, EMA, optimizer, scheduler, sampler position, RNG states ----------
     step, epoch, batches_in_epoch = 0, 0, 0
     ckpt_root = out / "checkpoints"
     if args.resume:
-        folder = ckpt.resolve_resume(args.resume, ckpt_root)
+        folder = ckpt.resolve_resume(args.resume, ckpt_root, warn=logger.warning)
         state = ckpt.load_checkpoint(folder, rank=rank)
-        load_full_state(accelerator, model, optimizer, state, is_fsdp)
+        if lora_info:  # the adapter files instead of model/ and ema/
+            raw, ema_adapter = train_lora.read_checkpoint(folder)
+            state = state._replace(model_state=raw, ema_state=ema_adapter)
+        load_full_state(accelerator, model, optimizer, state, is_fsdp, adapter_only=bool(lora_info))
         ema.load_state_dict({k: state.ema_state[k] for k in ema.shadow})
         lr_scheduler.load_state_dict(state.scheduler_state)
         if state.scaler_state is not None and accelerator.scaler is not None:
@@ -353,17 +413,36 @@ def main(argv=None) -> dict:
         batches_in_epoch = sampler.start_position // dp_size
         logger.info("resumed from %s at step %d (epoch %d, micro-batch %d)", folder, step, epoch, batches_in_epoch)
 
+    # what generating with a checkpoint needs (generation.json): VAE, text encoder, defaults of the data
+    card = val.make_card(cfg, family.name, out, val.data_defaults(dataset, sampler, buckets, cfg.data.frame_interval, fps_condition),
+                         base_model=base_source if lora_info else None)  # fmt: skip
+
     def save(step_now: int) -> Path:
         rng = ckpt.capture_rng_state({"train": train_gen, "encode": encode_gen}, {"mask_generator": mask_generator.state_dict()})
-        model_state = full_model_state(accelerator, model, is_fsdp)  # collective under FSDP
-        ema_state = ema.full_state_dict(unwrapped)  # collective under FSDP
+        if lora_info:  # adapter files (written by `extra`), no model/ and ema/ folders
+            model_state = ema_state = None
+            adapter_raw = adapter_state(accelerator, model, is_fsdp)  # collective under FSDP
+            adapter_ema = {k: v.full_tensor() if hasattr(v, "full_tensor") else v for k, v in ema.state_dict().items()}
+        else:
+            model_state = full_model_state(accelerator, model, is_fsdp)  # collective under FSDP
+            ema_state = ema.full_state_dict(unwrapped)  # collective under FSDP
         optim_state = full_optimizer_state(model, optimizer, is_fsdp)
+
+        def extra(folder: Path) -> None:
+            if lora_info:
+                meta = train_lora.metadata(unwrapped, cfg.lora, lora_info, steps=step_now, base_model=base_source)
+                train_lora.write_adapters(folder, unwrapped, adapter_raw, adapter_ema, meta, cfg.lora.save_dtype)
+                val.write_card(card, folder)
+            else:
+                for sub in ("model", "ema"):
+                    val.write_card(card, folder / sub)
+
         return ckpt.save_checkpoint(
             ckpt_root, step_now, rank=rank, is_main=is_main, barrier=accelerator.wait_for_everyone,
             model_config=unwrapped.config, model_state=model_state, ema_state=ema_state, optimizer_state=optim_state,
             scheduler_state=lr_scheduler.state_dict(),
             scaler_state=accelerator.scaler.state_dict() if accelerator.scaler is not None else None,
-            sampler_state=sampler.state_dict(batches_in_epoch), rng_state=rng,
+            sampler_state=sampler.state_dict(batches_in_epoch), rng_state=rng, extra=extra,
             train_state={"epoch": epoch, "batches_in_epoch": batches_in_epoch, "world_size": accelerator.num_processes,
                          "dp_size": dp_size, "time": time.time()},
             keep_last=cfg.keep_last,
@@ -383,11 +462,24 @@ def main(argv=None) -> dict:
 
     # ---- logs: tqdm, CSV, TensorBoard ---------------------------------------------------------
     log = CSVLog(out / "logs" / "train_log.csv", step if args.resume else None) if is_main else None
-    if use_tb:
-        accelerator.init_trackers("tb")
+    if use_tb or cfg.wandb_project:  # TensorBoard under output_dir/tb; wandb runs in wandb_project
+        accelerator.init_trackers(cfg.wandb_project or "tb", config=config_as_dict(cfg) if cfg.wandb_project else None,
+                                  init_kwargs={"wandb": {"dir": str(out)}} if cfg.wandb_project else {})  # fmt: skip
     progress = tqdm(total=cfg.max_steps, initial=step, disable=not is_main, desc="train", dynamic_ncols=True)
     window = {"loss": 0.0, "micro": 0, "samples": 0, "tokens": 0, "skipped": 0, "t0": time.perf_counter()}
     pt, ph, pw = unwrapped.config.patch_size
+    validator = None
+    if cfg.validation.every:  # videos from fixed prompts and seed, through the SDK's generation path
+        from opensora_sdk.models.auto import load_vae as load_any_vae
+
+        validator = val.Validator(
+            cfg.validation, card, device=device, out=out, is_main=is_main,
+            build_vae=lambda: load_any_vae(card["vae"], dtype=resolve_dtype(cfg.vae.dtype), device="cpu").eval(),
+            build_text_encoder=lambda: T5TextEncoder.from_pretrained(card["text_encoder"], unwrapped.config.model_max_length,
+                                                                     dtype=cfg.text_encoder.dtype, device="cpu"),
+            sp_group=getattr(unwrapped.sequence_parallel, "group", None),
+            autocast=accelerator.autocast if accelerator.mixed_precision in ("bf16", "fp16") else None,
+        )  # fmt: skip
     total_skipped, last_loss, grad_norm, t_start, saved_at = 0, float("nan"), float("nan"), time.perf_counter(), None
 
     # ---- the loop -------------------------------------------------------------------------------
@@ -443,8 +535,9 @@ def main(argv=None) -> dict:
                        "peak_mem_mib": round(peak_memory_mib(device), 1), "elapsed_s": round(time.perf_counter() - t_start, 2)}  # fmt: skip
                 if is_main:
                     log.write(row)
-                    progress.set_postfix(loss=f"{last_loss:.4f}", lr=f"{row['lr']:.2e}", sps=row["samples_per_s"])
-                if use_tb:
+                    progress.set_postfix(loss=f"{last_loss:.4f}", lr=f"{row['lr']:.2e}", gn=f"{row['grad_norm']:.3f}",
+                                         sps=row["samples_per_s"])  # fmt: skip
+                if use_tb or cfg.wandb_project:
                     accelerator.log({k: v for k, v in row.items() if k != "step"}, step=step)
                 window = {"loss": 0.0, "micro": 0, "samples": 0, "tokens": 0, "skipped": 0, "t0": time.perf_counter()}
 
@@ -453,6 +546,13 @@ def main(argv=None) -> dict:
                 saved_at = save(step)
                 if is_main:
                     logger.info("saved %s", saved_at)
+            if validator is not None and (step % cfg.validation.every == 0 or done):
+                files = validator.run(step, unwrapped, ema)
+                if is_main:
+                    logger.info("validation videos at step %d: %s", step, files[0].parent if files else "-")
+                    if use_tb:
+                        writer = accelerator.get_tracker("tensorboard", unwrap=True)
+                        writer.add_images("validation", val.frame_strip(validator.last_videos), step, dataformats="NCHW")
             if done:
                 break
         else:  # the epoch ran out
@@ -467,6 +567,7 @@ def main(argv=None) -> dict:
                "skipped": total_skipped, "world_size": accelerator.num_processes,
                "ranks_in_sync": None if is_fsdp else bool((digests == digests[:1]).all()),
                "param_digest": [float(d.sum()) for d in digests], "checkpoint": str(saved_at) if saved_at else None,
+               "adapter": str(saved_at / train_lora.EMA_FILE) if saved_at and lora_info else None,
                "peak_mem_mib": round(peak_memory_mib(device), 1), "wall_s": round(time.perf_counter() - t_start, 2)}  # fmt: skip
     if is_main:
         write_json_atomic(summary, out / "summary.json")
@@ -477,7 +578,7 @@ def main(argv=None) -> dict:
     from opensora_sdk import distributed
 
     distributed.shutdown()
-    if use_tb:
+    if use_tb or cfg.wandb_project:
         accelerator.end_training()  # trackers; its destroy_process_group is a no-op now
     return summary
 

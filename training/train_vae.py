@@ -31,6 +31,13 @@ decoded with its first latent frame replaced by the latent of its first frame en
 video's first latent drift apart (GroupNorm statistics span the whole chunk), and the first
 frame of an image-to-video clip is not the image.
 
+The official three stages (spec 10.1) are configs of the same stages (`configs/vae_stage{1,2,3}.yaml`,
+each starting from the previous one's `vae/` with `--init ... --start-stage`): stage 1 = `temporal`
+(z-loss + identity loss, 2D frozen), stage 2 = `temporal` with `train_spatial: true` (2D latents
+computed live, the 2D VAE unfrozen, no identity loss), stage 3 = `joint` on clips of a random
+length 1..33 with `perceptual_weight: 0.1` (LPIPS from `lpips_backbone`, a local file) and KL
+1e-6; `reduction: official` gives the official sums (/ (B*T), KL / B) instead of means.
+
 After stage C `shift` / `scale` are measured per channel on the data (the pipeline normalises
 z = (z - shift) / scale, so the diffusion model sees latents of unit variance), and at the end the model
 is written with `VideoAutoencoder.save_pretrained` to `output_dir/vae/` (`summary.json` holds
@@ -89,6 +96,9 @@ class StageSection:
     image_prob: float = 0.2  # temporal: share of steps with one-frame inputs (identity loss)
     first_frame_weight: float = 1.0  # temporal, joint, decoder: image-to-video consistency (see the module docstring)
     frame_interval: int = 1  # decoder: read every n-th frame of the clips
+    train_spatial: bool = False  # temporal: 2D latents computed live by a trainable 2D encoder (official stage 2)
+    perceptual_weight: float = 0.0  # joint: + this x LPIPS per frame (official stage 3: 0.1; needs lpips_backbone)
+    reduction: str = "mean"  # "official": sums over elements / (B*T), KL summed / B (spec 10.1); "mean": per element
 
 
 @dataclass
@@ -100,6 +110,8 @@ class VAETrainConfig:
     ckpt_every: int = 500
     data_csv: str | None = None
     max_clips: int = 512  # clips read into memory (the first ones of the CSV)
+    image_size: list | None = None  # [H, W]: clips resized to cover and centre-cropped (official: 256x256); None: as stored
+    min_frames: int = 2  # clips shorter than this are skipped (the official stage 3 reads 33-frame clips)
     eval_clips: int = 32  # clips for the final PSNR figures
     normalize_clips: int = 128  # clips whose latents give shift / scale
     temporal_cache_clips: int = 240  # clips whose 2D posteriors stage B draws from
@@ -110,6 +122,9 @@ class VAETrainConfig:
     temporal: StageSection = field(default_factory=StageSection)
     joint: StageSection = field(default_factory=StageSection)
     decoder: StageSection = field(default_factory=lambda: StageSection(steps=0))  # off unless configured
+    lpips_backbone: str | None = None  # torchvision vgg16 / alexnet weights file for the perceptual term ("random": tests)
+    lpips_net: str = "vgg"  # the official VAE loss uses a VGG LPIPS
+    lpips_lin: str | None = None  # LPIPS lin weights (default: the ones inside the lpips package)
 
 
 def load_config(path, overrides=()) -> VAETrainConfig:
@@ -125,11 +140,28 @@ def load_config(path, overrides=()) -> VAETrainConfig:
         allowed = {f.name for f in fields(StageSection)}
         if set(section) - allowed:
             raise ValueError(f"{path}: section {stage!r}: unknown key(s) {sorted(set(section) - allowed)}; allowed: {sorted(allowed)}")
-        data[stage] = StageSection(**{k: float(v) if isinstance(v, str) else v for k, v in section.items()})
+        data[stage] = StageSection(**{k: _yaml_number(v) for k, v in section.items()})
     cfg = VAETrainConfig(**data)
+    for stage in STAGES:
+        s = getattr(cfg, stage)
+        if s.reduction not in ("mean", "official"):
+            raise ValueError(f"{path}: {stage}.reduction={s.reduction!r}: choose mean or official")
+        if s.perceptual_weight and not cfg.lpips_backbone:
+            raise ValueError(f"{path}: {stage}.perceptual_weight needs lpips_backbone: a local torchvision {cfg.lpips_net} weights file "
+                             "(e.g. vgg16-397923af.pth); nothing is downloaded")  # fmt: skip
     if not cfg.data_csv:
         raise ValueError(f"{path}: data_csv is required (a CSV with a path column, e.g. from opensora_sdk.training.synthetic)")
     return cfg
+
+
+def _yaml_number(value):
+    """YAML reads 1e-5 as a string; numbers written so become floats, other strings stay."""
+    if isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            return value
+    return value
 
 
 def build_vae(cfg: VAETrainConfig) -> VideoAutoencoder:
@@ -144,11 +176,18 @@ def build_vae(cfg: VAETrainConfig) -> VideoAutoencoder:
 # ---- data -----------------------------------------------------------------------------------
 
 
-def load_clips(csv_path: str, max_clips: int) -> torch.Tensor:
-    """uint8 [N, F, H, W, 3] of the first `max_clips` videos of the CSV (all of one size)."""
-    rows = [r for r in read_table(csv_path) if int(r["num_frames"]) > 1][:max_clips]
+def load_clips(csv_path: str, max_clips: int, image_size=None, min_frames: int = 2) -> torch.Tensor:
+    """uint8 [N, F, H, W, 3] of the first `max_clips` videos of the CSV with at least `min_frames`
+    frames (all of one size, or resized to cover `image_size` and centre-cropped), cut to the shortest."""
+    rows = [r for r in read_table(csv_path) if int(r["num_frames"]) >= max(2, min_frames)][:max_clips]
+    if not rows:
+        raise ValueError(f"{csv_path}: no video with at least {max(2, min_frames)} frames")
     root = Path(csv_path).parent
     clips = [read_video(root / r["path"])[0] for r in rows]
+    if image_size:
+        from opensora_sdk.video_io import resize_crop
+
+        clips = [((resize_crop(c, *image_size) + 1) * 127.5).round().clamp(0, 255).byte().permute(1, 2, 3, 0).numpy() for c in clips]
     n = min(len(c) for c in clips)
     return torch.from_numpy(np.stack([c[:n] for c in clips]))
 
@@ -178,6 +217,29 @@ def draw_clips(clips, n, frames, gen, interval: int = 1):
 def kl_mean(posterior) -> torch.Tensor:
     """Mean over elements of KL(N(mean, var) || N(0, 1))."""
     return 0.5 * (posterior.mean.pow(2) + posterior.logvar.exp() - 1.0 - posterior.logvar).mean()
+
+
+def kl_term(posterior, s: StageSection) -> torch.Tensor:
+    """The KL of the stage's reduction: per-element mean, or the official sum over (C, T, H, W) / B."""
+    if s.reduction == "mean":
+        return kl_mean(posterior)
+    kl = 0.5 * (posterior.mean.pow(2) + posterior.logvar.exp() - 1.0 - posterior.logvar)
+    return kl.sum() / kl.shape[0]
+
+
+def z_loss(x_z_rec, x_z, s: StageSection) -> torch.Tensor:
+    """L1 of [B, C, T, h, w] latents: mean, or the official nll with logvar 0: sum / (B*T)."""
+    err = (x_z_rec - x_z).abs()
+    return err.mean() if s.reduction == "mean" else err.sum() / (err.shape[0] * err.shape[2])
+
+
+def official_pixel_loss(x, x_rec, s: StageSection, perceptual=None) -> tuple[torch.Tensor, float]:
+    """Spec 10.1: (|x - x_rec| + w * LPIPS per frame, broadcast over C, H, W) summed / (B*T); x [(B T), 3, H, W]."""
+    rec = (x_rec - x).abs()
+    if perceptual is not None and s.perceptual_weight:
+        rec = rec + s.perceptual_weight * perceptual(x, x_rec).mean(dim=(1, 2, 3), keepdim=True)
+    mse = (x_rec - x).pow(2).mean().item()
+    return rec.sum() / rec.shape[0], 10 * math.log10(4.0 / max(mse, 1e-12))  # rows are (B T) frames
 
 
 def pixel_loss(x, x_rec, s: StageSection) -> tuple[torch.Tensor, float]:
@@ -215,7 +277,7 @@ def draw_latents(cache, n: int, frames: int, gen) -> torch.Tensor:
     return rearrange(mu + sd * torch.randn(mu.shape, generator=gen), "B T C h w -> B C T h w")
 
 
-def stage_loss(stage: str, vae: VideoAutoencoder, clips, s: StageSection, gen, cache=None) -> tuple[torch.Tensor, dict]:
+def stage_loss(stage: str, vae: VideoAutoencoder, clips, s: StageSection, gen, cache=None, perceptual=None) -> tuple[torch.Tensor, dict]:
     sf = vae.config.spatial_scaling_factor
     if stage == "spatial":  # A: frames through the 2D autoencoder
         x = draw_frames(clips, s.batch_size, gen)
@@ -226,20 +288,25 @@ def stage_loss(stage: str, vae: VideoAutoencoder, clips, s: StageSection, gen, c
     if stage == "temporal":  # B: 2D latents (cached, 2D part frozen) through the temporal VAE
         one_frame = torch.rand((), generator=gen).item() < s.image_prob
         T = 1 if one_frame else s.frames
-        x_z = draw_latents(cache, s.batch_size, T, gen)
+        if s.train_spatial:  # official stage 2: the 2D encoder trains too, so x_z comes live from pixels
+            x = draw_clips(clips, s.batch_size, T, gen)
+            x_z, _ = spatial_latents(vae, rearrange(x, "B C T H W -> (B T) C H W"), gen)
+            x_z = rearrange(x_z, "(B T) C h w -> B C T h w", T=T)
+        else:
+            x_z = draw_latents(cache, s.batch_size, T, gen)
         posterior = vae.temporal_vae.encode(x_z)
         z = posterior.sample(gen)
-        rec = (vae.temporal_vae.decode(z, num_frames=T) - x_z).abs().mean()
+        rec = z_loss(vae.temporal_vae.decode(z, num_frames=T), x_z, s)
         loss, logs = rec, {"rec": rec.item()}
         if one_frame and z.shape == x_z.shape:  # identity: an image's temporal latent is its 2D latent
-            identity = (z - x_z).abs().mean()
+            identity = z_loss(z, x_z, s)
             loss, logs["identity"] = loss + identity, identity.item()
         if not one_frame and s.first_frame_weight > 0:  # image-to-video: the image's latent leads the chunk
             z_img = vae.temporal_vae.encode(x_z[:, :, :1]).sample(gen)
             mixed = vae.temporal_vae.decode(torch.cat([z_img, z[:, :, 1:]], dim=2), num_frames=T)
-            first = (mixed - x_z).abs().mean()
+            first = z_loss(mixed, x_z, s)
             loss, logs["first"] = loss + s.first_frame_weight * first, first.item()
-        kl = kl_mean(posterior)
+        kl = kl_term(posterior, s)
         return loss + s.kl_weight * kl, {**logs, "kl": kl.item()}
     if stage == "decoder":  # D: the temporal decoder on pixels; encoders and normalisation frozen
         x = draw_clips(clips, s.batch_size, s.frames, gen, s.frame_interval)
@@ -268,8 +335,13 @@ def stage_loss(stage: str, vae: VideoAutoencoder, clips, s: StageSection, gen, c
     z = posterior.sample(gen)
     x_z_rec = vae.temporal_vae.decode(z, num_frames=T)
     x_rec = vae.spatial.decode(rearrange(x_z_rec, "B C T h w -> (B T) C h w") / sf)
-    rec, psnr = pixel_loss(rearrange(x, "B C T H W -> (B T) C H W"), x_rec, s)
-    kl = kl_mean(posterior)
+    if s.reduction == "official":
+        rec, psnr = official_pixel_loss(rearrange(x, "B C T H W -> (B T) C H W"), x_rec, s, perceptual)
+    else:
+        rec, psnr = pixel_loss(rearrange(x, "B C T H W -> (B T) C H W"), x_rec, s)
+        if perceptual is not None and s.perceptual_weight:
+            rec = rec + s.perceptual_weight * perceptual(rearrange(x, "B C T H W -> (B T) C H W"), x_rec).mean()
+    kl = kl_term(posterior, s)
     loss, logs = rec + s.kl_weight * kl, {"rec": rec.item(), "psnr": psnr, "kl": kl.item(), "T": T}
     if T > 1 and s.first_frame_weight > 0:  # image-to-video: frame 0 decoded with the image's latent leading
         z_img = vae.temporal_vae.encode(x_z[:, :, :1]).sample(gen)
@@ -279,9 +351,22 @@ def stage_loss(stage: str, vae: VideoAutoencoder, clips, s: StageSection, gen, c
     return loss, logs
 
 
-def trainable(stage: str, vae: VideoAutoencoder) -> list[torch.nn.Parameter]:
+def build_perceptual(cfg: VAETrainConfig):
+    """The frozen LPIPS network of the perceptual term (spec 10.1), or None when no stage uses one."""
+    if not any(getattr(cfg, st).perceptual_weight for st in STAGES):
+        return None
+    from opensora_sdk.evaluation.metrics import LPIPS
+
+    if cfg.lpips_backbone == "random":  # tests: the loss path without weight files
+        return LPIPS.random(cfg.lpips_net)
+    return LPIPS.from_files(cfg.lpips_backbone, cfg.lpips_net, cfg.lpips_lin)
+
+
+def trainable(stage: str, vae: VideoAutoencoder, s: StageSection | None = None) -> list[torch.nn.Parameter]:
     modules = {"spatial": [vae.spatial], "temporal": [vae.temporal_vae], "joint": [vae.spatial, vae.temporal_vae],
                "decoder": [vae.temporal_vae.post_quant_conv, vae.temporal_vae.decoder]}[stage]
+    if stage == "temporal" and s is not None and s.train_spatial:
+        modules = [vae.spatial, vae.temporal_vae]  # official stage 2: the 2D VAE unfrozen
     return [p for m in modules for p in m.parameters()]
 
 
@@ -389,7 +474,7 @@ def main(argv=None) -> dict:
     torch.manual_seed(cfg.seed)
     vae = VideoAutoencoder.from_pretrained(args.init, dtype=torch.float32) if args.init else build_vae(cfg)
     gen = torch.Generator().manual_seed(cfg.seed)
-    clips = load_clips(cfg.data_csv, cfg.max_clips + cfg.eval_clips)
+    clips = load_clips(cfg.data_csv, cfg.max_clips + cfg.eval_clips, cfg.image_size, cfg.min_frames)
     if len(clips) <= cfg.eval_clips:
         raise ValueError(f"{cfg.data_csv}: {len(clips)} clips; need more than eval_clips={cfg.eval_clips}")
     train_clips = clips[: len(clips) - cfg.eval_clips]
@@ -397,6 +482,8 @@ def main(argv=None) -> dict:
     nt = sum(p.numel() for p in vae.temporal_vae.parameters())
     logger.info("VAE: 2D %.2fM + temporal %.2fM parameters; %d training clips of %s", n2d / 1e6, nt / 1e6, len(train_clips),
                 tuple(clips.shape[1:]))  # fmt: skip
+
+    perceptual = build_perceptual(cfg)
 
     # ---- resume ------------------------------------------------------------------------------
     ckpt_root = out / "checkpoints"
@@ -422,7 +509,7 @@ def main(argv=None) -> dict:
         if k < start_stage or s.steps == 0:
             continue
         vae.requires_grad_(False)
-        params = trainable(stage, vae)
+        params = trainable(stage, vae, s)
         for prm in params:
             prm.requires_grad_(True)
         vae.train()
@@ -433,7 +520,7 @@ def main(argv=None) -> dict:
             ckpt.restore_rng_state(resumed.rng_state, {"vae": gen})
             step = start_step
         cache = None
-        if stage == "temporal":
+        if stage == "temporal" and not s.train_spatial:
             tc = time.perf_counter()
             cache = cache_2d_posteriors(vae, train_clips, cfg.temporal_cache_clips)
             logger.info("2D posteriors of %d clips cached in %.0f s", len(cache[0]), time.perf_counter() - tc)
@@ -441,7 +528,7 @@ def main(argv=None) -> dict:
         while step < s.steps:
             for group in optimizer.param_groups:
                 group["lr"] = lr_at(step, s)
-            loss, logs = stage_loss(stage, vae, train_clips, s, gen, cache)
+            loss, logs = stage_loss(stage, vae, train_clips, s, gen, cache, perceptual)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             if s.grad_clip > 0:

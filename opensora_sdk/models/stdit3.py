@@ -160,7 +160,8 @@ class STDiT3(nn.Module):
 
     Run-time switches (not config fields): `set_attention_backend`, `gradient_checkpointing`
     (see `enable_gradient_checkpointing`), `set_sequence_parallel_group` (tokens sharded over
-    processes), and `official_bf16_quantization`. The latter, off by default, reproduces
+    processes), `set_block_callback` (a call before every block, e.g. an interrupt check),
+    and `official_bf16_quantization`. The latter, off by default, reproduces
     the official bf16 runs bit for bit in their quantisation: the timestep, fps, height and
     width are rounded to bfloat16 before use (985.96 -> 984, width 854 -> 856), and the
     RoPE and positional-embedding frequency tables are bfloat16. With it off, all of these
@@ -173,6 +174,7 @@ class STDiT3(nn.Module):
         self.official_bf16_quantization = official_bf16_quantization
         self.gradient_checkpointing = False
         self.sequence_parallel = None  # a stdit3_parallel.SequenceParallel, see set_sequence_parallel_group
+        self.block_callback = None  # fn() before every block, see set_block_callback
         C, depth = config.hidden_size, config.depth
         self.pos_embed = PositionEmbedding2D(C)
         self.rope = RotaryEmbedding(config.head_dim)
@@ -217,6 +219,13 @@ class STDiT3(nn.Module):
 
         off = group is None or group_size(group) == 1
         self.sequence_parallel = None if off else SequenceParallel(group, self.config.num_heads, mode)
+
+    def set_block_callback(self, fn=None):
+        """Call `fn()` before every block (spatial and temporal) of every forward; None: off.
+        Returns the previous callback. Front ends pass their interrupt check: it may raise to
+        stop a forward between blocks (one step of a large video takes minutes on a CPU)."""
+        previous, self.block_callback = self.block_callback, fn
+        return previous
 
     def enable_gradient_checkpointing(self, enabled: bool = True) -> None:
         """Recompute each block in backward (torch.utils.checkpoint, non-reentrant)."""
@@ -305,6 +314,8 @@ class STDiT3(nn.Module):
         return x
 
     def _call_block(self, block, *args):
+        if self.block_callback is not None:
+            self.block_callback()
         if self.gradient_checkpointing and torch.is_grad_enabled():
             return checkpoint(block, *args, use_reentrant=False)
         return block(*args)

@@ -14,7 +14,13 @@ working set plus the output, whatever the video length. Outputs are not clamped.
 Memory options: `micro_batch_size` (4 frames) and `micro_frame_size` (17) in the config, as
 officially; and, per call, `tiling=SpatialTiling(tile_size, overlap)` in pixels for the 2D
 stage (the temporal stage works at latent resolution and is never tiled). Tiling is off by
-default, so results match the official code. Randomness: both posteriors are sampled at encode time; pass `generator` to draw every
+default, so results match the official code.
+
+Progress: `encode` and `decode` take `progress(done, total)`, called after each unit of work
+(a temporal chunk, a micro-batch of frames, or one tile of it when tiling); it may raise to
+stop the work there (front ends raise their interrupt).
+
+Randomness: both posteriors are sampled at encode time; pass `generator` to draw every
 sample from it, or `noise_fn(shape) -> tensor` to supply each draw yourself (tests inject the
 recorded official draws this way). Draw order: one per spatial micro-batch, then one per
 temporal chunk. Without either, draws follow the official code: the spatial ones from the
@@ -49,9 +55,10 @@ from opensora_sdk.configs import (
 )
 from opensora_sdk.models.vae_spatial import AutoencoderKL, DiagonalGaussian, randn, rename_legacy_attention
 from opensora_sdk.models.vae_temporal import TemporalVAE
-from opensora_sdk.models.vae_tiling import SpatialTiling, tiled_decode, tiled_encode
+from opensora_sdk.models.vae_tiling import SpatialTiling, tile_starts, tiled_decode, tiled_encode
 
 NoiseFn = Callable[[tuple], torch.Tensor]
+ProgressFn = Callable[[int, int], None]  # progress(done, total) after each unit of work; may raise to stop
 
 
 # --------------------------------------------------------------------------------------------
@@ -99,6 +106,44 @@ def frames_for_latent_length(
         if latent_size(n, None, None, micro_frame_size=micro_frame_size, time_factor=time_factor)[0] == latent_frames
     ]
     return (fits[0], fits[-1]) if fits else None
+
+
+# --------------------------------------------------------------------------------------------
+# Progress (units of work: temporal chunks, micro-batches, tiles)
+# --------------------------------------------------------------------------------------------
+
+
+class WorkCounter:
+    """Counts units of work and reports `progress(done, total)` after each one (None: silent)."""
+
+    def __init__(self, progress: ProgressFn | None, total: int):
+        self.progress, self.total, self.done = progress, max(int(total), 1), 0
+
+    def tick(self) -> None:
+        self.done += 1
+        if self.progress is not None:
+            self.progress(min(self.done, self.total), self.total)
+
+    def counted(self, fn: Callable) -> Callable:
+        """`fn` that ticks after every call (a tile of a tiled encode / decode)."""
+
+        def run(x):
+            out = fn(x)
+            self.tick()
+            return out
+
+        return run
+
+
+def tile_count(height: int, width: int, tiling: SpatialTiling | None, factor: int, *, latent: bool) -> int:
+    """Tiles per frame of a (height, width) input: latents (decode) or pixels (encode)."""
+    if tiling is None:
+        return 1
+    if latent:
+        tile, overlap, align = tiling.tile_size // factor, tiling.overlap // factor, 1
+    else:
+        tile, overlap, align = tiling.tile_size, tiling.overlap, factor
+    return len(tile_starts(height, tile, overlap, align)) * len(tile_starts(width, tile, overlap, align))
 
 
 # --------------------------------------------------------------------------------------------
@@ -179,14 +224,22 @@ class VideoAutoencoder(nn.Module):
         *,
         noise_fn: NoiseFn | None = None,
         tiling: SpatialTiling | None = None,
+        progress: ProgressFn | None = None,
     ) -> torch.Tensor:
         """video [B, 3, N, H, W] in [-1, 1] -> normalised latent [B, 4, T', H/8, W/8].
 
         `sample=False` returns the posterior means (deterministic). See the module docstring
-        for `generator` / `noise_fn` and `tiling`.
+        for `generator` / `noise_fn`, `tiling` and `progress`.
         """
-        x_z = self.encode_spatial(video, sample, generator, noise_fn=noise_fn, tiling=tiling)
-        z = self.encode_temporal(x_z, sample, generator, noise_fn=noise_fn)
+        counter = None
+        if progress is not None and isinstance(video, torch.Tensor) and video.ndim == 5:
+            B, _, N, H, W = video.shape
+            step = self.config.micro_batch_size or B * N
+            mfs = self.config.micro_frame_size or N
+            tiles = tile_count(H, W, tiling, self.spatial_factor, latent=False)
+            counter = WorkCounter(progress, -(-B * N // step) * tiles + -(-N // mfs))
+        x_z = self.encode_spatial(video, sample, generator, noise_fn=noise_fn, tiling=tiling, _counter=counter)
+        z = self.encode_temporal(x_z, sample, generator, noise_fn=noise_fn, _counter=counter)
         return (z - self.shift) / self.scale
 
     def encode_spatial(
@@ -197,6 +250,7 @@ class VideoAutoencoder(nn.Module):
         *,
         noise_fn: NoiseFn | None = None,
         tiling: SpatialTiling | None = None,
+        _counter: WorkCounter | None = None,
     ) -> torch.Tensor:
         """Stage 1: video [B, 3, N, H, W] -> 2D latents x 0.18215, [B, 4, N, H/8, W/8]."""
         _check_video(video, self.config.vae_2d.in_channels, self.spatial_factor)
@@ -212,8 +266,11 @@ class VideoAutoencoder(nn.Module):
             batch = batch.to(self.device, kl.dtype)  # [m, 3, H, W]
             if tiling is None:
                 moments = kl.encode_moments(batch)
+                if _counter is not None:
+                    _counter.tick()
             else:
-                moments = tiled_encode(kl.encode_moments, batch, tiling, self.spatial_factor)
+                encode = kl.encode_moments if _counter is None else _counter.counted(kl.encode_moments)
+                moments = tiled_encode(encode, batch, tiling, self.spatial_factor)
             z = _draw(DiagonalGaussian(moments), sample, generator, noise_fn, official_cpu_fp32=False)
             latents.append(z * self.config.spatial_scaling_factor)  # [m, 4, h, w]
         return rearrange(torch.cat(latents), "(B N) C h w -> B C N h w", B=B)
@@ -225,6 +282,7 @@ class VideoAutoencoder(nn.Module):
         generator: torch.Generator | None = None,
         *,
         noise_fn: NoiseFn | None = None,
+        _counter: WorkCounter | None = None,
     ) -> torch.Tensor:
         """Stage 2: 2D latents [B, 4, N, h, w] -> raw temporal latent [B, 4, T', h, w]."""
         _check_noise_args(generator, noise_fn)
@@ -235,15 +293,19 @@ class VideoAutoencoder(nn.Module):
         for i in range(0, N, step):
             posterior = self.temporal_vae.encode(x_z[:, :, i : i + step])  # over [B, 4, ceil(n/4), h, w]
             z.append(_draw(posterior, sample, generator, noise_fn, official_cpu_fp32=True))
+            if _counter is not None:
+                _counter.tick()
         return torch.cat(z, dim=2)
 
     # ---- decode --------------------------------------------------------------------------
 
-    def decode(self, latent: torch.Tensor, num_frames: int, *, tiling: SpatialTiling | None = None) -> torch.Tensor:
+    def decode(self, latent: torch.Tensor, num_frames: int, *, tiling: SpatialTiling | None = None,
+               progress: ProgressFn | None = None) -> torch.Tensor:
         """Normalised latent [B, 4, T', h, w] -> video [B, 3, num_frames, 8h, 8w] (not clamped).
 
         `num_frames` must be a frame count whose latent length is T' (see `latent_size`).
-        Runs chunk by chunk into a preallocated output of the model's dtype.
+        Runs chunk by chunk into a preallocated output of the model's dtype; `progress(done,
+        total)` after each temporal chunk and each micro-batch (or tile) of frames.
         """
         _check_latent(latent, num_frames, self)
         kl = self.spatial
@@ -252,17 +314,31 @@ class VideoAutoencoder(nn.Module):
         f = self.spatial_factor
         c = self.config.vae_2d.out_channels
         out = torch.empty(B, c, num_frames, h * f, w * f, dtype=self.dtype, device=self.device)
+        counter = WorkCounter(progress, self._decode_units(B, num_frames, tile_count(h, w, tiling, f, latent=True)))
+        decode = kl.decode if tiling is None else counter.counted(kl.decode)
         for t0, x_z in self._temporal_chunks(z, num_frames):
+            counter.tick()
             n = x_z.shape[2]
             frames = rearrange(x_z, "B C n h w -> (B n) C h w") / self.config.spatial_scaling_factor
             step = self.config.micro_batch_size or frames.shape[0]
             for i in range(0, frames.shape[0], step):
                 batch = frames[i : i + step]  # [m, 4, h, w]
-                pixels = kl.decode(batch) if tiling is None else tiled_decode(kl.decode, batch, tiling, f)
+                pixels = decode(batch) if tiling is None else tiled_decode(decode, batch, tiling, f)
+                if tiling is None:
+                    counter.tick()
                 for j, frame in enumerate(pixels):  # [3, 8h, 8w]
                     b, t = divmod(i + j, n)
                     out[b, :, t0 + t] = frame
         return out
+
+    def _decode_units(self, batch: int, num_frames: int, tiles: int) -> int:
+        """Units of work of a decode: per temporal chunk, 1 + its micro-batches x tiles."""
+        mfs = self.config.micro_frame_size or num_frames
+        units = 0
+        for t0 in range(0, num_frames, mfs):
+            frames = batch * min(mfs, num_frames - t0)
+            units += 1 + -(-frames // (self.config.micro_batch_size or frames)) * tiles
+        return units
 
     def decode_temporal(self, latent: torch.Tensor, num_frames: int) -> torch.Tensor:
         """Stage 2 only: normalised latent -> 2D latents x 0.18215, [B, 4, num_frames, h, w]."""

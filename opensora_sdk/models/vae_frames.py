@@ -5,7 +5,8 @@ and its latent is scaled by 0.18215: video [B, 3, N, H, W] <-> latent [B, 4, N, 
 There is no temporal compression (one latent frame per video frame), so the v1.1 mask
 strategies count latent frames = video frames. The interface is `VideoAutoencoder`'s
 (`encode`, `decode`, `latent_size`, `from_pretrained`, `save_pretrained`, `dtype`, `device`),
-so the generation path takes either.
+so the generation path takes either, `progress(done, total)` included (after each micro-batch
+of frames, or each tile of one when tiling; it may raise to stop).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from einops import rearrange
 from torch import nn
 
 from opensora_sdk.configs import AutoencoderKLConfig
+from opensora_sdk.models.vae import ProgressFn, WorkCounter, tile_count
 from opensora_sdk.models.vae_spatial import AutoencoderKL, DiagonalGaussian
 from opensora_sdk.models.vae_tiling import SpatialTiling, tiled_decode, tiled_encode
 
@@ -70,24 +72,33 @@ class FrameAutoencoder(nn.Module):
         for i in range(0, B * N, step):
             yield flat[i : i + step]
 
+    def _counter(self, shape, tiling, progress, latent: bool) -> WorkCounter:
+        B, _, N, H, W = shape
+        step = self.micro_batch_size or B * N
+        tiles = tile_count(H, W, tiling, self.spatial_factor, latent=latent)
+        return WorkCounter(progress, -(-B * N // step) * tiles)
+
     def encode(self, video: torch.Tensor, sample: bool = True, generator: torch.Generator | None = None, *,
-               tiling: SpatialTiling | None = None) -> torch.Tensor:
+               tiling: SpatialTiling | None = None, progress: ProgressFn | None = None) -> torch.Tensor:
         """video [B, 3, N, H, W] in [-1, 1] -> latent [B, 4, N, H/8, W/8] (x 0.18215); sampled
         from the posterior with `generator` unless `sample=False` (the means)."""
         if video.dim() != 5 or video.shape[1] != self.config.in_channels:
             raise ValueError(f"video must be [B, {self.config.in_channels}, N, H, W], got {tuple(video.shape)}")
         B = video.shape[0]
+        counter = self._counter(video.shape, tiling, progress, latent=False)
+        encode = self.kl.encode_moments if tiling is None else counter.counted(self.kl.encode_moments)
         out = []
         for batch in self._frames(video):
             batch = batch.to(self.device, self.dtype)
-            moments = (self.kl.encode_moments(batch) if tiling is None
-                       else tiled_encode(self.kl.encode_moments, batch, tiling, self.spatial_factor))
+            moments = encode(batch) if tiling is None else tiled_encode(encode, batch, tiling, self.spatial_factor)
+            if tiling is None:
+                counter.tick()
             posterior = DiagonalGaussian(moments)
             out.append((posterior.sample(generator) if sample else posterior.mode()) * SCALING_FACTOR)
         return rearrange(torch.cat(out), "(B N) C h w -> B C N h w", B=B)
 
     def decode(self, latent: torch.Tensor, num_frames: int | None = None, *,
-               tiling: SpatialTiling | None = None) -> torch.Tensor:
+               tiling: SpatialTiling | None = None, progress: ProgressFn | None = None) -> torch.Tensor:
         """latent [B, 4, N, h, w] -> video [B, 3, N, 8h, 8w] (not clamped), in the model's dtype."""
         if latent.dim() != 5 or latent.shape[1] != self.config.latent_channels:
             raise ValueError(f"latent must be [B, {self.config.latent_channels}, N, h, w], got {tuple(latent.shape)}")
@@ -97,10 +108,13 @@ class FrameAutoencoder(nn.Module):
                 "compression: one latent frame per video frame)"
             )
         B = latent.shape[0]
+        counter = self._counter(latent.shape, tiling, progress, latent=True)
+        decode = self.kl.decode if tiling is None else counter.counted(self.kl.decode)
         out = []
         for batch in self._frames(latent.to(self.device) / SCALING_FACTOR):
-            out.append(self.kl.decode(batch) if tiling is None
-                       else tiled_decode(self.kl.decode, batch, tiling, self.spatial_factor))
+            out.append(decode(batch) if tiling is None else tiled_decode(decode, batch, tiling, self.spatial_factor))
+            if tiling is None:
+                counter.tick()
         return rearrange(torch.cat(out).to(self.dtype), "(B N) C h w -> B C N h w", B=B)
 
     @classmethod

@@ -30,6 +30,9 @@ import torch
 
 from opensora_sdk.sizes import ASPECT_RATIOS, get_aspect_ratios_dict, get_closest_ratio, parse_num_frames
 
+# "official": a T-frame bucket takes clips of more than T * frame_interval frames (the official
+# rule); "window": also clips of exactly T * frame_interval frames (they fill the crop window)
+LENGTH_RULES = ("official", "window")
 BucketId = tuple  # (resolution name, num_frames, aspect-ratio key), e.g. ("144p", 51, "0.56")
 APPROX = 0.8  # a sample qualifies for a resolution when H*W >= APPROX * pixels(resolution)
 
@@ -93,7 +96,10 @@ class BucketConfig:
     seed offset). Errors name the resolution, the frame count, the value and what is allowed.
     """
 
-    def __init__(self, config: Mapping | str, extra_resolutions: Mapping[str, int] | None = None):
+    def __init__(self, config: Mapping | str, extra_resolutions: Mapping[str, int] | None = None, length_rule: str = "official"):
+        if length_rule not in LENGTH_RULES:
+            raise ValueError(f"length_rule={length_rule!r} is not allowed: choose one of {LENGTH_RULES}")
+        self.length_rule = length_rule
         if isinstance(config, str):
             if config not in BUCKET_PRESETS:
                 raise ValueError(f"bucket config {config!r} is not a preset; presets: {sorted(BUCKET_PRESETS)}, or give a mapping")
@@ -171,7 +177,8 @@ class BucketConfig:
         Official rules: resolutions in descending pixel count, skipping those with
         H*W < 0.8 * pixels. Images (T == 1) take the `1` entry with probability p. Videos try
         lengths t != 1 in descending order; a tuple entry is considered only if
-        rng.random() <= p_len; the first t with T > t * frame_interval wins; the resolution is
+        rng.random() <= p_len; the first t with T > t * frame_interval wins (`length_rule`
+        "window": T >= t * frame_interval, a clip that exactly fills the crop window); the resolution is
         then accepted if p >= 1 or rng.random() < p (the same rng), else the next smaller
         resolution is tried. rng = np.random.default_rng(seed + bucket_index(res, t)).
         """
@@ -195,7 +202,7 @@ class BucketConfig:
                 rng = np.random.default_rng(seed + self.bucket_index(res, t))
                 if isinstance(keep, tuple) and rng.random() > keep[1]:
                     continue
-                if T > t * frame_interval:
+                if T > t * frame_interval or (self.length_rule == "window" and T == t * frame_interval):
                     chosen = (t, keep, rng)
                     break
             if chosen is None:

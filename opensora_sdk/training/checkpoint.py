@@ -57,16 +57,54 @@ def list_checkpoints(root: str | os.PathLike) -> list[Path]:
     return sorted(found, key=lambda p: int(p.name[len(PREFIX) :]))
 
 
-def resolve_resume(value: str | os.PathLike, *roots: str | os.PathLike) -> Path:
-    """`--resume latest` -> the newest checkpoint of the last of `roots` (in run order) that has
-    one; a path -> that checkpoint."""
+def checkpoint_problems(folder: str | os.PathLike) -> list[str]:
+    """What is wrong with a checkpoint folder, cheaply (no tensor is read): state.json must be
+    JSON; every safetensors file must have a readable header whose tensors fill the file; every
+    torch file must be a complete zip archive. [] for a good checkpoint."""
+    import zipfile
+
+    from opensora_sdk.loading import CheckpointError, check_weight_files
+
+    folder = Path(folder)
+    problems = []
+    try:
+        json.loads((folder / "state.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError) as err:
+        problems.append(f"{folder / 'state.json'}: {err}")
+    for path in sorted(folder.rglob("*")):
+        if not path.is_file():
+            continue
+        if path.suffix == ".safetensors":
+            try:
+                check_weight_files([path])
+            except (CheckpointError, OSError, ValueError) as err:
+                problems.append(f"{path}: {str(err).splitlines()[0]}")
+        elif path.suffix == ".pt" and not zipfile.is_zipfile(path):
+            problems.append(f"{path}: not a complete torch file (truncated or damaged)")
+        elif path.suffix == ".json" and path.name != "state.json":
+            try:
+                json.loads(path.read_text(encoding="utf-8"))
+            except (OSError, ValueError) as err:
+                problems.append(f"{path}: {err}")
+    return problems
+
+
+def resolve_resume(value: str | os.PathLike, *roots: str | os.PathLike, warn: Callable[[str], None] | None = None) -> Path:
+    """`--resume latest` -> the newest good checkpoint of the last of `roots` (in run order)
+    that has one: a damaged or half-written one (`checkpoint_problems`) is named through `warn`
+    (default: the logging module) and the next older one is taken. A path -> that checkpoint."""
     if str(value) == "latest":
+        import logging
+
+        warn = warn or logging.getLogger(__name__).warning
         for root in reversed(roots):
-            found = list_checkpoints(root)
-            if found:
-                return found[-1]
+            for folder in reversed(list_checkpoints(root)):
+                problems = checkpoint_problems(folder)
+                if not problems:
+                    return folder
+                warn(f"--resume latest: skipping the damaged checkpoint {folder} ({'; '.join(problems[:3])}); trying an older one")
         where = " or ".join(repr(str(r)) for r in roots)
-        raise FileNotFoundError(f"--resume latest: no complete checkpoint (step-N/state.json) under {where}")
+        raise FileNotFoundError(f"--resume latest: no complete checkpoint (step-N/state.json, readable) under {where}")
     folder = Path(value)
     if not (folder / "state.json").is_file():
         raise FileNotFoundError(
@@ -176,12 +214,14 @@ def save_checkpoint(
     rng_state: dict | None = None,
     train_state: dict | None = None,
     keep_last: int | None = None,
+    extra: Callable[[Path], None] | None = None,
 ) -> Path:
     """Write one checkpoint atomically; call on every rank with the same `step`.
 
     The main process writes the shared pieces (model, ema, optimizer unless sharded,
     scheduler, sampler, state); every rank writes its RNG state (and optimizer shard).
-    `barrier` synchronises the ranks (a no-op for one process).
+    `barrier` synchronises the ranks (a no-op for one process). `extra(folder)` writes more
+    files into the checkpoint before it is committed (main process).
     """
     root = Path(root)
     tmp, final = root / (TEMP_PREFIX + checkpoint_name(step)[len(PREFIX):]), root / checkpoint_name(step)
@@ -207,6 +247,8 @@ def save_checkpoint(
                 _torch_save(value, tmp / name)
         if sampler_state is not None:
             write_json_atomic(sampler_state, tmp / "sampler.json")
+        if extra is not None:  # more files of the main process (adapters, generation.json)
+            extra(tmp)
     barrier()
     if is_main:
         write_json_atomic({"step": int(step), **(train_state or {})}, tmp / "state.json")

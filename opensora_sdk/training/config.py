@@ -52,6 +52,7 @@ class TextEncoderSection:
 class DataSection:
     csv: str | None = None  # .csv or .parquet with path, text, num_frames, height, width
     frame_interval: int = 1
+    length_rule: str = "official"  # "window": a T-frame bucket also takes clips of exactly T * frame_interval frames
     buckets: dict = field(default_factory=dict)  # {resolution: {num_frames: [keep_prob, batch_size]}}
     extra_resolutions: dict = field(default_factory=dict)  # {name: pixel count} for small custom buckets
     fixed_size: dict | None = None  # {num_frames, image_size: [H, W], batch_size}: one size, centre crop (v1.0), instead of buckets
@@ -85,6 +86,31 @@ class OptimSection:
     ema_decay: float = 0.99
     gradient_accumulation_steps: int = 1
     fused: bool = False  # torch's fused AdamW kernel (CUDA): faster, no foreach temporaries (-4.8 GB peak on XL/2)
+    name: str = "adamw"  # adamw | adamw8bit (bitsandbytes' 8-bit AdamW: a quarter of the optimizer memory; CUDA)
+
+
+@dataclass
+class LoraSection:
+    """Train a LoRA adapter instead of the whole transformer (`opensora_sdk.training.lora`)."""
+
+    rank: int = 0  # 0: off (full fine-tune); e.g. 16
+    alpha: float | None = None  # scale = alpha / rank; null: alpha = rank
+    dropout: float = 0.0
+    target_modules: list = field(default_factory=lambda: ["attention", "cross_attention", "mlp"])  # groups or name regexes
+    base_dtype: str | None = None  # bf16 | fp16: keep the frozen base weights in that dtype (needs mixed_precision)
+    save_dtype: str = "fp32"  # dtype of the adapter files (fp16 halves them)
+
+
+@dataclass
+class ValidationSection:
+    """Videos generated every `every` steps from fixed prompts and seed (OpenSoraPipeline)."""
+
+    every: int = 0  # optimizer steps; 0: off
+    prompts: list = field(default_factory=list)
+    seed: int = 0
+    num_steps: int | None = None  # null: the run's generation defaults
+    guidance_scale: float | None = None
+    ema: bool = True  # sample with the EMA weights (what the checkpoint's ema/ holds)
 
 
 @dataclass
@@ -98,7 +124,8 @@ class TrainConfig:
     log_every: int = 10
     ckpt_every: int = 200
     keep_last: int | None = None  # keep only the newest N checkpoints
-    tensorboard: bool = True  # used when the tensorboard package is installed
+    tensorboard: bool = True  # used when the tensorboard package is installed (pip install -e ".[training]")
+    wandb_project: str | None = None  # also log to Weights & Biases (needs the wandb package)
     sp_size: int = 1  # sequence parallelism degree (needs opensora_sdk.distributed)
     mask_ratios: Any = "stage1"  # preset name ("v1.1" for STDiT2), {type: ratio} or null (STDiT: must be null)
     scheduler: dict = field(default_factory=dict)  # RectifiedFlow fields (STDiT3), or IDDPM's diffusion_steps (STDiT2 / STDiT)
@@ -108,12 +135,16 @@ class TrainConfig:
     data: DataSection = field(default_factory=DataSection)
     features: FeaturesSection = field(default_factory=FeaturesSection)
     optim: OptimSection = field(default_factory=OptimSection)
+    lora: LoraSection = field(default_factory=LoraSection)
+    validation: ValidationSection = field(default_factory=ValidationSection)
+    generation: dict = field(default_factory=dict)  # generation defaults recorded in checkpoints (height, width, num_frames, fps, ...)
 
 
 _SECTION_TYPES = {
     "model": ModelSection, "vae": VAESection, "text_encoder": TextEncoderSection, "data": DataSection,
-    "features": FeaturesSection, "optim": OptimSection,
+    "features": FeaturesSection, "optim": OptimSection, "lora": LoraSection, "validation": ValidationSection,
 }  # fmt: skip
+OPTIMIZERS = ("adamw", "adamw8bit")
 
 
 def _build(cls, data: dict, where: str):
@@ -211,11 +242,39 @@ def check_config(cfg: TrainConfig) -> None:
     _check(d.fps_condition in FPS_CONDITIONS, "data.fps_condition", d.fps_condition, f"one of {FPS_CONDITIONS}")
     _check(d.ar_condition in AR_CONDITIONS, "data.ar_condition", d.ar_condition, f"one of {AR_CONDITIONS}")
     _check(_pos_int(d.frame_interval), "data.frame_interval", d.frame_interval, "an integer >= 1")
+    _check(d.length_rule in ("official", "window"), "data.length_rule", d.length_rule,
+           "official (more than T * frame_interval source frames) or window (at least that many)")
     _check(isinstance(d.num_workers, int) and d.num_workers >= 0, "data.num_workers", d.num_workers, "an integer >= 0")
     t = cfg.text_encoder
     _check((t.from_pretrained is None) != (t.tiny_t5 is None), "text_encoder.from_pretrained", t.from_pretrained,
            "set exactly one of text_encoder.from_pretrained and text_encoder.tiny_t5")  # fmt: skip
     _check(_pos_int(cfg.features.batch_size), "features.batch_size", cfg.features.batch_size, "an integer >= 1")
+    _check(o.name in OPTIMIZERS, "optim.name", o.name, f"one of {OPTIMIZERS}")
+    if cfg.wandb_project:
+        import importlib.util
+
+        if importlib.util.find_spec("wandb") is None:
+            raise ValueError(f"config wandb_project={cfg.wandb_project!r} needs the wandb package: pip install wandb")
+    lo = cfg.lora
+    _check(isinstance(lo.rank, int) and lo.rank >= 0, "lora.rank", lo.rank, "an integer >= 0 (0: full fine-tune)")
+    _check(lo.alpha is None or (isinstance(lo.alpha, (int, float)) and lo.alpha > 0), "lora.alpha", lo.alpha, "null or a number > 0")
+    _check(isinstance(lo.dropout, (int, float)) and 0 <= lo.dropout < 1, "lora.dropout", lo.dropout, "a number in [0, 1)")
+    _check(isinstance(lo.target_modules, list) and lo.target_modules and all(isinstance(t, str) for t in lo.target_modules),
+           "lora.target_modules", lo.target_modules, "a non-empty list of groups (attention, cross_attention, mlp) or name regexes")  # fmt: skip
+    _check(lo.base_dtype in (None, "bf16", "fp16", "fp32"), "lora.base_dtype", lo.base_dtype, "null, bf16, fp16 or fp32")
+    _check(lo.base_dtype in (None, "fp32") or cfg.mixed_precision in ("bf16", "fp16"), "lora.base_dtype", lo.base_dtype,
+           "bf16 / fp16 base weights need mixed_precision: bf16 or fp16")  # fmt: skip
+    _check(lo.save_dtype in ("fp32", "fp16", "bf16"), "lora.save_dtype", lo.save_dtype, "fp32, fp16 or bf16")
+    v = cfg.validation
+    _check(isinstance(v.every, int) and v.every >= 0, "validation.every", v.every, "an integer >= 0 (0: off)")
+    _check(isinstance(v.prompts, list) and all(isinstance(p, str) for p in v.prompts), "validation.prompts", v.prompts, "a list of strings")
+    _check(not v.every or bool(v.prompts), "validation.prompts", v.prompts, "at least one prompt when validation.every > 0")
+    from opensora_sdk.presets import check_defaults
+
+    try:
+        check_defaults(cfg.generation)
+    except ValueError as err:
+        raise ValueError(f"config generation: {err}") from None
 
 
 def _fixed_size(value) -> dict:
