@@ -61,6 +61,7 @@ def read_table(path: str | os.PathLike, required: Sequence[str] = REQUIRED_COLUM
     if path.suffix.lower() == ".parquet":
         try:
             import pandas as pd
+            import pyarrow  # noqa: F401  (pandas reads parquet through it)
         except ImportError:
             raise ImportError(f"reading {str(path)!r} needs pandas and pyarrow (pip install pandas pyarrow); or convert it to CSV") from None
         frame = pd.read_parquet(path)
