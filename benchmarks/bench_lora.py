@@ -115,7 +115,7 @@ def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--lora", default=str(SHIPPED), help="the adapter (default: the shipped big.safetensors)")
     p.add_argument("--scale", type=float, default=1.0, help="adapter scale (default 1)")
-    p.add_argument("--per-triple", type=int, default=2, help="backgrounds per held-out triple (default 2: 36 prompts)")
+    p.add_argument("--per-triple", type=int, default=4, help="backgrounds per held-out triple (default 4: 72 prompts)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--json", default=None, help="write the figures and every case here")

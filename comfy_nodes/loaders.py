@@ -167,7 +167,7 @@ def load_model(choice: str, dtype: str = "auto", attention: str = "sdpa") -> Loa
     """Any family's transformer (STDiT3 v1.2, STDiT2 v1.1, STDiT v1.0), recognised from the file."""
     from opensora_sdk.families import family_of
     from opensora_sdk.models.auto import load_transformer
-    from opensora_sdk.presets import get_preset
+    from opensora_sdk.presets import generation_card, get_preset
 
     torch_dtype = resolve_dtype(dtype, host.torch_device())
     if choice == BUILTIN:
@@ -179,6 +179,9 @@ def load_model(choice: str, dtype: str = "auto", attention: str = "sdpa") -> Loa
         with explained("model", choice, path):
             transformer = load_transformer(path, dtype=torch_dtype, device=host.offload_device("unet"))
         source, max_frames = str(path), family_of(transformer).max_latent_frames
+        card = generation_card(path)  # a training checkpoint's generation.json: its own clip-length limit
+        if card and card.get("max_latent_frames") is not None:
+            max_frames = card["max_latent_frames"]
     transformer.set_attention_backend(attention)
     transformer.to(host.offload_device("unet"))
     return LoadedModel(transformer.eval().requires_grad_(False), source, torch_dtype, max_frames)

@@ -343,6 +343,8 @@ def _configs_and_plan(args, prompts: list[str] | None = None, num_sample: int = 
                 "--text-encoder (leave --preset out to load those)"
             )
     configs = model_configs(_preset_name(args), model=args.model, vae=args.vae, text_encoder=args.text_encoder)
+    if _apply_generation_card(args).get("max_latent_frames") is not None:  # a checkpoint's own clip-length limit
+        configs.max_latent_frames = args._generation_card["max_latent_frames"]
     _check_sources(configs, args)
     kwargs = _plan_kwargs(args, configs)
     texts, _, kwargs["reference_path"], kwargs["mask_strategy"] = repeat_per_prompt(
