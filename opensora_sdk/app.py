@@ -160,6 +160,7 @@ class Backend:
         self.watermark = watermark
         self.lock = threading.Lock()  # one generation at a time, also after a cancelled one
         self.last_outcome = None  # "done", "stopped" or "failed" (for tests and logs)
+        self.runs: list[tuple[float, float]] = []  # (start, end) of each generation, monotonic seconds
 
     def defaults(self) -> dict[str, Any]:
         """The model's defaults for the page's sliders (its preset's, else its family's)."""
@@ -206,6 +207,7 @@ class Backend:
             if stop is not None and stop.is_set():
                 self.last_outcome = "stopped"
                 return None
+            start = time.monotonic()
             try:
                 video = self.pipe.generate(plan, callback=callback, progress=False)[0]
             except SamplingInterrupted:
@@ -218,6 +220,7 @@ class Backend:
                 video.metadata.update(original_prompt=loop_prompt(req), refined_prompt=refined)
             path = self._save(video)
             self.last_outcome = "done"
+            self.runs.append((start, time.monotonic()))
         seed = plan.seeds[0]
         what = "image" if video.num_frames == 1 else f"{video.num_frames} frames at {video.fps:g} fps"
         message = f"seed {seed}, {video.height}x{video.width}, {what}: {path.name}"
