@@ -12,7 +12,9 @@ the frame; the built-in model only saw 0.15 to 0.19, and never the word). Prompt
   nor the adapter's training data), each on `--per-triple` backgrounds;
 * ordinary, held out: the same triples without "big" (what benchmarks/bench_quality.py asks).
 
-Each clip is measured as bench_quality does (colour, shape, direction; `shapes_benchmark`) plus
+Every prompt runs with `--seeds` seeds (default 3: 216 clips per line; the shape measure
+swings by 7 points between seeds on 72 clips). Each clip is measured as bench_quality does
+(colour, shape, direction; `shapes_benchmark`) plus
 size: the median over frames of the object's bounding-box side as a share of the frame, "big"
 at >= 0.45 (rendered big shapes after the VAE: 0.42 to 0.97, ordinary ones: 0.28 to 0.41).
 "VAE ceiling (big)" measures rendered big clips after the tiny VAE's encode + decode.
@@ -116,7 +118,8 @@ def main(argv=None) -> dict:
     p.add_argument("--lora", default=str(SHIPPED), help="the adapter (default: the shipped big.safetensors)")
     p.add_argument("--scale", type=float, default=1.0, help="adapter scale (default 1)")
     p.add_argument("--per-triple", type=int, default=4, help="backgrounds per held-out triple (default 4: 72 prompts)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="first seed (default 0)")
+    p.add_argument("--seeds", type=int, default=3, help="seeds per prompt (default 3)")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--json", default=None, help="write the figures and every case here")
     args = p.parse_args(argv)
@@ -125,15 +128,20 @@ def main(argv=None) -> dict:
     t0, r0 = time.perf_counter(), resource.getrusage(resource.RUSAGE_SELF)
     pipe = OpenSoraPipeline.from_preset(device="cpu", progress=False)
     big, ordinary = big_cases(args.per_triple), held_out_cases(per_triple=args.per_triple)
-    results = {"base, big prompts": generate(pipe, big, True, args.seed),
-               "base, ordinary prompts": generate(pipe, ordinary, False, args.seed + 10_000)}  # fmt: skip
+    seeds = [(args.seed + k) * 100_000 for k in range(args.seeds)]  # seed s: prompts s, s + 1, ... (ordinary: +10000)
+
+    def run(cases, want_big, offset=0):
+        return [row for s in seeds for row in generate(pipe, cases, want_big, s + offset)]
+
+    results = {"base, big prompts": run(big, True), "base, ordinary prompts": run(ordinary, False, 10_000)}
     pipe.load_lora_weights(args.lora, adapter_name="bench", scale=args.scale)
-    results["LoRA, big prompts"] = generate(pipe, big, True, args.seed)
-    results["LoRA, ordinary prompts"] = generate(pipe, ordinary, False, args.seed + 10_000)
+    results["LoRA, big prompts"] = run(big, True)
+    results["LoRA, ordinary prompts"] = run(ordinary, False, 10_000)
     results["VAE ceiling (big)"] = vae_ceiling(pipe.vae, big, args.seed)
     r1 = resource.getrusage(resource.RUSAGE_SELF)
     summary = {name: summarize(rows) for name, rows in results.items()}
-    print(f"adapter {args.lora} (scale {args.scale}); built-in model, 64x64, 17 frames, seed {args.seed}")
+    print(f"adapter {args.lora} (scale {args.scale}); built-in model, 64x64, 17 frames, 20 steps, guidance 5; "
+          f"{len(big)} prompts x {args.seeds} seeds")
     for name, s in summary.items():
         print(line(name, s))
     base, lora = summary["base, ordinary prompts"], summary["LoRA, ordinary prompts"]
