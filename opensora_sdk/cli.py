@@ -132,7 +132,11 @@ def _add_generation_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--save-fps", type=float, default=None, help="frame rate written to the file (default --fps)")
 
     g = p.add_argument_group("sampling")
-    g.add_argument("--num-sampling-steps", type=int, default=None, help="rectified-flow steps (default: preset, else 30)")
+    g.add_argument("--num-sampling-steps", type=int, default=None,
+                   help="sampling steps (default: the preset's, else the family's: v1.2 30, v1.1/v1.0 100, dpm-solver 20)")
+    g.add_argument("--sampler", default=None, choices=("rflow", "iddpm", "dpm-solver"),
+                   help="sampling method (default: the model's own: v1.2 rflow, v1.1/v1.0 iddpm; "
+                   "dpm-solver: v1.1/v1.0 only, no references)")
     g.add_argument("--cfg-scale", type=float, default=None, help="classifier-free guidance scale (default: preset, else 7.0)")
     g.add_argument("--aes", type=_optional_float("--aes"), default="default",
                    help="aesthetic score appended to prompts; 'none': no suffix (default: the model family's, 6.5 for "
@@ -285,14 +289,15 @@ def _plan_kwargs(args, configs) -> dict:
         defaults.update(num_frames=fixed[0], height=fixed[1] * f, width=fixed[2] * f)
     height, width = args.image_size or (None, None)
     sized = resolve_defaults(
-        defaults, preset.family, loop=args.loop, resolution=args.resolution, aspect_ratio=args.aspect_ratio,
-        height=height, width=width, num_frames=args.num_frames, fps=args.fps, num_steps=args.num_sampling_steps,
+        defaults, preset.family, loop=args.loop, sampler=args.sampler, resolution=args.resolution,
+        aspect_ratio=args.aspect_ratio, height=height, width=width, num_frames=args.num_frames, fps=args.fps, num_steps=args.num_sampling_steps,
         guidance_scale=args.cfg_scale, **({} if args.align == "default" else {"align": args.align}),
         **({} if args.aes == "default" else {"aesthetic_score": args.aes}),
     )
     return dict(
         **sized,
         timestep_warp=True,
+        sampler=args.sampler,
         conditions=(),
         reference_path=_one_or_list(args.reference_path),
         mask_strategy=_one_or_list(args.mask_strategy),

@@ -5,7 +5,8 @@ take a `ModelFamily` and never ask which family they run. A family says:
 
     defaults       its official inference defaults (spec 6.1, 9.1, 9.2), one table (v1.1 and
                    v1.0 were not trained with score suffixes: no aesthetic score)
-    scheduler      make_scheduler(num_steps, timestep_warp) and the sampling loop `sample`
+    samplers       its sampling methods (`Sampler`: scheduler, timesteps, loop, default steps),
+                   the first the official default; v1.0 and v1.1 also offer DPM-Solver++
     model_inputs   the conditioning tensors its transformer takes besides x, t, y, mask
     frame_interval the output plays at fps / frame_interval (v1.1 and v1.0 feed the model
                    24 fps and save their 3x subsampled clips at 8 fps)
@@ -15,7 +16,7 @@ take a `ModelFamily` and never ask which family they run. A family says:
     v1.1    STDiT2       IDDPM, 100 steps (f32)     SD VAE per frame       T5-XXL, 200 tokens
     v1.0    STDiT        IDDPM, 100 steps (f64)     SD VAE per frame       T5-XXL, 120 tokens
 
-Every `sample` adapter has one signature: (model_fn, z, scheduler, *, size=(H, W, N), y,
+Every `Sampler.sample` adapter has one signature: (model_fn, z, scheduler, *, size=(H, W, N), y,
 y_null, y_mask, guidance_scale, frame_mask, model_kwargs, noise_sampler, callback) -> z.
 """
 
@@ -96,8 +97,72 @@ def _no_inputs(plan, batch: int, device) -> dict[str, torch.Tensor]:
 
 
 # --------------------------------------------------------------------------------------------
+# v1.0 and v1.1: DPM-Solver++ (the fast sampler of the v1.0 demo, spec 5.4)
+# --------------------------------------------------------------------------------------------
+
+
+def _dpm_solver(num_steps: int, timestep_warp: bool = True):  # no warp either
+    from opensora_sdk.schedulers.dpm_solver import DPMSolver
+
+    return DPMSolver(num_sampling_steps=num_steps)
+
+
+def _dpm_solver_timesteps(solver, height: int, width: int, num_frames: int) -> tuple[float, ...]:
+    """The model times of the K model calls (the last state is not evaluated)."""
+    return tuple(float(t) for t in solver.schedule.model_time(solver.timesteps()[:-1]))
+
+
+def _dpm_solver_sample(model_fn, z, solver, *, size, frame_mask, noise_sampler, **kwargs):
+    """DPM-Solver batches guidance as [uncond; cond]; the model functions of this package take
+    [cond; uncond] (a negative prompt's mask goes with the second half), so the halves are
+    swapped around the call. No frame masks (the plan refuses references) and no draws."""
+    from opensora_sdk.schedulers.dpm_solver import sample_dpm_solver
+
+    if frame_mask is not None:
+        raise ValueError("the dpm-solver sampler takes no references: use sampler='iddpm'")
+    B = z.shape[0]
+
+    def swap(v):
+        return torch.cat([v[B:], v[:B]], 0) if isinstance(v, torch.Tensor) and v.dim() > 0 and v.shape[0] == 2 * B else v
+
+    def cond_first(x, t, *, y, mask, x_mask=None, **kw):
+        if x.shape[0] != 2 * B:
+            return model_fn(x, t, y=y, mask=mask, x_mask=x_mask, **kw)
+        out = model_fn(swap(x), swap(t), y=swap(y), mask=swap(mask), x_mask=x_mask, **{k: swap(v) for k, v in kw.items()})
+        return swap(out)
+
+    return sample_dpm_solver(cond_first, z, solver, **kwargs)
+
+
+# --------------------------------------------------------------------------------------------
 # The records
 # --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Sampler:
+    """One sampling method of a family.
+
+    make_scheduler(num_steps, timestep_warp) -> the scheduler object the loop takes;
+    timesteps(scheduler, H, W, N) -> the model times of one sample's calls, first first;
+    sample(model_fn, z, scheduler, ...) -> the latent (the signature in the module docstring);
+    num_steps: the step count when a call gives none (the family's table overrides it for
+    the family's default sampler); frame_masks: whether references / extension work.
+    """
+
+    name: str
+    make_scheduler: Callable[..., Any]
+    timesteps: Callable[..., tuple]
+    sample: Callable[..., torch.Tensor]
+    num_steps: int
+    frame_masks: bool = True
+
+
+RECTIFIED_FLOW = Sampler("rflow", _rectified_flow, _rectified_flow_timesteps, _rectified_flow_sample, 30)
+IDDPM_F32 = Sampler("iddpm", _iddpm(torch.float32), _iddpm_timesteps, _iddpm_sample, 100)
+IDDPM_F64 = Sampler("iddpm", _iddpm(torch.float64), _iddpm_timesteps, _iddpm_sample, 100)
+# 20 steps: DPM-Solver++(2M)'s usual count (the spec gives no official number for the demo)
+DPM_SOLVER = Sampler("dpm-solver", _dpm_solver, _dpm_solver_timesteps, _dpm_solver_sample, 20, frame_masks=False)
 
 
 @dataclass(frozen=True)
@@ -107,13 +172,21 @@ class ModelFamily:
     name: str
     defaults: Mapping[str, Any]
     max_latent_frames: int | None
-    make_scheduler: Callable[..., Any]
-    timesteps: Callable[..., tuple]  # (scheduler, H, W, N) -> the model-time schedule of one sample
-    sample: Callable[..., torch.Tensor]
+    samplers: tuple[Sampler, ...]  # the first is the default
     model_inputs: Callable[..., dict]
     frame_interval: int = 1
     conditioning: bool = True  # references / frame masks supported (v1.0: no)
     loops: bool = True
+
+    def sampler(self, name: str | None = None) -> Sampler:
+        """The sampler called `name` (None: the default); a name it lacks is a ValueError."""
+        if name is None:
+            return self.samplers[0]
+        for s in self.samplers:
+            if s.name == name:
+                return s
+        allowed = ", ".join(repr(s.name) for s in self.samplers)
+        raise ValueError(f"sampler={name!r} is not allowed for Open-Sora {self.name} models: expected one of {allowed}")
 
 
 V1_2 = ModelFamily(
@@ -123,9 +196,7 @@ V1_2 = ModelFamily(
         "guidance_scale": 7.0, "align": 5, "aesthetic_score": 6.5,
     },  # fmt: skip
     max_latent_frames=120,  # 408 frames ("16s"), the longest v1.2 training clips
-    make_scheduler=_rectified_flow,
-    timesteps=_rectified_flow_timesteps,
-    sample=_rectified_flow_sample,
+    samplers=(RECTIFIED_FLOW,),
     model_inputs=_stdit3_inputs,
 )
 
@@ -138,9 +209,7 @@ V1_1 = ModelFamily(
         "guidance_scale": 7.0, "align": None, "aesthetic_score": None,
     },  # fmt: skip
     max_latent_frames=None,
-    make_scheduler=_iddpm(torch.float32),
-    timesteps=_iddpm_timesteps,
-    sample=_iddpm_sample,
+    samplers=(IDDPM_F32, DPM_SOLVER),
     model_inputs=_stdit2_inputs,
     frame_interval=3,
 )
@@ -154,9 +223,7 @@ V1_0 = ModelFamily(
         "guidance_scale": 7.0, "align": None, "aesthetic_score": None,
     },  # fmt: skip
     max_latent_frames=None,
-    make_scheduler=_iddpm(torch.float64),
-    timesteps=_iddpm_timesteps,
-    sample=_iddpm_sample,
+    samplers=(IDDPM_F64, DPM_SOLVER),
     model_inputs=_no_inputs,
     frame_interval=3,
     conditioning=False,
@@ -179,4 +246,4 @@ def family_of(transformer_or_config) -> ModelFamily:
     return FAMILIES[name]
 
 
-__all__ = ["FAMILIES", "ModelFamily", "V1_0", "V1_1", "V1_2", "family_of"]
+__all__ = ["FAMILIES", "ModelFamily", "Sampler", "V1_0", "V1_1", "V1_2", "family_of"]

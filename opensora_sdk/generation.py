@@ -291,7 +291,7 @@ def sample_clip(
     family = FAMILIES[plan.family]
     stop_check = block_callback(transformer, models.hooks.between_blocks)
     with torch.no_grad(), placement.use(transformer, "transformer"), stop_check:
-        return family.sample(
+        return family.sampler(plan.sampler).sample(
             guided_model(transformer, B, uncond_mask), z, plan.scheduler, size=(H, W, N), y=y, y_null=null,
             y_mask=y_mask, guidance_scale=plan.guidance_scale, frame_mask=frame_mask,
             model_kwargs=family.model_inputs(plan, B, device), noise_sampler=renoise, callback=callback,

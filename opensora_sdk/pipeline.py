@@ -247,7 +247,8 @@ class OpenSoraPipeline:
         if "align" not in given and kwargs.get("conditions"):
             given["align"] = None  # typed conditions sit exactly where they say (frame -1: the last latent)
         loop = kwargs.get("loop", PLAN_DEFAULTS["loop"])
-        kwargs.update(resolve_defaults(self.defaults, self.family, loop=loop if isinstance(loop, int) else 1, **given))
+        loop = loop if isinstance(loop, int) else 1
+        kwargs.update(resolve_defaults(self.defaults, self.family, loop=loop, sampler=kwargs.get("sampler"), **given))
         for key, value in PLAN_DEFAULTS.items():
             kwargs.setdefault(key, value)
         prompts = plan_prompts(prompt, **{k: kwargs.pop(k) for k in PROMPT_KEYS})
@@ -292,6 +293,7 @@ class OpenSoraPipeline:
         align=_UNSET,
         batch_size: int = 1,
         timestep_warp: bool = True,
+        sampler: str | None = None,
         progress: bool | None = None,
         num_inference_steps: int | None = None,
         generator: torch.Generator | Sequence[torch.Generator] | None = None,
@@ -345,6 +347,9 @@ class OpenSoraPipeline:
             batch_size: prompts sampled together (same size and length).
             timestep_warp: shift the schedule toward high noise for large and long videos
                 (official: on).
+            sampler: the sampling method, None = the family's own (v1.2 "rflow", v1.1 and
+                v1.0 "iddpm"); v1.1 and v1.0 also take "dpm-solver" (DPM-Solver++, 20 steps
+                by default, no references).
             progress: tqdm bar over steps (default: the pipeline's `progress`).
 
         diffusers names (aliases of ours; `opensora_sdk.diffusers_compat`):
@@ -382,7 +387,7 @@ class OpenSoraPipeline:
             conditions=conditions, reference_path=reference_path, mask_strategy=mask_strategy, seed=seed,
             height=height, width=width, loop=loop, condition_frame_length=condition_frame_length,
             condition_frame_edit=condition_frame_edit, align=align, batch_size=batch_size,
-            timestep_warp=timestep_warp,
+            timestep_warp=timestep_warp, sampler=sampler,
         )
         plan = compat.seed_samples(plan, generator)
         callback = compat.step_end_callback(
@@ -479,7 +484,7 @@ class OpenSoraPipeline:
 PLAN_DEFAULTS: dict[str, Any] = {
     "negative_prompt": None, "motion_score": None, "camera_motion": None, "conditions": (),
     "reference_path": None, "mask_strategy": None, "seed": None, "loop": 1, "condition_frame_length": 5,
-    "condition_frame_edit": 0.0, "batch_size": 1, "timestep_warp": True,
+    "condition_frame_edit": 0.0, "batch_size": 1, "timestep_warp": True, "sampler": None,
 }  # fmt: skip
 
 

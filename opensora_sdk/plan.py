@@ -77,6 +77,7 @@ class GenerationPlan:
     notes: list[str] = field(default_factory=list)
     scheduler: Any = None  # the family's scheduler with num_steps (e.g. a RectifiedFlow)
     family: str = V1_2.name
+    sampler: str | None = None  # the family's sampling method (None: its default)
     latent_chunk: int = 5  # latent frames per VAE chunk (5 for the v1.2 VAE, 1 for the per-frame SD VAE)
 
     @property
@@ -117,7 +118,7 @@ class GenerationPlan:
             f"latent:         [B, C, T', h, w] = {list(self.latent_shape)}",
             f"tokens:         {self.video_tokens} video tokens per sample ({t} x {self.video_tokens // max(t, 1)}), "
             f"{self.text_tokens} text tokens",
-            f"sampling:       {self.num_steps} steps, guidance {self.guidance_scale:g}, "
+            f"sampling:       {self.sampler or 'default sampler'}, {self.num_steps} steps, guidance {self.guidance_scale:g}, "
             f"t = {self.timesteps[0]:.1f} .. {self.timesteps[-1]:.1f}",
             f"samples:        {self.num_samples} in batches of {self.batch_size}, seeds {self.seeds}",
         ]
@@ -270,14 +271,15 @@ def plan_size(
 
 def plan_schedule(
     family: ModelFamily, *, num_steps: int, guidance_scale: float, timestep_warp: bool, height: int, width: int,
-    num_frames: int,
+    num_frames: int, sampler: str | None = None,
 ):
-    """(scheduler, timesteps of one sample) of the family's sampler."""
+    """(scheduler, timesteps of one sample) of the family's sampler `sampler` (None: its default)."""
+    method = family.sampler(sampler)
     num_steps = _positive_int(num_steps, "num_steps")
     if isinstance(guidance_scale, bool) or not isinstance(guidance_scale, (int, float)) or not math.isfinite(guidance_scale):
         raise ValueError(f"guidance_scale={guidance_scale!r} is not allowed: expected a finite number (1 = no guidance)")
-    scheduler = family.make_scheduler(num_steps, bool(timestep_warp))
-    return scheduler, family.timesteps(scheduler, height, width, num_frames)
+    scheduler = method.make_scheduler(num_steps, bool(timestep_warp))
+    return scheduler, method.timesteps(scheduler, height, width, num_frames)
 
 
 def plan_generation(
@@ -303,6 +305,7 @@ def plan_generation(
     align: int | None,
     batch_size: int,
     family: ModelFamily,
+    sampler: str | None = None,
 ) -> GenerationPlan:
     """Resolve and check every argument; see `OpenSoraPipeline.__call__` for their meaning.
 
@@ -323,6 +326,11 @@ def plan_generation(
             f"Open-Sora {family.name} models take no references (reference_path, mask_strategy, conditions): "
             "use a v1.1 or v1.2 model for image-to-video and extension"
         )
+    if not family.sampler(sampler).frame_masks and (reference_path or mask_strategy or conditions):
+        raise ValueError(
+            f"sampler={sampler!r} takes no references (reference_path, mask_strategy, conditions): "
+            f"use sampler={family.sampler().name!r} for image-to-video and extension"
+        )
     size = plan_size(
         facts, resolution=resolution, aspect_ratio=aspect_ratio, height=height, width=width, num_frames=num_frames,
         fps=fps, loop=loop, condition_frame_length=condition_frame_length, frame_interval=family.frame_interval,
@@ -334,7 +342,7 @@ def plan_generation(
     )
     scheduler, timesteps = plan_schedule(
         family, num_steps=num_steps, guidance_scale=guidance_scale, timestep_warp=timestep_warp, height=size.height,
-        width=size.width, num_frames=size.num_frames,
+        width=size.width, num_frames=size.num_frames, sampler=sampler,
     )
     return GenerationPlan(
         samples=samples,
@@ -363,6 +371,7 @@ def plan_generation(
         notes=notes,
         scheduler=scheduler,
         family=family.name,
+        sampler=family.sampler(sampler).name,
         latent_chunk=facts.latent_size(facts.micro_frame_size, None, None)[0] if facts.micro_frame_size else 1,
     )
 

@@ -164,7 +164,8 @@ def get_preset(name: str) -> ModelPreset:
 
 
 def resolve_defaults(
-    defaults: Mapping[str, Any] | None = None, family: ModelFamily = V1_2, *, loop: int = 1, **given
+    defaults: Mapping[str, Any] | None = None, family: ModelFamily = V1_2, *, loop: int = 1,
+    sampler: str | None = None, **given,
 ) -> dict[str, Any]:
     """Fill what a call left out (None) from a model's `defaults`, then from its family's table.
 
@@ -175,9 +176,11 @@ def resolve_defaults(
     conditions exactly; aesthetic_score: no score suffix) None is a value: leave such a key
     out of `given` to get the default. With
     `loop` > 1 a missing num_frames is the model's `loop_num_frames` when it has one (a clip
-    long enough to carry a chunk over).
+    long enough to carry a chunk over). A `sampler` other than the family's default brings its
+    own step count (DPM-Solver: 20) when num_steps is missing.
     """
     check_defaults(defaults)
+    method = family.sampler(sampler)
     defaults = dict(defaults or {})
     out = {k: v for k, v in given.items() if k != "loop_num_frames"}
     if loop > 1 and given.get("num_frames") is None and defaults.get("loop_num_frames") is not None:
@@ -190,6 +193,8 @@ def resolve_defaults(
                 out[key] = defaults.get(key, value)
         elif out.get(key) is None and (key not in SIZE_KEYS or out.get("height") is None):
             out[key] = defaults.get(key, value)
+    if given.get("num_steps") is None and method is not family.sampler():
+        out["num_steps"] = method.num_steps
     for key in SIZE_KEYS:
         out.setdefault(key, None)
     return out

@@ -123,3 +123,49 @@ def test_a_pth_with_missing_keys_names_them(official_files, tmp_path):
     (tmp_path / "config.json").write_text((official_files / "v10" / "config.json").read_text())
     with pytest.raises(CheckpointError, match=r"broken.pth.*does not fit STDiT[\s\S]*missing[\s\S]*final_layer.linear.weight"):
         load_transformer(tmp_path / "broken.pth")
+
+
+def test_dpm_solver_is_a_sampler_choice_for_v10_and_v11(v10, v11, tmp_path, capsys):
+    """`sampler="dpm-solver"` runs the spec 5.4 solver through the one generation path: 20 model
+    calls by default, the reference's [uncond; cond] order restored around the model (a
+    negative prompt masks the unconditional half), no references; v1.2 refuses it."""
+    from opensora_sdk.families import DPM_SOLVER
+    from opensora_sdk.schedulers.dpm_solver import DPMSolver, sample_dpm_solver
+
+    plan = v10.plan("a cat", sampler="dpm-solver", seed=1)
+    assert plan.sampler == "dpm-solver" and plan.num_steps == 20 and len(plan.timesteps) == 20
+    assert plan.timesteps[0] == pytest.approx(999.0) and "dpm-solver, 20 steps" in plan.summary()
+    assert v10.plan("a cat", sampler="dpm-solver", num_steps=7).num_steps == 7
+    assert v10.plan("a cat").sampler == "iddpm" and v10.plan("a cat").num_steps == 100
+    calls = []
+    video = v10("a cat", sampler="dpm-solver", num_steps=4, seed=3, progress=False,
+                callback=lambda i, n, latent, x0: calls.append(n))
+    assert video.frames.shape == (4, 64, 64, 3) and calls == [4] * 4
+    assert not np.array_equal(video.frames, v10("a cat", num_steps=4, seed=3, progress=False).frames)
+
+    # the adapter equals the solver called in the reference's order, with a model whose rows
+    # depend on their text (so a wrong half order would show)
+    g = torch.Generator().manual_seed(0)
+    z, y, y_null = torch.randn(2, 4, 3, 4, 4, generator=g), torch.randn(2, 1, 5, 8, generator=g), torch.zeros(2, 1, 5, 8)
+    w = torch.randn(8, generator=g)
+
+    def model(x, t, *, y, mask, x_mask=None):  # eps = 0.3 x + text feature per row, learned-sigma channels
+        eps = 0.3 * x + (y[:, 0] @ w).mean(-1)[:, None, None, None, None] * (1 + t[:, None, None, None, None] / 1000)
+        return torch.cat([eps, eps], 1)
+
+    solver = DPMSolver(num_sampling_steps=5)
+    ours = DPM_SOLVER.sample(model, z, solver, size=(32, 32, 3), frame_mask=None, noise_sampler=None, y=y,
+                             y_null=y_null, y_mask=None, guidance_scale=4.0, model_kwargs={}, callback=None)
+    ref = sample_dpm_solver(model, z, solver, y=y, y_null=y_null, guidance_scale=4.0)
+    assert torch.allclose(ours, ref, atol=1e-6, rtol=0) and not torch.allclose(ref, z)
+
+    with pytest.raises(ValueError, match="sampler='dpm-solver' takes no references"):
+        v11.plan("a boat", sampler="dpm-solver", reference_path="x.png")
+    with pytest.raises(ValueError, match=r"sampler='dpm-solver' is not allowed for Open-Sora v1.2 models: expected one of 'rflow'"):
+        OpenSoraPipeline.from_preset("tiny-random", device="cpu", progress=False).plan("a cat", sampler="dpm-solver")
+    capsys.readouterr()
+    assert cli.main(["generate", "--prompt", "a cat", "--preset", "tiny-random", "--sampler", "dpm-solver",
+                     "--save-dir", str(tmp_path)]) == 2  # fmt: skip
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "sampler='dpm-solver' is not allowed for Open-Sora v1.2" in err[0]
+    assert not list(tmp_path.iterdir())
