@@ -16,11 +16,13 @@ from opensora_sdk.models.layers import sincos_table_1d, sincos_table_2d
 from opensora_sdk.models.stdit import infer_config
 
 TOL = 1e-5
-# Golden tolerances. Everything downstream of the timestep sinusoid matches to 1e-5 (1.4e-6
-# measured) when fed the reference's timestep embedding. End to end, the float32 sinusoid of
-# t ~ 800 is the one CPU-dependent step: exp/sin/cos rounding 1 ulp differently moves
-# `t_embedder` by ~4e-6 (the STDiT3 bundles show the same on this CPU), which this model's
-# random gates amplify to 1.4e-5 in the output. Hence 2e-5 for the end-to-end output.
+# Golden tolerances. Everything downstream of the timestep embedding matches to 1e-5 (1.4e-6
+# measured) when fed the reference's timestep embedding. End to end the output is 1.44e-5 from
+# the golden, and the same model evaluated in float64 (exact arithmetic for this purpose) is
+# 1.41e-5 from it: the golden carries its own float32 rounding (its `t_embedder` is 3.8e-6 from
+# the float64 value; correctly rounded sin/cos do not move it), which this model's random gates
+# amplify. No float32 implementation can be held nearer than that; the float64 comparison is a
+# test below. Hence 2e-5 for the end-to-end output.
 GOLDEN_OUT_TOL = 2e-5
 GOLDEN_MID_TOL = 5e-5
 
@@ -153,6 +155,16 @@ def test_golden_from_reference_timestep_embedding_to_1e5(golden):
     model = golden_model(bundle)
     model.t_embedder.register_forward_hook(lambda m, i, o: bundle["mid.t_embedder"])
     torch.testing.assert_close(golden_call(model, bundle), bundle["out"], atol=TOL, rtol=0)
+
+
+def test_end_to_end_gap_is_the_goldens_own_float32_rounding(golden):
+    """Our float32 forward is as near the golden as the float64 evaluation of the same model."""
+    bundle = golden("stdit_a")
+    ours = golden_call(golden_model(bundle), bundle)
+    exact = golden_call(golden_model(bundle).double(), bundle)
+    gap_ours, gap_exact = (ours - bundle["out"]).abs().max().item(), (exact - bundle["out"]).abs().max().item()
+    assert (ours.double() - exact).abs().max().item() < 5e-6  # ours is the exact value to float32 rounding
+    assert gap_exact > 1e-5 and gap_ours < 1.1 * gap_exact
 
 
 def test_golden_sincos_tables_are_recomputed_exactly(golden):
