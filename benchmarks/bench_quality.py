@@ -16,7 +16,14 @@ it, and colour / direction again. `--seen N` adds N prompts whose triples traini
 "VAE reconstructions" measures rendered clips of the held-out prompts after the model's VAE
 encodes and decodes them: the most a generated clip can score with that VAE.
 
+Text-to-image: the same prompts as one frame (colour and shape). Extension: a rendered clip of
+one VAE chunk (17 frames) of each prompt, continued to the loop length (34 frames); 2 loops:
+text-to-video in two loops. For both only the second part (the frames after the first) is
+measured.
+
 Targets (issue #9): colour >= 90%, direction >= 80%, first-frame PSNR >= 25 dB.
+Targets (issue #16): text-to-image colour >= 90%; extension and 2-loop second parts colour
+>= 90% and direction >= 80%.
 """
 
 from __future__ import annotations
@@ -35,13 +42,19 @@ from opensora_sdk.presets import BUILTIN_PRESET, get_preset
 from opensora_sdk.training.shapes_benchmark import (
     CLIP_FPS,
     evaluate,
+    evaluate_continuation,
     evaluate_reconstructions,
+    evaluate_still,
     held_out_cases,
     seen_cases,
     summarize,
 )
 
 TARGETS = {"color_accuracy": 0.90, "direction_accuracy": 0.80, "first_frame_psnr_db_mean": 25.0}
+# issue 16: (line, measure) -> target
+LONG_TARGETS = {("t2i held-out", "color_accuracy"): 0.90,
+                ("extension, 2nd part", "color_accuracy"): 0.90, ("extension, 2nd part", "direction_accuracy"): 0.80,
+                ("2 loops, 2nd part", "color_accuracy"): 0.90, ("2 loops, 2nd part", "direction_accuracy"): 0.80}  # fmt: skip
 
 
 def load_pipeline(model_dir: str | None, preset: str):
@@ -70,6 +83,8 @@ def main(argv=None) -> dict:
     p.add_argument("--seen", type=int, default=0, help="also measure this many prompts of triples seen in training")
     p.add_argument("--steps", type=int, default=None, help="sampling steps (default: the preset's)")
     p.add_argument("--guidance", type=float, default=None, help="guidance scale (default: the preset's)")
+    p.add_argument("--long", type=int, default=None,
+                   help="text-to-image, extension and 2-loop cases (default: all held-out prompts; 0: skip)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     p.add_argument("--json", default=None, help="write the figures and every case here")
@@ -85,6 +100,13 @@ def main(argv=None) -> dict:
                "i2v held-out": evaluate(pipe, cases[: args.i2v], image_to_video=True, seed=args.seed + 10_000, **call)}  # fmt: skip
     if args.seen:
         results["t2v seen"] = evaluate(pipe, seen_cases(count=args.seen), seed=args.seed + 20_000, **call)
+    long_cases = cases[: args.long]
+    if long_cases:
+        results["t2i held-out"] = evaluate_still(pipe, long_cases, seed=args.seed + 30_000, **call)
+        results["extension, 2nd part"] = evaluate_continuation(pipe, long_cases, how="extension",
+                                                               seed=args.seed + 40_000, **call)  # fmt: skip
+        results["2 loops, 2nd part"] = evaluate_continuation(pipe, long_cases, how="loop", seed=args.seed + 50_000,
+                                                             **call)  # fmt: skip
     plan = pipe.plan(cases[0].prompt, **call)
     results["VAE reconstructions"] = evaluate_reconstructions(
         pipe.vae, cases, height=plan.height, width=plan.width, num_frames=plan.total_frames,
@@ -106,6 +128,11 @@ def main(argv=None) -> dict:
               "first_frame_psnr_db_mean": i2v.get("first_frame_psnr_db_mean", float("nan"))}  # fmt: skip
     report["targets_met"] = {k: bool(v >= TARGETS[k]) for k, v in checks.items()}
     print("targets:", ", ".join(f"{k} {v:.3g} >= {TARGETS[k]} {'ok' if v >= TARGETS[k] else 'MISSED'}" for k, v in checks.items()))
+    if long_cases:
+        longs = {f"{name}: {m}": (report["summary"][name][m], t) for (name, m), t in LONG_TARGETS.items()}
+        report["long_targets_met"] = {k: bool(v >= t) for k, (v, t) in longs.items()}
+        print("targets (stills, extension, loops):",
+              ", ".join(f"{k} {v:.3g} >= {t} {'ok' if v >= t else 'MISSED'}" for k, (v, t) in longs.items()))
     print(f"{report['wall_s']:.0f} s wall, {report['cpu_s']:.0f} s CPU")
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=2) + "\n")

@@ -238,6 +238,59 @@ def evaluate(pipe, cases: list[Case], *, image_to_video: bool = False, seed: int
     return results
 
 
+def evaluate_still(pipe, cases: list[Case], *, seed: int = 0, batch_size: int = 6, **call_kwargs) -> list[dict]:
+    """Text-to-image: each case as one frame (num_frames=1); colour and shape measured, the
+    direction not (want_direction None: left out of the accuracy)."""
+    results = []
+    for start in range(0, len(cases), batch_size):
+        chunk = cases[start : start + batch_size]
+        videos = pipe([c.prompt for c in chunk], num_frames=1, seed=seed + start, batch_size=len(chunk),
+                      progress=False, **call_kwargs)  # fmt: skip
+        for case, video in zip(chunk, videos):
+            row = _result(case, analyse_clip(video.frames))
+            row["want_direction"] = None
+            results.append(row)
+    return results
+
+
+def evaluate_continuation(pipe, cases: list[Case], *, how: str, seed: int = 0, num_frames: int | None = None,
+                          **call_kwargs) -> list[dict]:  # fmt: skip
+    """Does a video's second part keep the prompted colour and motion? Only the frames after
+    the first part are measured.
+
+    how="extension": the case's rendered clip (one VAE chunk: 17 frames at the model's rate)
+        continued to `num_frames` (default: the model's loop length, 34 frames for the
+        built-in one) with `VideoCondition(clip, ref_start=-5, length=5)`; measured: the
+        frames after the clip.
+    how="loop": two loops of text-to-video (the second conditioned on the end of the first);
+        measured: the frames the second loop added.
+    """
+    import torch
+
+    from opensora_sdk.conditioning import VideoCondition
+
+    if how not in ("extension", "loop"):
+        raise ValueError(f"how={how!r} must be 'extension' or 'loop'")
+    results = []
+    for k, case in enumerate(cases):
+        if how == "extension":
+            plan = pipe.plan(case.prompt, loop=2, **call_kwargs)  # the loop length: a clip that carries a chunk over
+            frames_out = num_frames or plan.num_frames
+            chunk_frames = plan.overlap_frames  # one VAE chunk: 17 frames for the v1.2 VAE
+            clip = rendered_clip(case, plan.height, plan.width, chunk_frames, seed + k,
+                                 max(1, round(CLIP_FPS / plan.fps)))  # fmt: skip
+            pixels = torch.from_numpy(clip).permute(3, 0, 1, 2).float().div(127.5).sub(1)  # [3, F, H, W]
+            video = pipe(case.prompt, num_frames=frames_out, seed=seed + k, progress=False,
+                         conditions=[VideoCondition(pixels, ref_start=-5, length=5)], **call_kwargs)  # fmt: skip
+            second = video.frames[chunk_frames:]
+        else:
+            video = pipe(case.prompt, loop=2, seed=seed + k, progress=False, **call_kwargs)
+            plan = pipe.plan(case.prompt, loop=2, **call_kwargs)
+            second = video.frames[plan.num_frames :]
+        results.append(_result(case, analyse_clip(second)))
+    return results
+
+
 ATTRIBUTES = ("color", "shape", "direction")
 
 
@@ -265,10 +318,12 @@ def _result(case: Case, found: dict) -> dict:
 
 
 def summarize(results: list[dict]) -> dict:
-    """Accuracy per attribute (and first-frame PSNR mean / min where measured)."""
+    """Accuracy per attribute (and first-frame PSNR mean / min where measured); rows whose
+    want_<attribute> is None do not count for that attribute."""
     out = {"cases": len(results)}
     for a in ATTRIBUTES:
-        out[f"{a}_accuracy"] = float(np.mean([r[f"want_{a}"] == r[f"got_{a}"] for r in results])) if results else math.nan
+        hits = [r[f"want_{a}"] == r[f"got_{a}"] for r in results if r[f"want_{a}"] is not None]
+        out[f"{a}_accuracy"] = float(np.mean(hits)) if hits else math.nan
     values = [r["first_frame_psnr_db"] for r in results if "first_frame_psnr_db" in r]
     if values:
         out["first_frame_psnr_db_mean"] = float(np.mean(values))
