@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -23,7 +24,9 @@ from opensora_sdk.presets import BUILTIN_DIR, BUILTIN_PRESET, get_preset
 from opensora_sdk.training.shapes_benchmark import (
     analyse_clip,
     evaluate,
+    evaluate_continuation,
     evaluate_reconstructions,
+    evaluate_still,
     held_out_cases,
     held_out_triples,
     rendered_clip,
@@ -91,6 +94,26 @@ def test_rendered_clips_and_their_vae_reconstructions_show_the_case(pipe):
         assert (found["color"], found["shape"], found["direction"]) == (case.color, case.shape, case.direction)
     rows = evaluate_reconstructions(pipe.vae, cases, height=64, width=64, num_frames=17, frame_interval=3)
     assert [r["got_direction"] for r in rows] == [c.direction for c in cases]  # the VAE keeps motion
+
+
+def test_still_and_continuation_measures_read_the_right_frames(pipe, monkeypatch):
+    """bench_quality's text-to-image, extension and loop lines: one frame, and only the frames
+    after the first part (a spy records what the analysis sees)."""
+    import opensora_sdk.training.shapes_benchmark as sb
+
+    seen = []
+    monkeypatch.setattr(sb, "analyse_clip", lambda frames: seen.append(frames.shape) or analyse_clip(frames))
+    case = held_out_cases()[:1]
+    still = evaluate_still(pipe, case, num_steps=2)
+    assert seen[-1][0] == 1 and still[0]["want_direction"] is None
+    assert np.isnan(summarize(still)["direction_accuracy"]) and summarize(still)["color_accuracy"] in (0.0, 1.0)
+    evaluate_continuation(pipe, case, how="extension", num_steps=2)
+    assert seen[-1][0] == 34 - 17  # the loop length minus the rendered chunk
+    evaluate_continuation(pipe, case, how="loop", num_steps=2)
+    plan = pipe.plan(case[0].prompt, loop=2)
+    assert seen[-1][0] == plan.total_frames - plan.num_frames
+    with pytest.raises(ValueError, match="how='sideways' must be 'extension' or 'loop'"):
+        evaluate_continuation(pipe, case, how="sideways")
 
 
 @pytest.fixture(scope="module")
