@@ -31,7 +31,8 @@ def _make_sdk_importable() -> None:
             sys.path.append(_ROOT)
         return
     origin = os.path.dirname(os.path.dirname(os.path.abspath(spec.origin or "")))
-    if os.path.isdir(os.path.join(_ROOT, "opensora_sdk")) and os.path.normcase(origin) != os.path.normcase(_ROOT):
+    same = os.path.normcase(os.path.realpath(origin)) == os.path.normcase(os.path.realpath(_ROOT))  # a symlinked pack
+    if os.path.isdir(os.path.join(_ROOT, "opensora_sdk")) and not same:
         logging.getLogger(__name__).warning(
             "Open-Sora nodes: using the installed opensora_sdk from %s, not the copy in %s", origin, _ROOT
         )

@@ -163,12 +163,20 @@ def builtin_component(name: str):
 # --------------------------------------------------------------------------------------------
 
 
-def load_model(choice: str, dtype: str = "auto", attention: str = "sdpa") -> LoadedModel:
-    """Any family's transformer (STDiT3 v1.2, STDiT2 v1.1, STDiT v1.0), recognised from the file."""
+WEIGHT_DTYPES = ("default", "fp8_e4m3fn")  # ComfyUI's names for the weight storage of a diffusion model
+
+
+def load_model(choice: str, dtype: str = "auto", attention: str = "sdpa", weight_dtype: str = "default") -> LoadedModel:
+    """Any family's transformer (STDiT3 v1.2, STDiT2 v1.1, STDiT v1.0), recognised from the file.
+    `weight_dtype` "fp8_e4m3fn": Linear weights stored in float8 (`opensora_sdk.fp8`); a file
+    written with fp8 weights loads as fp8 whatever it says."""
+    from opensora_sdk import fp8
     from opensora_sdk.families import family_of
     from opensora_sdk.models.auto import load_transformer
     from opensora_sdk.presets import generation_card, get_preset
 
+    if weight_dtype not in WEIGHT_DTYPES:
+        raise ValueError(f"weight_dtype={weight_dtype!r} is not allowed: choose one of {list(WEIGHT_DTYPES)}")
     torch_dtype = resolve_dtype(dtype, host.torch_device())
     if choice == BUILTIN:
         transformer, preset = builtin_component("transformer")
@@ -177,12 +185,17 @@ def load_model(choice: str, dtype: str = "auto", attention: str = "sdpa") -> Loa
     else:
         path = resolve_choice("model", choice)
         with explained("model", choice, path):
-            transformer = load_transformer(path, dtype=torch_dtype, device=host.offload_device("unet"))
+            if fp8.is_fp8_file(path):
+                transformer = fp8.load_fp8_transformer(path).to(torch_dtype)
+            else:
+                transformer = load_transformer(path, dtype=torch_dtype, device=host.offload_device("unet"))
         source, max_frames = str(path), family_of(transformer).max_latent_frames
         card = generation_card(path)  # a training checkpoint's generation.json: its own clip-length limit
         if card and card.get("max_latent_frames") is not None:
             max_frames = card["max_latent_frames"]
     transformer.set_attention_backend(attention)
+    if weight_dtype == "fp8_e4m3fn" and not fp8.fp8_layers(transformer):
+        fp8.quantize_transformer_fp8(transformer)
     transformer.to(host.offload_device("unet"))
     return LoadedModel(transformer.eval().requires_grad_(False), source, torch_dtype, max_frames)
 
@@ -271,10 +284,15 @@ class OpenSoraModelLoader:
             "attention": (_attention_choices(), tip(
                 "Attention kernel: sdpa (PyTorch, always available), flash (flash-attn, CUDA bf16/fp16) or "
                 "xformers; a kernel whose package is missing fails with install instructions", default="sdpa")),
+        }, "optional": {
+            "weight_dtype": (list(WEIGHT_DTYPES), tip(
+                "default: weights in dtype. fp8_e4m3fn: the transformer blocks' Linear weights stored in float8 "
+                "(per-channel scales; half the memory of bf16), computed in dtype; embedders, norms and the final "
+                "layer stay in dtype", default="default")),
         }}
 
-    def load(self, model, dtype, attention):
-        return (load_model(model, dtype, attention),)
+    def load(self, model, dtype, attention, weight_dtype="default"):
+        return (load_model(model, dtype, attention, weight_dtype),)
 
 
 class OpenSoraVAELoader:

@@ -94,8 +94,9 @@ def check_compatible(model, text, shape) -> None:
 
 def plan_for_latent(model, text, latent: dict, *, vae=None, seed: int, steps: int, cfg: float,
                     timestep_warp: bool = True, conditions=None, align: int | None = None, loops: int = 1,
-                    condition_frames: int = 5, condition_edit: float = 0.0):
-    """The SDK plan of a node run: one sample per latent in the batch, all with the text."""
+                    condition_frames: int = 5, condition_edit: float = 0.0, cache=None):
+    """The SDK plan of a node run: one sample per latent in the batch, all with the text.
+    `cache`: a step-cache string ("none", "teacache:0.1", "pab", ...; see `opensora_sdk.step_cache`)."""
     from opensora_sdk.families import family_of
     from opensora_sdk.plan import ModelFacts, PromptPlan, plan_generation
     from opensora_sdk.text import ProcessedPrompt, merge_loop_prompt
@@ -120,7 +121,7 @@ def plan_for_latent(model, text, latent: dict, *, vae=None, seed: int, steps: in
         num_steps=steps, guidance_scale=cfg, timestep_warp=timestep_warp, conditions=items, reference_path=None,
         mask_strategy=None, seed=generator_seed(seed), loop=loops,
         condition_frame_length=condition_frames, condition_frame_edit=condition_edit, align=align or None,
-        batch_size=B, family=family,
+        batch_size=B, family=family, cache=cache,
     )
     if tuple(plan.latent_size) != shape[2:]:
         raise ValueError(
@@ -202,17 +203,25 @@ class OpenSoraSampler:
                 "latent": ("LATENT", tip("Size and length from OpenSoraEmptyLatentVideo (its values are ignored)")),
                 **sampling_inputs(),
             },
-            "optional": condition_inputs(),
+            "optional": {
+                **condition_inputs(),
+                "cache": ("STRING", tip(
+                    "Step caching, faster and approximate (v1.2 models): 'none' (default, exact), 'teacache:0.1' "
+                    "skips the transformer at steps whose input barely changed (higher = faster, 0 = exact), "
+                    "'pab' reuses attention outputs over a few steps mid-schedule (or 'pab:2,4,6': spatial, "
+                    "temporal, cross intervals)", default="none")),
+            },
         }
 
     def sample(self, model, text, latent, seed, steps, cfg, timestep_warp, vae=None, conditions=None,
-               condition_align=0):
+               condition_align=0, cache="none"):
         from opensora_sdk.generation import CallProgress, sample_clip, start_batch
 
         from .placement import placement
 
         plan = plan_for_latent(model, text, latent, vae=vae, seed=seed, steps=steps, cfg=cfg,
-                               timestep_warp=timestep_warp, conditions=conditions, align=condition_align)
+                               timestep_warp=timestep_warp, conditions=conditions, align=condition_align,
+                               cache=cache)
         guard("OpenSoraSampler", model, plan, vae)
         models, where = node_models(model, vae), placement()
         state = start_batch(models, where, plan, plan.samples)

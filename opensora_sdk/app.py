@@ -41,6 +41,7 @@ RESOLUTIONS = ("144p", "240p", "360p", "480p", "720p")
 ASPECT_RATIOS = ("9:16", "16:9", "3:4", "4:3", "1:1")
 LENGTHS = {"2s": 51, "4s": 102, "8s": 204, "16s": 408}
 CAMERA_CHOICES = ("none", *CAMERA_MOTIONS)
+CACHE_CHOICES = ("none", "teacache:0.1", "teacache:0.2", "pab")  # step caching (the box also takes other forms)
 DEFAULT = "default"  # the model's own size / length (the built-in model: 64x64, 17 frames)
 ASPECT_INFO = ("height:width, as the official tables: 9:16 is landscape (wide), 16:9 portrait (tall), 1:1 square; "
                "used with a resolution")
@@ -72,6 +73,7 @@ class Request:
     last_frame: str | None = None  # last frame (image path)
     extend: str | None = None  # video to continue (path)
     refine: bool = False
+    cache: str = "none"  # step caching ("none", "teacache:0.1", "pab", ...; opensora_sdk.step_cache)
 
 
 @dataclass
@@ -122,6 +124,8 @@ def call_arguments(pipe, req: Request, prompt: str) -> dict[str, Any]:
         loop=loops,
         condition_frame_length=condition_frame_length(num_frames),
     )
+    if req.cache not in (None, "", "none"):  # step caching: only when asked (v1.2 models)
+        kwargs["cache"] = req.cache
     conditions = []
     if not image:
         if req.reference and req.extend:
@@ -185,6 +189,7 @@ class Backend:
             stop: threading.Event | None = None, warn: Callable[[str], None] | None = None) -> Result | None:
         """One generation; None when `stop` was set during it. Every input is checked (the
         SDK's plan) before the LLM or a model runs."""
+        from opensora_sdk.generation import Timings
         from opensora_sdk.sampling import SamplingInterrupted
 
         prompt, refined = loop_prompt(req), None
@@ -209,7 +214,8 @@ class Backend:
                 return None
             start = time.monotonic()
             try:
-                video = self.pipe.generate(plan, callback=callback, progress=False)[0]
+                timings = Timings()  # with a step cache: what it skipped (timings.cache_stats)
+                video = self.pipe.generate(plan, callback=callback, progress=False, timings=timings)[0]
             except SamplingInterrupted:
                 self.last_outcome = "stopped"
                 return None
@@ -224,6 +230,8 @@ class Backend:
         seed = plan.seeds[0]
         what = "image" if video.num_frames == 1 else f"{video.num_frames} frames at {video.fps:g} fps"
         message = f"seed {seed}, {video.height}x{video.width}, {what}: {path.name}"
+        if timings.cache_stats is not None:
+            message += f" ({timings.cache_stats.summary()})"
         return Result(path, seed, prompt, refined, message)
 
     def _save(self, video) -> Path:
@@ -316,6 +324,10 @@ def build_demo(backend: Backend, *, refine_default: bool = False):
                     c["loop_prompts"] = gr.Textbox(label="Prompt per loop", lines=3,
                                                    placeholder="one line per loop (overrides Prompt); or write "
                                                                "|0|first|2|from loop 2 on in Prompt")
+                    c["cache"] = _kw(gr.Dropdown, choices=list(CACHE_CHOICES), value="none", label="Step cache",
+                                     allow_custom_value=True,
+                                     info="faster, approximate: teacache:T skips the transformer at steps that "
+                                          "barely change (higher T = faster); pab reuses attention over steps")
             with gr.Column():
                 c["reference"] = _kw(gr.Image, label="Reference image (first frame)", type="filepath", format="png",
                                      sources=["upload", "clipboard"], elem_id="reference")

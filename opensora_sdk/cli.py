@@ -137,6 +137,10 @@ def _add_generation_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--sampler", default=None, choices=("rflow", "iddpm", "dpm-solver"),
                    help="sampling method (default: the model's own: v1.2 rflow, v1.1/v1.0 iddpm; "
                    "dpm-solver: v1.1/v1.0 only, no references)")
+    g.add_argument("--cache", default=None, metavar="METHOD",
+                   help="step caching, faster and approximate (v1.2; default off): teacache:THRESHOLD skips the "
+                        "transformer at steps whose input barely changed (e.g. teacache:0.1; 0 = exact), pab or "
+                        "pab:S,T,X reuses spatial/temporal/cross attention for S/T/X steps mid-schedule")
     g.add_argument("--cfg-scale", type=float, default=None, help="classifier-free guidance scale (default: preset, else 7.0)")
     g.add_argument("--aes", type=_optional_float("--aes"), default="default",
                    help="aesthetic score appended to prompts; 'none': no suffix (default: the model family's, 6.5 for "
@@ -170,8 +174,22 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--text-encoder", default=None, help="T5 folder or hub id")
     g.add_argument("--local-files-only", action="store_true", help="never download from the hub")
     g.add_argument("--dtype", default="auto", choices=DTYPE_CHOICES, help="STDiT3 and VAE dtype (auto: bf16 on GPU, fp32 on CPU)")
+    g.add_argument("--vae-dtype", default=None, choices=DTYPE_CHOICES[1:],
+                   help="the VAE's own dtype (default: --dtype). bf16 decodes several times faster than fp32 on a CPU "
+                        "with AMX or AVX512-BF16 (about 50 dB PSNR from fp32); on other CPUs it is emulated and slower")
     g.add_argument("--device", default="auto", help="cuda, cuda:1, cpu ... (auto: cuda when available)")
-    g.add_argument("--offload", default="none", choices=("none", "model"), help="'model': each model leaves the GPU after use")
+    g.add_argument("--offload", default="none", choices=("none", "model", "sequential"),
+                   help="'model': each model leaves the GPU after use; 'sequential': also the transformer's and T5's "
+                        "blocks come in one at a time (least memory, slow)")
+    g.add_argument("--block-swap", type=int, default=None, metavar="N",
+                   help="keep N transformer blocks on the GPU and stream the others (and T5's blocks) from host "
+                        "memory (same output)")
+    g.add_argument("--fp8", action="store_true",
+                   help="store the transformer's and T5's Linear weights as float8 e4m3 (per-channel scales), "
+                        "computed in the model dtype")
+    g.add_argument("--compile", action="store_true",
+                   help="torch.compile the transformer's blocks (v1.2): the first generation of each size compiles "
+                        "them (slow once), later ones run faster; same output within float rounding")
     g.add_argument("--vae-tiling", nargs=2, type=int, metavar=("TILE", "OVERLAP"), help="decode in spatial tiles (pixels)")
     g.add_argument("--debug", action="store_true", help="show the full traceback of an error")
     g.add_argument("--sp-mode", default="auto", choices=("auto", "ulysses", "allgather_kv", "dsp"),
@@ -298,6 +316,7 @@ def _plan_kwargs(args, configs) -> dict:
         **sized,
         timestep_warp=True,
         sampler=args.sampler,
+        cache=_step_cache_arg(args),
         conditions=(),
         reference_path=_one_or_list(args.reference_path),
         mask_strategy=_one_or_list(args.mask_strategy),
@@ -308,6 +327,18 @@ def _plan_kwargs(args, configs) -> dict:
         batch_size=args.batch_size,
         family=preset.family,
     )
+
+
+def _step_cache_arg(args):
+    """--cache as a step-cache config (None: off); a bad value is one line naming --cache."""
+    from opensora_sdk.step_cache import parse_cache
+
+    value = getattr(args, "cache", None)
+    try:
+        return parse_cache(value)
+    except ValueError as err:
+        message = str(err).replace(f"cache={value!r}", f"--cache {value}", 1).replace(", or a TeaCacheConfig / PABConfig", "")
+        raise ValueError(message) from None
 
 
 def _device_and_dtype(args, *, available: bool = True):
@@ -378,6 +409,13 @@ def _load_pipeline(args, device, dtype, sp_group=None):
         local_files_only=args.local_files_only or None,
         vae_tiling=SpatialTiling(*args.vae_tiling) if args.vae_tiling else None, sp_group=sp_group,
     )
+    # with --lora, fp8 comes after the adapters are fused (`_fp8_after_loras`)
+    kwargs.update(fp8=getattr(args, "fp8", False) and not getattr(args, "lora", None),
+                  block_swap=getattr(args, "block_swap", None))
+    if getattr(args, "compile", False):
+        kwargs["compile"] = True
+    if getattr(args, "vae_dtype", None):
+        kwargs["vae_dtype"] = args.vae_dtype
     card = _apply_generation_card(args)
     name = _preset_name(args)
     preset = get_preset(name)
@@ -389,6 +427,30 @@ def _load_pipeline(args, device, dtype, sp_group=None):
         defaults={**preset.defaults, **(card.get("defaults") or {})}, max_latent_frames=limit, family=preset.family,
         **kwargs,
     )
+
+
+def _check_memory_args(args, configs) -> None:
+    """--block-swap and --offload against each other and the transformer's block count."""
+    from opensora_sdk.offload import block_count, check_block_swap
+
+    if getattr(args, "compile", False) and (args.block_swap is not None or args.offload == "sequential"):
+        raise ValueError("--compile does not combine with --block-swap or --offload sequential (they hook every "
+                         "block); pick one")
+    if args.block_swap is None:
+        return
+    check_block_swap(args.block_swap, block_count(configs.transformer), "--block-swap")
+    if args.offload == "sequential":
+        raise ValueError("--block-swap and --offload sequential exclude each other: sequential offload already "
+                         "streams every block")
+
+
+def _fp8_after_loras(args, pipe) -> None:
+    """--fp8 with --lora: the adapters are fused into the full-precision weights, then those are
+    stored in fp8 (a LoRA cannot wrap an fp8 layer)."""
+    if getattr(args, "fp8", False) and getattr(args, "lora", None):
+        pipe.fuse_lora()
+        pipe.unload_lora_weights()
+        pipe.enable_fp8()
 
 
 def _check_loras(args) -> None:
@@ -458,6 +520,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     # replaces by a random one, checked as a stand-in)
     stand_in = [p if p.strip() or endpoint is None else "a video" for p in originals]
     configs, plan = _configs_and_plan(args, stand_in, args.num_sample)
+    _check_memory_args(args, configs)
     names = outputs.sample_file_names(
         originals, num_sample=args.num_sample, sample_name=args.sample_name, start_index=args.start_index,
         prompt_as_path=args.prompt_as_path, suffix=".png" if plan.total_frames == 1 else ".mp4",
@@ -494,6 +557,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     t_load = time.perf_counter()
     pipe = _load_pipeline(args, device, dtype, sp_group=None if proc is None else proc.group)
     _load_loras(args, pipe)
+    _fp8_after_loras(args, pipe)
     if proc is not None:
         pipe.transformer.set_sequence_parallel_group(proc.group, args.sp_mode)
     _check_models_fit(configs, pipe)
@@ -520,6 +584,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
     if say:
         stages = ", ".join(f"{k} {v:.1f} s" for k, v in timings.items())
         print(f"done in {sum(timings.values()):.1f} s ({stages})", file=sys.stderr)
+        if timings.cache_stats is not None:
+            print(timings.cache_stats.summary(), file=sys.stderr)
     if proc is not None:
         distributed.shutdown()
     return 0
@@ -535,14 +601,22 @@ def cmd_info(args: argparse.Namespace) -> int:
 
     device, dtype = _device_and_dtype(args, available=False)
     configs, plan = _configs_and_plan(args)
+    _check_memory_args(args, configs)
     memory = estimate_memory(
         plan, configs.transformer, configs.vae, configs.text_encoder, dtype=dtype,
         offload=None if args.offload == "none" else args.offload, device_type=device.type,
+        fp8=args.fp8, block_swap=args.block_swap,
     )
     print(plan.summary())
     print(f"device:         {device} ({str(dtype).removeprefix('torch.')} for the transformer and the VAE, T5 float32)")
     for line in memory.lines():
         print(f"memory:         {line}")
+    from opensora_sdk.estimates import estimate_modes, gib
+
+    swap = args.block_swap or 0
+    modes = estimate_modes(plan, configs.transformer, configs.vae, configs.text_encoder, block_swap=swap)
+    print("memory modes:   estimated peak on a GPU (bf16; T5 bf16): " + ", ".join(
+        f"{name}{f' ({swap} blocks on the GPU)' if 'swap' in name else ''} {gib(m.peak)}" for name, m in modes.items()))
     for kind, source in configs.sources.items():
         print(f"{kind + ':':<15} {source}")
     for note in configs.notes:

@@ -22,6 +22,22 @@ must exist at once, not measurements (allocator caches and framework overhead co
   before sampling and `offload` is None); decoding = VAE weights + decode working set +
   clip (+ STDiT3 weights when `offload` is None). On a CPU run every weight stays in memory.
 
+**Memory modes** (`estimate_memory(..., fp8=, block_swap=, offload=)`, `estimate_modes`):
+
+* fp8 (`opensora_sdk.fp8`): the quantized Linear weights take 1 byte each plus a float32
+  scale per output channel; every other tensor keeps its dtype. T5 likewise (q, k, v, o and
+  wi in fp8; wo and the embedding at the T5 dtype).
+* block swap N: the transformer's weights on the device are its layers outside the blocks +
+  min(blocks, N + 2) blocks (N resident, the running one and the one being copied); T5's are
+  its embedding and final norm + 2 blocks (it streams every block);
+* offload "sequential": the transformer's layers outside the blocks + 1 block, T5's embedding
+  and final norm + 1 block, the VAE whole during its phases; every model leaves after use.
+  Activations do not change with any of these.
+
+Checked against measurements on the CPU (tests/test_estimates.py): weight bytes exactly (fp8
+layers, blocks present during a block-swapped forward), activations of one forward within
+[1.0, 1.5] x the formula (a live-tensor counter over every op's outputs).
+
 `estimate_peak` gives one number for a resource guard: the peak over some phases when the
 models take turns on the device (each leaves after its phase, as ComfyUI runs them), counting
 only the weights that still have to move there.
@@ -78,6 +94,82 @@ def t5_encoder_parameters(config: dict) -> int:
     layer = 4 * d * inner + ff + 2 * d
     buckets = config.get("relative_attention_num_buckets", 32) * config["num_heads"]
     return config["vocab_size"] * d + config["num_layers"] * layer + buckets + d
+
+
+@dataclass
+class WeightSplit:
+    """Values of a transformer (or T5) by where they go: `blocks` per block, `rest` outside the
+    blocks; each as (Linear weights fp8 would quantize, their output channels, other values)."""
+
+    blocks: list[tuple[int, int, int]]
+    rest: tuple[int, int, int]
+    float32: int = 0  # values outside the blocks that stay float32 whatever the dtype (RoPE table)
+
+    def total(self) -> int:
+        return sum(sum(b) - b[1] for b in self.blocks) + sum(self.rest) - self.rest[1] + self.float32
+
+
+def _split_values(module, skip=(), min_weights=None) -> tuple[int, int, int]:
+    from opensora_sdk import fp8
+
+    min_weights = fp8.MIN_WEIGHTS if min_weights is None else min_weights
+    lin_w = lin_out = 0
+    quantized = set()
+    for name, m in module.named_modules():
+        if type(m) is torch.nn.Linear and not fp8._kept(name, skip) and m.weight.numel() >= min_weights:
+            lin_w, lin_out = lin_w + m.weight.numel(), lin_out + m.out_features
+            quantized.add(id(m.weight))
+    other = sum(t.numel() for t in list(module.parameters()) + list(module.buffers()) if id(t) not in quantized)
+    return lin_w, lin_out, other
+
+
+def transformer_weight_split(config) -> WeightSplit:
+    """`WeightSplit` of the transformer `config` describes (built on the meta device)."""
+    from opensora_sdk import fp8
+    from opensora_sdk.models.auto import build_transformer
+    from opensora_sdk.offload import transformer_blocks
+
+    with torch.device("meta"):
+        model = build_transformer(config)
+    blocks = transformer_blocks(model)  # a block's own tensors stay with the rest (offload.streamed_tensors)
+    per_block = []
+    for block in blocks:
+        parts = [_split_values(child) for child in block.children()]
+        per_block.append(tuple(sum(p[i] for p in parts) for i in range(3)))
+    whole = _split_values(model, fp8.STDIT3_KEEP)
+    rest = [w - sum(b[i] for b in per_block) for i, w in enumerate(whole)]
+    freqs = getattr(getattr(model, "rope", None), "freqs", None)
+    float32 = freqs.numel() if freqs is not None else 0
+    rest[2] -= float32
+    return WeightSplit(per_block, tuple(rest), float32)
+
+
+def t5_weight_split(config: dict) -> WeightSplit:
+    """`WeightSplit` of a T5 encoder from its config fields (see `t5_encoder_parameters`): per
+    layer q, k, v, o and wi in fp8 (`fp8.T5_KEEP` keeps wo), the rest at the T5 dtype."""
+    d, inner, ff = config["d_model"], config["num_heads"] * config["d_kv"], config["d_ff"]
+    wi = 2 if "gated" in config.get("feed_forward_proj", "relu") else 1
+    lin_w, lin_out = 4 * d * inner + wi * d * ff, 3 * inner + d + wi * ff
+    other = ff * d + 2 * d
+    buckets = config.get("relative_attention_num_buckets", 32) * config["num_heads"]
+    return WeightSplit([(lin_w, lin_out, other)] * config["num_layers"], (0, 0, config["vocab_size"] * d + buckets + d))
+
+
+def _bytes(part: tuple[int, int, int], nb: int, fp8: bool) -> int:
+    lin_w, lin_out, other = part
+    return (lin_w + lin_out * 4 + other * nb) if fp8 else (lin_w + other) * nb
+
+
+def device_weight_bytes(split: WeightSplit, nb: int, *, fp8: bool = False, blocks_on_device: int | None = None) -> int:
+    """Bytes of `split`'s weights on the device at once: all of them, or with `blocks_on_device`
+    = N (block swap; 0 and no prefetch is sequential offload, pass -1 for that: one block) the
+    rest + min(blocks, N + 2) of the largest blocks."""
+    rest = _bytes(split.rest, nb, fp8) + split.float32 * 4
+    sizes = sorted((_bytes(b, nb, fp8) for b in split.blocks), reverse=True)
+    if blocks_on_device is None:
+        return rest + sum(sizes)
+    count = 1 if blocks_on_device < 0 else min(len(sizes), blocks_on_device + 2)
+    return rest + sum(sizes[:count])
 
 
 @dataclass
@@ -144,8 +236,12 @@ def estimate_memory(
     offload: str | None = None,
     device_type: str = "cuda",
     parameters: dict[str, int] | None = None,
+    fp8: bool = False,
+    block_swap: int | None = None,
 ) -> MemoryEstimate:
-    """See the module docstring for the formulas. `plan` is a `GenerationPlan`."""
+    """See the module docstring for the formulas. `plan` is a `GenerationPlan`. `fp8`: the
+    transformer's and T5's Linear weights in float8; `block_swap`: transformer blocks kept on
+    the device (the others stream); `offload`: None, "model" or "sequential"."""
     p = parameters or {
         "text_encoder": t5_encoder_parameters(t5_config),
         "transformer": stdit3_parameters(transformer_config),
@@ -153,6 +249,21 @@ def estimate_memory(
     }
     nb, tb = dtype_bytes(dtype), dtype_bytes(text_encoder_dtype)
     weights = {"text_encoder": p["text_encoder"] * tb, "transformer": p["transformer"] * nb, "vae": p["vae"] * nb}
+    sequential = offload == "sequential"
+    on_device = dict(weights)  # weights on the device during a component's own phase
+    kept_transformer = weights["transformer"]  # what stays on the device after sampling (offload None)
+    if fp8 or block_swap is not None or sequential:
+        tr, t5 = transformer_weight_split(transformer_config), t5_weight_split(t5_config)
+        weights["transformer"] = device_weight_bytes(tr, nb, fp8=fp8)
+        weights["text_encoder"] = device_weight_bytes(t5, tb, fp8=fp8)
+        swap = -1 if sequential else block_swap
+        on_device["transformer"] = device_weight_bytes(tr, nb, fp8=fp8, blocks_on_device=swap)
+        t5_swap = -1 if sequential else (0 if block_swap is not None else None)  # block swap streams T5 too
+        on_device["text_encoder"] = device_weight_bytes(t5, tb, fp8=fp8, blocks_on_device=t5_swap)
+        if block_swap is not None:  # the resident part stays; streamed blocks are on the host
+            kept_transformer = device_weight_bytes(WeightSplit(tr.blocks[:block_swap], tr.rest, tr.float32), nb, fp8=fp8)
+        else:
+            kept_transformer = weights["transformer"]
     B = plan.latent_shape[0]
     rows = 2 * B if plan.guidance_scale != 1 else B
     acts = transformer_activation_bytes(transformer_config, rows, plan.video_tokens, dtype)
@@ -167,11 +278,29 @@ def estimate_memory(
     else:
         keep = offload is None
         phases = {
-            "text": weights["text_encoder"],
-            "sampling": weights["transformer"] + acts + (weights["vae"] if keep and vae_before else 0),
-            "decoding": weights["vae"] + decode + clip + (weights["transformer"] if keep else 0),
+            "text": on_device["text_encoder"],
+            "sampling": on_device["transformer"] + acts + (weights["vae"] if keep and vae_before else 0),
+            "decoding": weights["vae"] + decode + clip + (kept_transformer if keep else 0),
         }
     return MemoryEstimate(weights, acts, scores, decode, clip, max(phases.values()), phases)
+
+
+MODES = ("bf16", "fp8", "fp8 + block swap", "sequential offload")
+
+
+def estimate_modes(plan, transformer_config, vae_config, t5_config: dict, *, block_swap: int = 0,
+                   text_encoder_dtype: torch.dtype = torch.bfloat16) -> dict[str, MemoryEstimate]:
+    """Peak device memory of `plan` on a GPU in each of `MODES`, all bf16: plain (models stay
+    after use), fp8 weights (transformer and T5), fp8 with `block_swap` blocks on the device
+    and the models leaving after use, and sequential offload (bf16 weights)."""
+    kw = dict(dtype=torch.bfloat16, text_encoder_dtype=text_encoder_dtype, device_type="cuda")
+    args = (plan, transformer_config, vae_config, t5_config)
+    return {
+        "bf16": estimate_memory(*args, **kw),
+        "fp8": estimate_memory(*args, fp8=True, **kw),
+        "fp8 + block swap": estimate_memory(*args, fp8=True, block_swap=block_swap, offload="model", **kw),
+        "sequential offload": estimate_memory(*args, offload="sequential", **kw),
+    }
 
 
 def estimate_peak(
@@ -318,7 +447,13 @@ def estimate_training(
 
 
 __all__ = [
+    "MODES",
     "MemoryEstimate",
+    "WeightSplit",
+    "device_weight_bytes",
+    "estimate_modes",
+    "t5_weight_split",
+    "transformer_weight_split",
     "T5_XXL_CONFIG",
     "TrainingEstimate",
     "estimate_training",

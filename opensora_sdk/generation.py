@@ -38,7 +38,7 @@ import dataclasses
 import json
 import re
 import time
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from typing import Callable, Iterator, Sequence
 
@@ -206,9 +206,13 @@ def guided_model(transformer, batch: int, uncond_mask: torch.Tensor | None):
     """STDiT3 as the sampler's model_fn; a negative prompt's mask `uncond_mask` masks the
     unconditional half instead of the prompt's mask."""
 
+    joined = {}  # the [prompt; negative] mask, built once per mask the loop passes (same object each step)
+
     def fn(x, t, *, y, mask, x_mask=None, **kwargs):
         if uncond_mask is not None and x.shape[0] == 2 * batch:
-            mask = torch.cat([mask[:batch], uncond_mask], 0)
+            if joined.get("from") is not mask:
+                joined.update({"from": mask, "mask": torch.cat([mask[:batch], uncond_mask], 0)})
+            mask = joined["mask"]
         if x_mask is not None:  # STDiT (v1.0) takes no frame mask, and is never given one
             kwargs["x_mask"] = x_mask
         return transformer(x, t, y=y, mask=mask, **kwargs)
@@ -258,8 +262,13 @@ def sample_clip(
     embeddings: Embeddings,
     loop_i: int = 0,
     callback: Callable | None = None,
+    *,
+    cache_stats=None,
 ) -> torch.Tensor:
-    """Sample loop `loop_i` of a batch -> latents [B, C, T', h, w] float32 on the device."""
+    """Sample loop `loop_i` of a batch -> latents [B, C, T', h, w] float32 on the device.
+
+    With a step cache in the plan (`plan.cache`), a fresh cache state serves this clip only
+    (`opensora_sdk.step_cache.attach`); `cache_stats` (a `step_cache.CacheStats`) counts what it saved."""
     device, B = placement.device, len(batch)
     C, (T, h, w) = plan.latent_channels, plan.latent_size
     H, W, N = plan.height, plan.width, plan.num_frames
@@ -290,7 +299,15 @@ def sample_clip(
         null = null.to(y.dtype)
     family = FAMILIES[plan.family]
     stop_check = block_callback(transformer, models.hooks.between_blocks)
-    with torch.no_grad(), placement.use(transformer, "transformer"), stop_check:
+    cache = nullcontext()
+    if plan.cache is not None:  # step caching: a new state per clip (nothing carried between loops or calls)
+        from opensora_sdk.step_cache import attach
+
+        cache = attach(transformer, plan.cache, num_steps=len(plan.timesteps), timesteps=plan.timesteps,
+                       stats=cache_stats)
+    # exact reuse of the text / size work across the steps of this clip (STDiT3; see stdit3_reuse)
+    reuse = transformer.step_invariants() if hasattr(transformer, "step_invariants") else nullcontext()
+    with torch.no_grad(), placement.use(transformer, "transformer"), stop_check, cache, reuse:
         return family.sampler(plan.sampler).sample(
             guided_model(transformer, B, uncond_mask), z, plan.scheduler, size=(H, W, N), y=y, y_null=null,
             y_mask=y_mask, guidance_scale=plan.guidance_scale, frame_mask=frame_mask,
@@ -326,7 +343,10 @@ def carry_over(
 
 
 class Timings(dict):
-    """Seconds spent per stage ("text", "references", "sampling", "decode"), summed over a call."""
+    """Seconds spent per stage ("text", "references", "sampling", "decode"), summed over a call.
+    With a step cache, `cache_stats` (a `step_cache.CacheStats`) counts what it skipped."""
+
+    cache_stats = None
 
     @contextmanager
     def stage(self, name: str):
@@ -352,6 +372,10 @@ def iter_clips(
     [B, 3, n, H, W]): the first clip whole, later ones without the frames they share with the
     previous clip. With `decode_last=False` the last loop is not decoded (pixels None)."""
     timings = Timings() if timings is None else timings
+    if plan.cache is not None and timings.cache_stats is None:
+        from opensora_sdk.step_cache import CacheStats
+
+        timings.cache_stats = CacheStats(plan.cache.spec)
     with timings.stage("references"):
         state = start_batch(models, placement, plan, batch)
     clip = None
@@ -360,7 +384,8 @@ def iter_clips(
             with timings.stage("references"):
                 carry_over(models, placement, plan, state, clip, i)
         with timings.stage("sampling"):
-            latents = sample_clip(models, placement, plan, batch, state, embeddings, i, callback)
+            latents = sample_clip(models, placement, plan, batch, state, embeddings, i, callback,
+                                  cache_stats=timings.cache_stats)
         if i == plan.loop - 1 and not decode_last:
             yield latents, None
             return
@@ -433,16 +458,18 @@ def generate_latents(
     embeddings: Embeddings | None = None,
     callback: Callable | None = None,
     progress: bool = False,
+    timings: Timings | None = None,
 ) -> torch.Tensor:
     """`generate` without the final decode: the latents [N, C, T', h, w] of every sample after
-    its last loop (earlier loops are decoded: the next loop needs their pixels)."""
+    its last loop (earlier loops are decoded: the next loop needs their pixels). `timings`: as
+    for `generate`."""
     models = with_progress_bars(models, progress)
 
     def latents(batch, embeddings, steps, timings) -> list[torch.Tensor]:
         *_, (last, _) = iter_clips(models, placement, plan, batch, embeddings, steps, timings, decode_last=False)
         return list(last)
 
-    return torch.stack(_run(models, placement, plan, embeddings, callback, progress, None, latents))
+    return torch.stack(_run(models, placement, plan, embeddings, callback, progress, timings, latents))
 
 
 def video_metadata(plan: GenerationPlan, s: SamplePlan) -> dict[str, str]:
@@ -464,6 +491,8 @@ def video_metadata(plan: GenerationPlan, s: SamplePlan) -> dict[str, str]:
         "mask_strategy": s.mask_strategy,
         "generator": f"opensora-sdk {__version__}",
     }
+    if plan.cache is not None:  # an approximate video: say how it was made
+        params["cache"] = plan.cache.spec
     return {"title": s.prompt, "seed": str(s.seed), "opensora": json.dumps(params, ensure_ascii=False)}
 
 

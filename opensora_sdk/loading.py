@@ -12,6 +12,9 @@ Training checkpoints wrap the weights (``{"ema": ...}``, ``{"model": ...}``,
 both are unwrapped here. Models are built on the meta device and the tensors are assigned
 one by one in the target dtype and device, so no transient float32 copy of the whole model is
 made. Every load checks keys and shapes and reports missing, unexpected and mismatched keys.
+
+torch is imported by the functions that need it, not by this module: the command line imports
+`CheckpointError` for its error lines, and `opensora --help` does not need torch.
 """
 
 from __future__ import annotations
@@ -19,11 +22,14 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
-from torch import nn
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
 
 WEIGHT_FILE_NAMES = (
     "model.safetensors",
@@ -31,6 +37,7 @@ WEIGHT_FILE_NAMES = (
     "model.safetensors.index.json",
     "diffusion_pytorch_model.safetensors.index.json",
     "ema.safetensors",
+    "pytorch_model.bin.index.json",  # shards of .bin files (e.g. a T5 folder saved by transformers)
     "pytorch_model.bin",
     "ema.pt",
     "model.pt",
@@ -163,6 +170,8 @@ def _download(repo_id, subfolder, local_files_only, cache_dir, allow_patterns) -
 
 def _unwrap(obj, prefer: str) -> dict:
     """Peel training wrappers off a loaded .pth object until a flat tensor dict remains."""
+    import torch
+
     order = (prefer,) + tuple(k for k in _WRAPPER_KEYS if k != prefer)
     while isinstance(obj, dict) and not any(isinstance(v, torch.Tensor) for v in obj.values()):
         for key in order:
@@ -248,6 +257,8 @@ def iter_tensors(files: Iterable[Path], *, prefer: str = "ema") -> Iterator[tupl
     with ``weights_only=True`` (never arbitrary pickles). `prefer` picks the EMA or the raw
     weights of a training checkpoint that holds both.
     """
+    import torch
+
     for file in files:
         file = Path(file)
         if file.suffix == ".safetensors":
@@ -267,6 +278,8 @@ def iter_tensors(files: Iterable[Path], *, prefer: str = "ema") -> Iterator[tupl
 def _torch_load_weights(file: Path):
     """torch.load with weights_only=True (memory-mapped when the file format allows)."""
     import zipfile
+
+    import torch
 
     try:
         return torch.load(file, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(file))
@@ -292,6 +305,82 @@ def read_state_dict(source: str | os.PathLike, *, prefer: str = "ema", **resolve
 # --------------------------------------------------------------------------------------------
 # Loading into a model
 # --------------------------------------------------------------------------------------------
+
+
+@contextmanager
+def meta_device():
+    """Build a model without weights: as ``with torch.device("meta")``, plus shape-only
+    arithmetic on the new tensors.
+
+    Constructors compute on their fresh tensors (``torch.randn(6, C) / C**0.5``, a frequency
+    table ``1 / theta ** (arange / dim)``, an ``init.normal_``). On the meta device torch runs
+    that arithmetic through its Python reference kernels, whose first use imports torch's
+    compiler stack (torch._dynamo, sympy): about a second, more than the built-in model's whole
+    load. Here those few operations (`_SHAPE_ONLY`) give an empty meta tensor of the result's
+    shape and dtype instead, and in-place random fills leave the tensor as it is. The values
+    never mattered: a model built so gets every tensor from a checkpoint (`load_tensors_into`,
+    which fails on any tensor left on meta).
+    """
+    import torch
+
+    with torch.device("meta"), _shape_only_mode()():
+        yield
+
+
+def _broadcast(shapes) -> tuple[int, ...]:
+    """The broadcast of plain shapes (`torch.broadcast_shapes` imports sympy)."""
+    n = max(len(s) for s in shapes)
+    out = []
+    for dims in zip(*[(1,) * (n - len(s)) + tuple(s) for s in shapes]):
+        sizes = {d for d in dims if d != 1}
+        if len(sizes) > 1:
+            raise RuntimeError(f"shapes {[tuple(s) for s in shapes]} do not broadcast")
+        out.append(sizes.pop() if sizes else 1)
+    return tuple(out)
+
+
+def _shape_only_mode():
+    import torch
+    from torch.overrides import TorchFunctionMode
+
+    T = torch.Tensor
+    binary = {torch.add, torch.sub, torch.mul, torch.div, torch.true_divide, torch.pow,
+              T.add, T.sub, T.mul, T.div, T.true_divide, T.pow,
+              T.__add__, T.__radd__, T.__sub__, T.__rsub__, T.__mul__, T.__rmul__,
+              T.__truediv__, T.__rtruediv__, T.__pow__, T.__rpow__}  # fmt: skip
+    true_division = {torch.div, torch.true_divide, T.div, T.true_divide, T.__truediv__, T.__rtruediv__}
+    in_place = {T.add_, T.sub_, T.mul_, T.div_, T.pow_, T.__iadd__, T.__isub__, T.__imul__, T.__itruediv__,
+                T.normal_, T.uniform_, T.exponential_, T.random_, T.log_normal_, T.cauchy_, T.geometric_}  # fmt: skip
+    random = {torch.randn, torch.rand}
+    handled = binary | in_place | random | {torch.arange}
+
+    def is_meta(x):
+        return isinstance(x, torch.Tensor) and x.is_meta
+
+    class ShapeOnly(TorchFunctionMode):
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            kwargs = kwargs or {}
+            if func not in handled and getattr(func, "__module__", None) != "torch.nn.init":
+                return func(*args, **kwargs)  # everything else as under torch.device("meta")
+            tensors = [a for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor)]
+            all_meta = bool(tensors) and all(t.is_meta for t in tensors)
+            if func in random and kwargs.get("device") in (None, "meta") and "out" not in kwargs:
+                return torch.empty(*args, dtype=kwargs.get("dtype"), device="meta",
+                                   requires_grad=kwargs.get("requires_grad", False))
+            if func is torch.arange and kwargs.get("device") is None and "out" not in kwargs:
+                return func(*args, **{**kwargs, "device": "cpu"}).to("meta")  # small; exact on the CPU
+            if func in in_place or getattr(func, "__module__", None) == "torch.nn.init":
+                target = args[0] if args else kwargs.get("tensor")
+                if all_meta and is_meta(target):
+                    return target  # an init or in-place fill of a meta tensor: nothing to compute
+            if func in binary and all_meta and len(args) == 2 and "out" not in kwargs and not kwargs.get("rounding_mode"):
+                dtype = torch.result_type(args[0], args[1])
+                if func in true_division and not (dtype.is_floating_point or dtype.is_complex):
+                    dtype = torch.get_default_dtype()
+                return torch.empty(_broadcast([t.shape for t in tensors]), dtype=dtype, device="meta")
+            return func(*args, **kwargs)
+
+    return ShapeOnly
 
 
 @dataclass
@@ -345,6 +434,8 @@ def load_tensors_into(
     unexpected or mismatched key raises `CheckpointError` with the full report and the model
     is left untouched.
     """
+    import torch
+
     expected = {k: v for k, v in model.state_dict(keep_vars=True).items()}
     keep_float32 = set(keep_float32)
     report, ready = LoadReport(), {}
@@ -380,6 +471,8 @@ def load_tensors_into(
 
 
 def _device_of(t: torch.Tensor) -> torch.device:
+    import torch
+
     return torch.device("cpu") if t.is_meta else t.device
 
 

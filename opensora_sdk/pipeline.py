@@ -40,8 +40,18 @@ class OpenSoraPipeline:
     * `offload=None` (default): STDiT3 and the VAE stay on `device` once used (fastest).
       `offload="model"`: each goes back to the host after every use, so only one large
       model is on the device at a time, at the cost of host-device copies per loop.
+      `offload="sequential"`: also STDiT3's and T5's blocks come in one at a time (least memory).
+    * `block_swap=N` (`enable_block_swap`): N transformer blocks stay on `device`, the others
+      (and T5's) stream from pinned host memory while the previous block computes; same output.
+    * `fp8=True` (or "per_tensor"; `enable_fp8`): the transformer's and T5's Linear weights
+      stored as float8 e4m3 with per-channel scales, computed in `dtype` (`opensora_sdk.fp8`).
+    * diffusers' names set the same policy: `enable_model_cpu_offload`,
+      `enable_sequential_cpu_offload`, `enable_vae_tiling`, `enable_vae_slicing`.
     * The VAE decodes chunk by chunk (17 frames, `micro_batch_size` frames per 2D call);
       `vae_tiling=SpatialTiling(...)` also tiles each frame (less memory, slight seams).
+      `vae_dtype` (default: `dtype`) runs the VAE in its own dtype, e.g. `torch.bfloat16` on
+      a CPU with AMX / AVX512-BF16: several times faster than float32 there, about 50 dB
+      PSNR from it; on other CPUs bfloat16 is emulated and slower.
     * Prompts run in batches of `batch_size` (default 1).
     `opensora info` prints an estimate for a plan (see `opensora_sdk.estimates`).
 
@@ -73,8 +83,12 @@ class OpenSoraPipeline:
         progress: bool = True,
         sources: dict[str, str] | None = None,
         sp_group=None,
+        fp8: bool | str = False,
+        block_swap: int | None = None,
+        compile: bool = False,
+        vae_dtype: torch.dtype | None = None,
     ):
-        self.placement = Placement(device, offload)  # checks offload first
+        self.placement = Placement(device, offload, block_swap)  # checks offload first
         caption, text_dim = transformer.config.caption_channels, text_encoder.output_dim
         if caption != text_dim:
             raise ValueError(f"STDiT3 caption_channels={caption} must equal the text encoder's output dim {text_dim}")
@@ -103,7 +117,18 @@ class OpenSoraPipeline:
         elif sp_group is not None:
             raise ValueError(f"sequence parallelism (sp_group) is not available for {type(transformer).__name__} "
                              f"(Open-Sora {family.name}); run it in one process per video")
+        if block_swap is not None:
+            self.enable_block_swap(block_swap)
+        from opensora_sdk.models.vae import check_vae_dtype
+
+        self.vae_dtype = check_vae_dtype(vae_dtype)  # None: the VAE follows `dtype`
         self.to(dtype=dtype)
+        if self.vae_dtype is not None:
+            self.vae.to(self.vae_dtype)
+        if fp8:
+            self.enable_fp8(per_channel=fp8 if isinstance(fp8, str) else True)
+        if compile:
+            self.compile()
 
     # ---- construction ------------------------------------------------------------------------
 
@@ -139,6 +164,10 @@ class OpenSoraPipeline:
         dtype = dtype or torch_dtype or default_dtype(device)
         sources = {"transformer": model, "vae": vae, "text_encoder": text_encoder}
         family = kwargs.get("family")
+        from opensora_sdk.fp8 import is_fp8_file, load_fp8_transformer
+
+        if is_fp8_file(model):  # written by fp8.save_fp8: fp8 layers with their scales
+            model = load_fp8_transformer(model, device=HOST).to(dtype)
         if not isinstance(model, torch.nn.Module):
             model = load_transformer(model, family=family.name if family else None, dtype=dtype, device=HOST,
                                      local_files_only=local_files_only)
@@ -206,19 +235,99 @@ class OpenSoraPipeline:
     def dtype(self) -> torch.dtype:
         return self.transformer.x_embedder.proj.weight.dtype
 
+    def compile(self) -> None:
+        """Regional torch.compile of the transformer's blocks (`STDiT3.compile_blocks`; same
+        output within float rounding). The first generation of each size compiles them."""
+        if not hasattr(self.transformer, "compile_blocks"):
+            raise ValueError(f"compile=True: regional compile is available for v1.2 models (STDiT3), not "
+                             f"{type(self.transformer).__name__}; leave compile out")
+        import sys
+
+        self.transformer.compile_blocks()
+        print("compile: the transformer blocks compile during the first generation of each size "
+              "(slow once, faster after)", file=sys.stderr)
+
     def to(self, device=None, dtype: torch.dtype | None = None) -> OpenSoraPipeline:
         """Set the device (models move there when used; any model resident elsewhere goes back
         to the host now) and/or cast STDiT3 and the VAE to `dtype` (T5 keeps its dtype; each
         model keeps its own float32 parts, see their `.to()`)."""
         if dtype is not None:
             self.transformer.to(dtype)
-            self.vae.to(dtype)
+            self.vae.to(getattr(self, "vae_dtype", None) or dtype)
         if device is not None:
-            self.placement = Placement(device, self.placement.offload)
+            self.placement = Placement(device, self.placement.offload, getattr(self.placement, "block_swap", None))
             for module in (self.transformer, self.vae):
                 if next(module.parameters()).device not in (HOST, self.placement.device):
                     module.to(HOST)
         return self
+
+    # ---- memory (the diffusers names map onto one `Placement`; see opensora_sdk.placement) ----
+
+    def enable_model_cpu_offload(self, device=None) -> None:
+        """Each model moves to `device` (default: the pipeline's) for its stage and back to the
+        host after it: one large model on the device at a time (offload="model")."""
+        self._set_placement(device, "model")
+
+    def enable_sequential_cpu_offload(self, device=None) -> None:
+        """The least device memory: as `enable_model_cpu_offload`, and STDiT3's and T5's blocks
+        come to the device one at a time, just before each runs (offload="sequential"); slow."""
+        self._set_placement(device, "sequential", block_swap=None)
+
+    def enable_block_swap(self, blocks_on_device: int) -> None:
+        """Keep STDiT3's first `blocks_on_device` blocks (of its 2 x depth, spatial and temporal,
+        in execution order) and its small layers on the device; stream the others from pinned
+        host memory, each copied while the previous block computes (`opensora_sdk.offload`);
+        T5 then streams all its blocks the same way. Same output as without it."""
+        from opensora_sdk.offload import check_block_swap, transformer_blocks
+
+        check_block_swap(blocks_on_device, len(transformer_blocks(self.transformer)))
+        offload = None if self.placement.offload == "sequential" else self.placement.offload
+        self._set_placement(None, offload, block_swap=blocks_on_device)
+
+    def disable_block_swap(self) -> None:
+        self._set_placement(None, self.placement.offload, block_swap=None)
+
+    def _set_placement(self, device, offload, block_swap=_UNSET) -> None:
+        device = self.placement.device if device is None else device
+        block_swap = getattr(self.placement, "block_swap", None) if block_swap is _UNSET else block_swap
+        self.placement = Placement(device, offload, block_swap)
+
+    def enable_vae_tiling(self, tile_size: int = 256, overlap: int = 64) -> None:
+        """Decode (and encode) each frame in spatial tiles of `tile_size` pixels overlapping by
+        `overlap` (less memory, slight seams): `vae_tiling=SpatialTiling(tile_size, overlap)`."""
+        from opensora_sdk.models.vae_tiling import SpatialTiling
+
+        self.vae_tiling = SpatialTiling(tile_size, overlap)
+
+    def disable_vae_tiling(self) -> None:
+        self.vae_tiling = None
+
+    def enable_vae_slicing(self) -> None:
+        """Run the VAE's 2D part one frame at a time (`micro_batch_size` 1 instead of the
+        config's, 4 for v1.2): the same frames, a quarter of the decoder's working set."""
+        config = getattr(self.vae, "config", None)
+        if not hasattr(config, "micro_batch_size"):
+            raise ValueError(f"{type(self.vae).__name__} has no micro_batch_size to slice by")
+        if not hasattr(self, "_vae_micro_batch"):
+            self._vae_micro_batch = config.micro_batch_size
+        config.micro_batch_size = 1
+
+    def disable_vae_slicing(self) -> None:
+        if hasattr(self, "_vae_micro_batch"):
+            self.vae.config.micro_batch_size = self._vae_micro_batch
+            del self._vae_micro_batch
+
+    def enable_fp8(self, per_channel: bool | str = True, text_encoder: bool = True) -> list[str]:
+        """Store the transformer's (and T5's) Linear weights as float8 e4m3 with per-channel
+        (or per_channel="per_tensor") scales, computed in the model dtype (`opensora_sdk.fp8`;
+        embedders, norms and the final layer stay). Returns the transformer layers converted."""
+        from opensora_sdk import fp8
+
+        per_channel = fp8._scale_choice(per_channel) if isinstance(per_channel, str) else bool(per_channel)
+        done = fp8.quantize_transformer_fp8(self.transformer, per_channel=per_channel)
+        if text_encoder and hasattr(self.text_encoder, "model"):
+            fp8.quantize_text_encoder_fp8(self.text_encoder, per_channel=per_channel)
+        return done
 
     def models(self):
         """The models as `opensora_sdk.generation` takes them."""
@@ -294,6 +403,7 @@ class OpenSoraPipeline:
         batch_size: int = 1,
         timestep_warp: bool = True,
         sampler: str | None = None,
+        cache=None,
         progress: bool | None = None,
         num_inference_steps: int | None = None,
         generator: torch.Generator | Sequence[torch.Generator] | None = None,
@@ -350,6 +460,11 @@ class OpenSoraPipeline:
             sampler: the sampling method, None = the family's own (v1.2 "rflow", v1.1 and
                 v1.0 "iddpm"); v1.1 and v1.0 also take "dpm-solver" (DPM-Solver++, 20 steps
                 by default, no references).
+            cache: step caching, a speed/quality dial (v1.2; off by default): "teacache:0.1"
+                skips the transformer's blocks at steps whose input barely changed, "pab"
+                reuses attention outputs over a few steps; or a `step_cache.TeaCacheConfig` /
+                `PABConfig`. Threshold 0 gives the uncached video exactly. The counts of what
+                was skipped: `generate(plan, timings=t)` puts them in `t.cache_stats`.
             progress: tqdm bar over steps (default: the pipeline's `progress`).
 
         diffusers names (aliases of ours; `opensora_sdk.diffusers_compat`):
@@ -387,7 +502,7 @@ class OpenSoraPipeline:
             conditions=conditions, reference_path=reference_path, mask_strategy=mask_strategy, seed=seed,
             height=height, width=width, loop=loop, condition_frame_length=condition_frame_length,
             condition_frame_edit=condition_frame_edit, align=align, batch_size=batch_size,
-            timestep_warp=timestep_warp, sampler=sampler,
+            timestep_warp=timestep_warp, sampler=sampler, cache=cache,
         )
         plan = compat.seed_samples(plan, generator)
         callback = compat.step_end_callback(
@@ -414,7 +529,7 @@ class OpenSoraPipeline:
         models = self.models()
         if latents_only:
             run = lambda: generation.generate_latents(  # noqa: E731
-                models, self.placement, plan, callback=callback, progress=progress
+                models, self.placement, plan, callback=callback, progress=progress, timings=timings
             )
         else:
             run = lambda: generation.generate(  # noqa: E731
@@ -436,7 +551,11 @@ class OpenSoraPipeline:
         for another family or model size raises `LoraError` and changes nothing; one trained on
         other weights of the same architecture warns (`LoraWarning`)."""
         from opensora_sdk import lora
+        from opensora_sdk.fp8 import fp8_layers
 
+        if fp8_layers(self.transformer):
+            raise ValueError("a LoRA cannot be applied to fp8 weights: build the pipeline without fp8, then "
+                             "load_lora_weights, fuse_lora, unload_lora_weights and enable_fp8()")
         return lora.apply_lora(self.transformer, lora.read_lora(path), adapter_name, scale, family=self.family.name)
 
     def set_adapters(self, adapter_names, adapter_weights=None) -> None:
@@ -485,6 +604,7 @@ PLAN_DEFAULTS: dict[str, Any] = {
     "negative_prompt": None, "motion_score": None, "camera_motion": None, "conditions": (),
     "reference_path": None, "mask_strategy": None, "seed": None, "loop": 1, "condition_frame_length": 5,
     "condition_frame_edit": 0.0, "batch_size": 1, "timestep_warp": True, "sampler": None,
+    "cache": None,
 }  # fmt: skip
 
 

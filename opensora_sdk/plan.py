@@ -78,6 +78,7 @@ class GenerationPlan:
     scheduler: Any = None  # the family's scheduler with num_steps (e.g. a RectifiedFlow)
     family: str = V1_2.name
     sampler: str | None = None  # the family's sampling method (None: its default)
+    cache: Any = None  # step caching: a step_cache.TeaCacheConfig / PABConfig, None = off (exact)
     latent_chunk: int = 5  # latent frames per VAE chunk (5 for the v1.2 VAE, 1 for the per-frame SD VAE)
 
     @property
@@ -122,6 +123,8 @@ class GenerationPlan:
             f"t = {self.timesteps[0]:.1f} .. {self.timesteps[-1]:.1f}",
             f"samples:        {self.num_samples} in batches of {self.batch_size}, seeds {self.seeds}",
         ]
+        if self.cache is not None:
+            lines.append(f"step cache:     {self.cache.spec} (approximate: skips or reuses transformer work)")
         for s in self.samples:
             for i, text in enumerate(s.loop_prompts if self.loop > 1 else s.loop_prompts[:1]):
                 tag = f"prompt {s.index}" + (f" loop {i}" if self.loop > 1 else "")
@@ -306,6 +309,7 @@ def plan_generation(
     batch_size: int,
     family: ModelFamily,
     sampler: str | None = None,
+    cache=None,
 ) -> GenerationPlan:
     """Resolve and check every argument; see `OpenSoraPipeline.__call__` for their meaning.
 
@@ -372,8 +376,21 @@ def plan_generation(
         scheduler=scheduler,
         family=family.name,
         sampler=family.sampler(sampler).name,
+        cache=_step_cache(cache, family),
         latent_chunk=facts.latent_size(facts.micro_frame_size, None, None)[0] if facts.micro_frame_size else 1,
     )
+
+
+def _step_cache(cache, family: ModelFamily):
+    """`cache` (a string such as "teacache:0.1", a config or None) as a step_cache config;
+    step caching hooks into STDiT3, so v1.2 models only."""
+    from opensora_sdk.step_cache import parse_cache
+
+    config = parse_cache(cache)
+    if config is not None and family.name != V1_2.name:
+        raise ValueError(f"cache={config.spec!r}: step caching is supported for v1.2 models only, not Open-Sora "
+                         f"{family.name}; leave cache out")
+    return config
 
 
 def _loop_frame_choices(facts: ModelFacts, overlap: int, chunk: int) -> str:

@@ -26,8 +26,6 @@ import urllib.parse as ul
 from dataclasses import dataclass
 from html.parser import HTMLParser
 
-import ftfy
-
 # The camera motions the official Gradio demo offers (and the captions were trained with).
 CAMERA_MOTIONS = ("pan right", "pan left", "tilt up", "tilt down", "zoom in", "zoom out", "static")
 
@@ -131,6 +129,8 @@ def clean_caption(caption: str) -> str:
     caption = re.sub(r"\s+\.\s+", r" ", caption)  # " . "
     if len(_DASH_OR_UNDERSCORE.findall(caption)) > 3:  # this-is-my-cute-cat
         caption = _DASH_OR_UNDERSCORE.sub(" ", caption)
+    import ftfy  # here, not at the top: `opensora --help` reads this module's constants only
+
     caption = ftfy.fix_text(caption)
     caption = html.unescape(html.unescape(caption))
     caption = re.sub(r"\b[a-zA-Z]{1,3}\d{3,15}\b", "", caption)  # jc6640

@@ -407,20 +407,23 @@ def write_single_file(encoder, path, edit=None):
 
 
 def test_from_single_file_matches_the_original_and_builds_on_meta(tokenizer, tmp_path, monkeypatch):
-    from transformers import T5EncoderModel
+    from transformers.models.t5.modeling_t5 import T5EncoderModel, T5PreTrainedModel
 
     enc = make_encoder(tokenizer, model_max_length=16)
     path = write_single_file(enc, tmp_path / "t5" / "t5.safetensors")
     tokenizer.save_pretrained(str(tmp_path / "t5"))  # beside the weights, as found first
-    built_on, init = [], T5EncoderModel.__init__
+    built_on, inits, init = [], [], T5EncoderModel.__init__
 
     def spy(self, config):
         init(self, config)
         built_on.append({p.device.type for p in self.parameters()})
 
     monkeypatch.setattr(T5EncoderModel, "__init__", spy)
+    monkeypatch.setattr(T5PreTrainedModel, "_init_weights", lambda self, module: inits.append(module))
+    for name in ("kaiming_uniform_", "normal_"):  # nn.Linear's and nn.Embedding's own init
+        monkeypatch.setattr(torch.nn.init, name, lambda tensor, *a, **k: inits.append(tensor))
     loaded = T5TextEncoder.from_single_file(path, model_max_length=16)
-    assert built_on == [{"meta"}]  # no random float32 T5 was made
+    assert built_on == [{"meta"}] and inits == []  # no random float32 T5 was made, no init ran
     model = loaded.model
     assert model.encoder.embed_tokens.weight is model.shared.weight
     assert not any(t.is_meta for _, t in loaded._weights())

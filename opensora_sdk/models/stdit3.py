@@ -17,6 +17,7 @@ import math
 import os
 import re
 import warnings
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -33,6 +34,7 @@ from opensora_sdk.loading import (
     write_json_atomic,
 )
 from opensora_sdk.models.attention import attention, check_backend
+from opensora_sdk.models.stdit3_reuse import StepConditions, StepInvariants, reuse_allowed
 from opensora_sdk.models.layers import (
     MLP,
     CaptionEmbedder,
@@ -87,13 +89,20 @@ class CrossAttention(nn.Module):
         self.proj = nn.Linear(dim, dim)
         self.attention_backend = "sdpa"
 
-    def forward(self, x: torch.Tensor, y: torch.Tensor, y_valid: torch.Tensor | None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, y: torch.Tensor, y_valid: torch.Tensor | None, kv=None) -> torch.Tensor:
+        """kv: this layer's `text_kv(y)`, computed once per generation (see `stdit3_reuse`), or None."""
         B, N, C = x.shape
-        H, D, L = self.num_heads, C // self.num_heads, y.shape[1]
+        H, D = self.num_heads, C // self.num_heads
         q = self.q_linear(x).view(B, N, H, D).transpose(1, 2)  # [B, H, N, D]
-        k, v = self.kv_linear(y).view(B, L, 2, H, D).permute(2, 0, 3, 1, 4).unbind(0)  # [B, H, L, D]
+        k, v = self.text_kv(y) if kv is None else kv  # [B, H, L, D] each
         out = attention(q, k, v, key_padding_mask=y_valid, backend=self.attention_backend)  # [B, H, N, D]
         return self.proj(out.transpose(1, 2).reshape(B, N, C))
+
+    def text_kv(self, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The text's keys and values, y [B, L, C] -> 2 x [B, H, L, D]."""
+        B, L, C = y.shape
+        H, D = self.num_heads, C // self.num_heads
+        return self.kv_linear(y).view(B, L, 2, H, D).permute(2, 0, 3, 1, 4).unbind(0)
 
 
 class STDiT3Block(nn.Module):
@@ -114,15 +123,24 @@ class STDiT3Block(nn.Module):
         self.norm2 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
         self.mlp = MLP(hidden_size, int(hidden_size * mlp_ratio))
         self.drop_path = DropPath(drop_path)
+        self.attention_cache = None  # step-cache hook: a step_cache.PABState broadcasting attention; None = off
 
-    def forward(self, x, y, y_valid, t_mlp, T: int, S: int, x_mask=None, t0_mlp=None, rope=None, sp=None):
-        """x [B, T*S, C] (a shard under sequence parallelism; `sp` then says how to attend)."""
+    def forward(self, x, y, y_valid, t_mlp, T: int, S: int, x_mask=None, t0_mlp=None, rope=None, sp=None, text_kv=None):
+        """x [B, T*S, C] (a shard under sequence parallelism; `sp` then says how to attend);
+        text_kv: the cross-attention's (k, v) of y when computed once per generation, or None."""
         B, N, C = x.shape
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.modulation(t_mlp, x_mask, t0_mlp)
         h = t2i_modulate(self.norm1(x).view(B, T, S, C), shift_msa, scale_msa)  # [B, T, S, C]
-        a = self.temporal_attention(h, rope, sp) if self.temporal else self.spatial_attention(h, sp)  # [B, T, S, C]
+        if self.attention_cache is None:
+            a = self.temporal_attention(h, rope, sp) if self.temporal else self.spatial_attention(h, sp)  # [B, T, S, C]
+        else:  # step-cache hook (opensora_sdk.step_cache): attention outputs broadcast over steps
+            a = self.attention_cache.attention(self, "temporal" if self.temporal else "spatial", lambda: (
+                self.temporal_attention(h, rope, sp) if self.temporal else self.spatial_attention(h, sp)))
         x = x + self.drop_path((gate_msa * a).reshape(B, N, C))
-        x = x + self.cross_attn(x, y, y_valid)  # no norm, no modulation
+        if self.attention_cache is None:
+            x = x + self.cross_attn(x, y, y_valid, text_kv)  # no norm, no modulation
+        else:  # step-cache hook, as above
+            x = x + self.attention_cache.attention(self, "cross", lambda: self.cross_attn(x, y, y_valid, text_kv))
         h = t2i_modulate(self.norm2(x).view(B, T, S, C), shift_mlp, scale_mlp)  # [B, T, S, C]
         return x + self.drop_path((gate_mlp * self.mlp(h)).reshape(B, N, C))
 
@@ -161,7 +179,9 @@ class STDiT3(nn.Module):
     Run-time switches (not config fields): `set_attention_backend`, `gradient_checkpointing`
     (see `enable_gradient_checkpointing`), `set_sequence_parallel_group` (tokens sharded over
     processes), `set_block_callback` (a call before every block, e.g. an interrupt check),
-    and `official_bf16_quantization`. The latter, off by default, reproduces
+    `set_step_reuse` (with `step_invariants`: exact reuse of the step-invariant work of a
+    sampling loop, on by default, see `stdit3_reuse`), `compile_blocks` (regional
+    torch.compile) and `official_bf16_quantization`. The latter, off by default, reproduces
     the official bf16 runs bit for bit in their quantisation: the timestep, fps, height and
     width are rounded to bfloat16 before use (985.96 -> 984, width 854 -> 856), and the
     RoPE and positional-embedding frequency tables are bfloat16. With it off, all of these
@@ -175,6 +195,9 @@ class STDiT3(nn.Module):
         self.gradient_checkpointing = False
         self.sequence_parallel = None  # a stdit3_parallel.SequenceParallel, see set_sequence_parallel_group
         self.block_callback = None  # fn() before every block, see set_block_callback
+        self.step_reuse = True  # see set_step_reuse
+        self.step_scope = None  # the open StepInvariants of step_invariants(), or None
+        self.step_cache = None  # step-cache hook: a state from opensora_sdk.step_cache.attach; None = off
         C, depth = config.hidden_size, config.depth
         self.pos_embed = PositionEmbedding2D(C)
         self.rope = RotaryEmbedding(config.head_dim)
@@ -227,6 +250,33 @@ class STDiT3(nn.Module):
         previous, self.block_callback = self.block_callback, fn
         return previous
 
+    def set_step_reuse(self, enabled: bool = True) -> None:
+        """On (default): inside `step_invariants()` forwards reuse the work that does not change
+        across steps (bitwise the same output). Off: every forward runs the plain path."""
+        self.step_reuse = bool(enabled)
+
+    @contextmanager
+    def step_invariants(self):
+        """Scope of one sampling loop (one clip): forwards inside it compute the text, fps, size
+        and position work once and reuse it (see `stdit3_reuse`). Yields the `StepInvariants`
+        (hits / misses), or None when `set_step_reuse(False)`. Nested scopes: the inner one wins."""
+        previous = self.step_scope
+        self.step_scope = StepInvariants() if self.step_reuse else None
+        try:
+            yield self.step_scope
+        finally:
+            if self.step_scope is not None:
+                self.step_scope.clear()
+            self.step_scope = previous
+
+    def compile_blocks(self, **options) -> None:
+        """Regional torch.compile: each spatial and temporal block is compiled in place
+        (`torch.compile` options; default dynamic=False). The first forward of each new size
+        compiles (seconds to minutes); later ones run the compiled code."""
+        options = {"dynamic": False, **options}
+        for block in (*self.spatial_blocks, *self.temporal_blocks):
+            block.compile(**options)
+
     def enable_gradient_checkpointing(self, enabled: bool = True) -> None:
         """Recompute each block in backward (torch.utils.checkpoint, non-reentrant)."""
         self.gradient_checkpointing = enabled
@@ -270,47 +320,59 @@ class STDiT3(nn.Module):
         if unknown:
             raise TypeError(f"STDiT3.forward got unexpected keyword arguments {sorted(unknown)}")
         cfg, dtype = self.config, self.x_embedder.proj.weight.dtype
-        timestep, fps, height, width = self._check_inputs(x, timestep, y, mask, x_mask, fps, height, width)
+        timestep = self._check_step_inputs(x, timestep, x_mask)
         B, _, T0, H0, W0 = x.shape
         pt, ph, pw = cfg.patch_size
         T, Hp, Wp = -(-T0 // pt), -(-H0 // ph), -(-W0 // pw)
         S = Hp * Wp
-        x, y = x.to(dtype), y.to(dtype)
         if x_mask is not None:
             x_mask = x_mask.to(device=x.device, dtype=torch.bool)
 
+        # text, fps, position tables: per call, or once per generation inside step_invariants()
+        scope = self.step_scope if reuse_allowed(self, force_drop_ids) else None
+        if scope is None:
+            cond = self.step_conditions(
+                x, y, mask, fps, height, width, force_drop_ids=force_drop_ids, generator=generator
+            )
+        else:
+            cond = scope.lookup(
+                (y, mask, fps, height, width), (B, T0, H0, W0, dtype, x.device),
+                lambda: self.step_conditions(x, y, mask, fps, height, width, text_kv=True),
+            )
+            if x_mask is not None and bool(x_mask.all()):
+                x_mask = None  # no condition frame: the t = 0 branch would change nothing (bitwise)
+        y, y_valid, rope, text_kv = cond.y, cond.y_valid, cond.rope, cond.text_kv
+
         # conditioning vectors: t = t_embedder(timestep) + fps_embedder(fps)  [B, C]
-        f = self.fps_embedder(fps, B)
-        t = self.t_embedder(timestep, dtype) + f
+        t = self.t_embedder(timestep, dtype) + cond.f
         t_mlp = self.t_block(t)  # [B, 6C]
         t0 = t0_mlp = None
         if x_mask is not None:
-            t0 = self.t_embedder(torch.zeros_like(timestep), dtype) + f
-            t0_mlp = self.t_block(t0)
-        y, y_valid = self.encode_text(y, mask, force_drop_ids=force_drop_ids, generator=generator)
+            t0, t0_mlp = cond.t0(lambda: self.t_zero(cond.f, dtype))
 
         # patches + 2D position embedding (same for every frame)
-        quant = self.official_bf16_quantization
-        scale = (height * width) ** 0.5 / cfg.input_sq_size
-        pos = self.pos_embed(
-            Hp, Wp, scale=scale, base_size=round(S**0.5), device=x.device, dtype=dtype, quantize_bf16=quant
-        )  # [1, S, C]
-        x = self.x_embedder(x)  # [B, N, C]
-        x = (x.view(B, T, S, -1) + pos[:, None]).flatten(1, 2)  # [B, N, C]
+        x = self.x_embedder(x.to(dtype))  # [B, N, C]
+        x = (x.view(B, T, S, -1) + cond.pos[:, None]).flatten(1, 2)  # [B, N, C]
 
-        rope = self.rope.cos_sin(T, device=x.device, quantize_bf16=quant)  # 2 x [T, D]
         if self.sequence_parallel is not None:  # blocks and final layer on this rank's shard, then gather
-            x = self.sequence_parallel.forward_tokens(self, x, t, y, y_valid, t_mlp, T, S, x_mask, t0, t0_mlp, rope)
+            x = self.sequence_parallel.forward_tokens(
+                self, x, t, y, y_valid, t_mlp, T, S, x_mask, t0, t0_mlp, rope, text_kv=text_kv
+            )
         else:
-            x = self.run_blocks(x, y, y_valid, t_mlp, T, S, x_mask, t0_mlp, rope)
+            if self.step_cache is None:
+                x = self.run_blocks(x, y, y_valid, t_mlp, T, S, x_mask, t0_mlp, rope, text_kv)
+            else:  # step-cache hook (opensora_sdk.step_cache): may reuse earlier steps' work
+                x = self.step_cache.run_blocks(self, x, y, y_valid, t_mlp, T, S, x_mask, t0_mlp, rope, text_kv)
             x = self.final_layer(x, t, x_mask, t0, T, S)  # [B, N, pt*ph*pw*C_out]
         return self.unpatchify(x, T, Hp, Wp, (T0, H0, W0)).float()
 
-    def run_blocks(self, x, y, y_valid, t_mlp, T, S, x_mask=None, t0_mlp=None, rope=None):
-        """The block stack on tokens [B, T*S, C] (S may be a shard of the spatial tokens)."""
-        for spatial, temporal in zip(self.spatial_blocks, self.temporal_blocks):
-            x = self._call_block(spatial, x, y, y_valid, t_mlp, T, S, x_mask, t0_mlp, None)
-            x = self._call_block(temporal, x, y, y_valid, t_mlp, T, S, x_mask, t0_mlp, rope)
+    def run_blocks(self, x, y, y_valid, t_mlp, T, S, x_mask=None, t0_mlp=None, rope=None, text_kv=None):
+        """The block stack on tokens [B, T*S, C] (S may be a shard of the spatial tokens);
+        text_kv: per depth ((k, v) spatial, (k, v) temporal) of y (`text_keys_values`) or None."""
+        for i, (spatial, temporal) in enumerate(zip(self.spatial_blocks, self.temporal_blocks)):
+            kv_s, kv_t = (None, None) if text_kv is None else text_kv[i]
+            x = self._call_block(spatial, x, y, y_valid, t_mlp, T, S, x_mask, t0_mlp, None, None, kv_s)
+            x = self._call_block(temporal, x, y, y_valid, t_mlp, T, S, x_mask, t0_mlp, rope, None, kv_t)
         return x
 
     def _call_block(self, block, *args):
@@ -319,6 +381,39 @@ class STDiT3(nn.Module):
         if self.gradient_checkpointing and torch.is_grad_enabled():
             return checkpoint(block, *args, use_reentrant=False)
         return block(*args)
+
+    def step_conditions(
+        self, x, y, mask, fps, height, width, *, force_drop_ids=None, generator=None, text_kv: bool = False
+    ) -> StepConditions:
+        """The inputs of a forward that do not change across sampling steps (checked here):
+        text tokens and key mask, fps embedding, position and RoPE tables and, with `text_kv`,
+        every block's cross-attention keys and values. x [B, C_in, T, H, W] gives sizes only."""
+        cfg, dtype = self.config, self.x_embedder.proj.weight.dtype
+        B, _, T0, H0, W0 = x.shape
+        pt, ph, pw = cfg.patch_size
+        T, Hp, Wp = -(-T0 // pt), -(-H0 // ph), -(-W0 // pw)
+        S = Hp * Wp
+        fps, height, width = self._check_conditions(x, y, mask, fps, height, width)
+        f = self.fps_embedder(fps, B)  # [B, C]
+        y, y_valid = self.encode_text(y.to(dtype), mask, force_drop_ids=force_drop_ids, generator=generator)
+        quant = self.official_bf16_quantization
+        scale = (height * width) ** 0.5 / cfg.input_sq_size
+        pos = self.pos_embed(
+            Hp, Wp, scale=scale, base_size=round(S**0.5), device=x.device, dtype=dtype, quantize_bf16=quant
+        )  # [1, S, C]
+        rope = self.rope.cos_sin(T, device=x.device, quantize_bf16=quant)  # 2 x [T, D]
+        kv = self.text_keys_values(y) if text_kv else None
+        return StepConditions(y, y_valid, f, pos, rope, kv)
+
+    def text_keys_values(self, y: torch.Tensor) -> list:
+        """Text tokens y [B, L', C] -> per depth ((k, v) spatial, (k, v) temporal), each [B, H, L', D]."""
+        pairs = zip(self.spatial_blocks, self.temporal_blocks)
+        return [(s.cross_attn.text_kv(y), t.cross_attn.text_kv(y)) for s, t in pairs]
+
+    def t_zero(self, f: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """The condition frames' vectors: t0 = t_embedder(0) + f [B, C] and t0_mlp = t_block(t0) [B, 6C]."""
+        t0 = self.t_embedder(torch.zeros(f.shape[0], device=f.device), dtype) + f
+        return t0, self.t_block(t0)
 
     def encode_text(self, y, mask=None, *, force_drop_ids=None, generator=None):
         """y [B, 1, L, C_text] -> (tokens [B, L', C], valid [B, L'] bool or None).
@@ -354,8 +449,8 @@ class STDiT3(nn.Module):
         x = x.reshape(B, -1, T * pt, Hp * ph, Wp * pw)  # [B, C_out, T_p*pt, H_p*ph, W_p*pw]
         return x[:, :, : size[0], : size[1], : size[2]]
 
-    def _check_inputs(self, x, timestep, y, mask, x_mask, fps, height, width):
-        """Validate shapes; return (timestep [B], fps [b], height, width) as float32 / floats."""
+    def _check_step_inputs(self, x, timestep, x_mask):
+        """Validate x, timestep and x_mask; return timestep [B] float32."""
         cfg = self.config
         if not isinstance(x, torch.Tensor) or x.ndim != 5 or x.shape[1] != cfg.in_channels:
             got = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
@@ -368,6 +463,14 @@ class STDiT3(nn.Module):
             raise ValueError(f"timestep must be [B]=[{B}] or a scalar, got shape {tuple(timestep.shape)}")
         if not bool(torch.isfinite(timestep).all()):
             raise ValueError(f"timestep must be finite, got {timestep.tolist()}")
+        if x_mask is not None and tuple(x_mask.shape) != (B, T):
+            raise ValueError(f"x_mask must be [B, T_p] = [{B}, {T}] (one flag per latent frame), got {tuple(x_mask.shape)}")
+        return bf16_round(timestep) if self.official_bf16_quantization else timestep
+
+    def _check_conditions(self, x, y, mask, fps, height, width):
+        """Validate y, mask, fps, height, width; return (fps [b], height, width) as float32 / floats."""
+        cfg = self.config
+        B = x.shape[0]
         if not cfg.skip_y_embedder and (y.ndim != 4 or y.shape[0] != B or y.shape[-1] != cfg.caption_channels):
             raise ValueError(
                 f"y must be [B, 1, L, caption_channels] = [{B}, 1, L, {cfg.caption_channels}] with the batch of x "
@@ -385,8 +488,6 @@ class STDiT3(nn.Module):
                     f"mask rows {empty.nonzero().flatten().tolist()} have no valid text token; every caption "
                     "needs at least one (T5 always emits the end-of-sequence token)"
                 )
-        if x_mask is not None and tuple(x_mask.shape) != (B, T):
-            raise ValueError(f"x_mask must be [B, T_p] = [{B}, {T}] (one flag per latent frame), got {tuple(x_mask.shape)}")
         for name, value in (("fps", fps), ("height", height), ("width", width)):
             if value is None:
                 raise ValueError(f"{name} is required (official pipelines always pass it; e.g. fps=24, pixel height/width)")
@@ -396,8 +497,8 @@ class STDiT3(nn.Module):
         height = torch.as_tensor(height).float().reshape(-1)[0]
         width = torch.as_tensor(width).float().reshape(-1)[0]
         if self.official_bf16_quantization:
-            timestep, fps, height, width = (bf16_round(v) for v in (timestep, fps, height, width))
-        return timestep, fps, height.item(), width.item()
+            fps, height, width = (bf16_round(v) for v in (fps, height, width))
+        return fps, height.item(), width.item()
 
     # ---- weights ----------------------------------------------------------------------------
 
@@ -455,7 +556,9 @@ class STDiT3(nn.Module):
         elif config is None:
             shapes = {k: tuple(t.shape) for k, t in _renamed(iter_tensors(resolved.weight_files, prefer=prefer))}
             config = infer_config(shapes)
-        with torch.device("meta"):
+        from opensora_sdk.loading import meta_device
+
+        with meta_device():  # no meta arithmetic (it imports torch's compiler)
             model = cls(config, official_bf16_quantization=official_bf16_quantization)
         if not strict:
             model.to_empty(device=device or "cpu").to(dtype or torch.float32)

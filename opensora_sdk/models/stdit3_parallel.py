@@ -89,10 +89,14 @@ class SequenceParallel:
 
     # ---- the model's token path ---------------------------------------------------------------
 
-    def forward_tokens(self, model, x, t, y, y_valid, t_mlp, T, S, x_mask=None, t0=None, t0_mlp=None, rope=None):
-        """Tokens [B, N, C] after patch + position embedding -> final-layer output [B, N, K]."""
+    def forward_tokens(self, model, x, t, y, y_valid, t_mlp, T, S, x_mask=None, t0=None, t0_mlp=None, rope=None,
+                       text_kv=None):
+        """Tokens [B, N, C] after patch + position embedding -> final-layer output [B, N, K].
+        text_kv: the text's per-block keys and values (`STDiT3.text_keys_values`; the text is
+        not sharded, so they are the same on every rank) or None."""
+        kv = [(None, None)] * len(model.spatial_blocks) if text_kv is None else text_kv
         if self.mode == "dsp":
-            return self._forward_dsp(model, x, t, y, y_valid, t_mlp, T, S, x_mask, t0, t0_mlp)
+            return self._forward_dsp(model, x, t, y, y_valid, t_mlp, T, S, x_mask, t0, t0_mlp, kv)
         B, N, C = x.shape
         P, g = self.size, self.group
         S_pad = -(-S // P) * P
@@ -100,14 +104,14 @@ class SequenceParallel:
         x = _pad_to(x.view(B, T, S, C), 2, S_pad)  # [B, T, S_pad, C]
         x = split_forward_gather_backward(x, 2, g, "down").flatten(1, 2)  # [B, M, C], M = T*S_l
         shard = _Shard(self, spatial_keys=_key_mask(S, S_pad, x.device))
-        for spatial, temporal in zip(model.spatial_blocks, model.temporal_blocks):
-            x = model._call_block(spatial, x, y, y_valid, t_mlp, T, S_l, x_mask, t0_mlp, None, shard)
-            x = model._call_block(temporal, x, y, y_valid, t_mlp, T, S_l, x_mask, t0_mlp, rope, shard)
+        for spatial, temporal, (kv_s, kv_t) in zip(model.spatial_blocks, model.temporal_blocks, kv):
+            x = model._call_block(spatial, x, y, y_valid, t_mlp, T, S_l, x_mask, t0_mlp, None, shard, kv_s)
+            x = model._call_block(temporal, x, y, y_valid, t_mlp, T, S_l, x_mask, t0_mlp, rope, shard, kv_t)
         x = model.final_layer(x, t, x_mask, t0, T, S_l)  # [B, M, K]
         x = gather_forward_split_backward(x.unflatten(1, (T, S_l)), 2, g, "up")  # [B, T, S_pad, K]
         return x[:, :, :S].flatten(1, 2)  # [B, N, K]
 
-    def _forward_dsp(self, model, x, t, y, y_valid, t_mlp, T, S, x_mask, t0, t0_mlp):
+    def _forward_dsp(self, model, x, t, y, y_valid, t_mlp, T, S, x_mask, t0, t0_mlp, kv):
         B, N, C = x.shape
         P, g = self.size, self.group
         T_pad, S_pad = -(-T // P) * P, -(-S // P) * P
@@ -120,11 +124,12 @@ class SequenceParallel:
             mask_loc = mask_pad.chunk(P, 1)[self.rank]  # [B, T_l]
         rope = model.rope.cos_sin(T_pad, device=x.device, quantize_bf16=model.official_bf16_quantization)
         shard = _Shard(self, frame_keys=_key_mask(T, T_pad, x.device))
-        for spatial, temporal in zip(model.spatial_blocks, model.temporal_blocks):
-            x = model._call_block(spatial, x.flatten(1, 2), y, y_valid, t_mlp, T_l, S, mask_loc, t0_mlp, None, None)
+        for spatial, temporal, (kv_s, kv_t) in zip(model.spatial_blocks, model.temporal_blocks, kv):
+            x = x.flatten(1, 2)  # [B, T_l*S, C]
+            x = model._call_block(spatial, x, y, y_valid, t_mlp, T_l, S, mask_loc, t0_mlp, None, None, kv_s)
             x = _pad_to(x.view(B, T_l, S, C), 2, S_pad)  # [B, T_l, S_pad, C]
             x = all_to_all(x, g, scatter_dim=2, gather_dim=1).flatten(1, 2)  # [B, T_pad*S_l, C]: whole series
-            x = model._call_block(temporal, x, y, y_valid, t_mlp, T_pad, S_l, mask_pad, t0_mlp, rope, shard)
+            x = model._call_block(temporal, x, y, y_valid, t_mlp, T_pad, S_l, mask_pad, t0_mlp, rope, shard, kv_t)
             x = all_to_all(x.view(B, T_pad, S_l, C), g, scatter_dim=1, gather_dim=2)  # [B, T_l, S_pad, C]
             x = x[:, :, :S]  # [B, T_l, S, C]
         x = model.final_layer(x.flatten(1, 2), t, mask_loc, t0, T_l, S)  # [B, T_l*S, K]

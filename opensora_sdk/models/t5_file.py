@@ -1,11 +1,15 @@
-"""A T5 encoder from one weight file, such as ComfyUI's t5xxl_fp16.safetensors.
+"""T5 encoder loading: one weight file (ComfyUI's t5xxl_fp16.safetensors) or a Hugging Face folder.
 
-The file holds the Hugging Face T5 encoder keys: ``shared.weight``, ``encoder.block.N....``
+The weights hold the Hugging Face T5 encoder keys: ``shared.weight``, ``encoder.block.N....``
 (gated ``wi_0`` / ``wi_1``), ``encoder.final_layer_norm.weight``. The tied
 ``encoder.embed_tokens.weight`` may be absent: it is the same table as ``shared.weight``.
-The `T5Config` is read from the tensor shapes, the model is built on the meta device and each
-tensor is assigned once, in the target dtype (no random float32 T5-XXL, ~19 GB, is ever made),
-and the keys are checked strictly. `T5TextEncoder.from_single_file` is the public entry.
+transformers' `T5EncoderModel` is built on the meta device with its weight initialisation
+switched off, and each tensor is assigned once, in the target dtype (no random float32
+T5-XXL, ~19 GB, is ever made); the keys are checked strictly. A single file's `T5Config` is
+read from its tensor shapes (`T5TextEncoder.from_single_file`); a folder's from its
+config.json, its weights being one file or the shards of an index (`.safetensors` or `.bin`),
+of which the decoder and LM head of a full T5 are skipped (`T5TextEncoder.from_pretrained`).
+transformers is imported here, when a T5 is built, and only its T5 modules.
 """
 
 from __future__ import annotations
@@ -14,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from opensora_sdk.loading import CheckpointError, iter_tensors, load_tensors_into, read_shapes
+from opensora_sdk.loading import CheckpointError, iter_tensors, load_tensors_into, read_shapes, resolve_checkpoint
 
 SUFFIXES = (".safetensors", ".pth", ".pt", ".bin")
 TOKENIZER_FILES = ("tokenizer.json", "spiece.model")
@@ -22,6 +26,7 @@ SHARED, EMBED = "shared.weight", "encoder.embed_tokens.weight"
 _Q = "encoder.block.0.layer.0.SelfAttention.q.weight"
 _BIAS = "encoder.block.0.layer.0.SelfAttention.relative_attention_bias.weight"
 _WI_0 = "encoder.block.0.layer.1.DenseReluDense.wi_0.weight"
+ENCODER_ONLY_SKIP = ("decoder.", "lm_head.")  # a full T5 checkpoint's other half
 
 
 class NotT5FileError(CheckpointError, ValueError):
@@ -56,6 +61,7 @@ def config_from_shapes(shapes: dict[str, tuple[int, ...]], path: Path):
         num_layers=1 + max(int(b) for b in blocks if b.isdigit()),
         num_heads=num_heads,
         relative_attention_num_buckets=num_buckets,
+        tie_word_embeddings=True,  # `shared` is `encoder.embed_tokens`, stored once or twice
     )
 
 
@@ -76,30 +82,84 @@ def load_t5_encoder(path: Path, config, dtype: torch.dtype, device: torch.device
     As transformers' `from_pretrained` does, float16 keeps the feed-forward output projections
     (`wo`) in float32. Missing, unexpected or mismatched keys raise `CheckpointError`.
     """
-    from transformers import T5EncoderModel
-
-    with torch.device("meta"):
-        model = T5EncoderModel(config)
-    keep_float32 = set()
-    if dtype == torch.float16:
-        keep = set(T5EncoderModel._keep_in_fp32_modules or ())
-        keep_float32 = {k for k in model.state_dict() if keep & set(k.split("."))}
-    tensors = _tied_once(iter_tensors([path]), dtype, device, keep_float32)
     try:
-        load_tensors_into(model, tensors, dtype=dtype, device=device, keep_float32=keep_float32)
+        return load_t5_weights([path], config, dtype, device)
     except CheckpointError as err:
         raise CheckpointError(f"{str(path)!r}: {err}") from err
-    model.encoder.embed_tokens.weight = model.shared.weight  # one table, as transformers ties them
+
+
+def load_t5_folder(folder: Path, dtype: torch.dtype, device: torch.device):
+    """`T5EncoderModel` from a Hugging Face folder: its config.json, and its weights (one file
+    or the shards of an index) assigned in `dtype` on `device`."""
+    from transformers.models.t5.configuration_t5 import T5Config
+
+    resolved = resolve_checkpoint(folder)
+    try:
+        config = T5Config.from_pretrained(str(folder))
+    except (OSError, ValueError) as err:
+        raise CheckpointError(
+            f"{str(folder)!r}: config.json is not a T5 config ({type(err).__name__}: {err})"
+        ) from err
+    try:
+        return load_t5_weights(resolved.weight_files, config, dtype, device)
+    except CheckpointError as err:
+        raise CheckpointError(f"{str(folder)!r}: {err}") from err
+
+
+def load_t5_weights(files, config, dtype: torch.dtype, device: torch.device):
+    """`T5EncoderModel(config)` built on the meta device without initialisation, then the
+    encoder tensors of `files` assigned (strict keys; a full T5's decoder / LM head skipped)."""
+    model = build_empty_t5_encoder(config)
+    keep_float32 = set()
+    if dtype == torch.float16:  # as transformers' from_pretrained (`_keep_in_fp32_modules`)
+        keep = set(model._keep_in_fp32_modules or ())
+        keep_float32 = {k for k in model.state_dict() if keep & set(k.split("."))}
+    tensors = ((k, t) for k, t in iter_tensors(files) if not k.startswith(ENCODER_ONLY_SKIP))
+    tensors = _cast(tensors, dtype, device, keep_float32)
+    tied = _ties_embedding(model)
+    if tied:
+        tensors = _tied_once(tensors)
+    load_tensors_into(model, tensors, dtype=dtype, device=device, keep_float32=keep_float32)
+    if tied:
+        model.encoder.embed_tokens.weight = model.shared.weight  # one table, as transformers ties them
     return model.eval().requires_grad_(False)
 
 
-def _tied_once(tensors, dtype, device, keep_float32):
-    """The file's tensors cast for the model, plus the tied embedding under its other name when
-    the file stores it once (the same cast tensor under both names: no second copy)."""
-    seen = {}
+def build_empty_t5_encoder(config):
+    """transformers' `T5EncoderModel(config)` on the meta device, its weight initialisation
+    (torch's and transformers' `init_weights`, which also ties) switched off: every tensor
+    is to be assigned from a checkpoint."""
+    from transformers.models.t5.modeling_t5 import T5EncoderModel
+
+    try:
+        from transformers.initialization import no_init_weights  # transformers >= 5
+    except ImportError:
+        from transformers.modeling_utils import no_init_weights
+
+    with torch.device("meta"), no_init_weights():
+        return T5EncoderModel(config)
+
+
+def _ties_embedding(model) -> bool:
+    """Whether transformers ties `encoder.embed_tokens` to `shared` in `model`: one module in
+    transformers 4, per the config's `tie_word_embeddings` in transformers 5."""
+    tied = getattr(model, "all_tied_weights_keys", None) or {}
+    return model.encoder.embed_tokens is model.shared or tied.get(EMBED) == SHARED
+
+
+def _cast(tensors, dtype, device, keep_float32):
+    """The file's floating point tensors in `dtype` on `device` (`keep_float32` keys in float32)."""
     for key, tensor in tensors:
         if tensor.is_floating_point():
             tensor = tensor.to(device=device, dtype=torch.float32 if key in keep_float32 else dtype)
+        yield key, tensor
+
+
+def _tied_once(tensors):
+    """The tensors, plus the tied embedding under its other name when the file stores it once
+    (the same cast tensor under both names: no second copy)."""
+    seen = {}
+    for key, tensor in tensors:
         if key in (SHARED, EMBED):
             seen[key] = tensor
         yield key, tensor

@@ -17,6 +17,9 @@ on the accelerator for the block only: the weights go home afterwards, also on e
 `offload_after_encode=True` they leave as soon as a batch is encoded and come back on the
 next encode that needs them. The first offload keeps a (pinned) host copy of the frozen
 weights, so later offloads need no transfer and each return is one host-to-device copy.
+Loading builds `T5EncoderModel` on the meta device without initialisation and assigns each
+checkpoint tensor once, in the chosen dtype (strict keys; `models/t5_file.py`). transformers is
+imported only when an encoder or tokenizer is built, and only its T5 and tokenizer modules.
 Weights from one file (ComfyUI's t5xxl_fp16.safetensors): `from_single_file`.
 An `EmbeddingCache` (in-memory LRU, optionally backed by a folder of .safetensors files)
 skips T5 entirely for prompts it has already seen.
@@ -69,7 +72,7 @@ def load_tiny_tokenizer(model_max_length: int | None = None):
 
     Same special ids as T5 (pad 0, ``</s>`` 1, unk 2), EOS appended, right padding.
     """
-    from transformers import AutoTokenizer
+    from transformers.models.auto.tokenization_auto import AutoTokenizer
 
     kwargs = {} if model_max_length is None else {"model_max_length": model_max_length}
     return AutoTokenizer.from_pretrained(str(TINY_TOKENIZER_DIR), **kwargs)
@@ -81,7 +84,7 @@ def tiny_t5_config(vocab_size: int | None = None, **overrides):
     `vocab_size` defaults to the size of the built-in tiny tokenizer. Override any field, e.g.
     ``tiny_t5_config(d_model=512, num_layers=8, num_heads=8, d_kv=64, d_ff=1024)``.
     """
-    from transformers import T5Config
+    from transformers.models.t5.configuration_t5 import T5Config
 
     if vocab_size is None:
         vocab_size = len(load_tiny_tokenizer())
@@ -204,26 +207,15 @@ class T5TextEncoder:
         `cache_dir` apply); when that is impossible, the CheckpointError says which folder to
         pass instead. Weights are loaded straight in `dtype` on `device`.
         """
-        from transformers import AutoTokenizer, T5EncoderModel
+        from opensora_sdk.models.t5_file import load_t5_folder
 
         dtype = resolve_dtype(dtype)
         device = torch.device(device)
         folder = _find_folder(path_or_repo, local_files_only, cache_dir)
-        kwargs = {"dtype": dtype} if _transformers_major() >= 5 else {"torch_dtype": dtype}
-        if device.type != "cpu":
-            kwargs["device_map"] = {"": str(device)}
-        try:
-            tokenizer = AutoTokenizer.from_pretrained(str(folder))
-            with _quiet_transformers():  # no third-party "Loading weights" bar on every run
-                model = T5EncoderModel.from_pretrained(str(folder), **kwargs)
-        except (OSError, ValueError) as err:
-            raise CheckpointError(
-                f"could not load a T5 encoder and tokenizer from {str(folder)!r} "
-                f"({type(err).__name__}: {err}); the folder needs config.json, *.safetensors "
-                "weights and the tokenizer files (spiece.model or tokenizer.json)"
-            ) from err
+        tokenizer = _load_tokenizer_folder(folder)
+        model = load_t5_folder(folder, dtype, device)
         return cls(
-            model.to(device),
+            model,
             tokenizer,
             model_max_length=model_max_length,
             device=device,
@@ -252,7 +244,9 @@ class T5TextEncoder:
         fields; `tokenizer` is a tokenizer object, a folder to load one from, or None for the
         built-in tiny tokenizer.
         """
-        from transformers import AutoTokenizer, T5Config, T5EncoderModel
+        from transformers.models.auto.tokenization_auto import AutoTokenizer
+        from transformers.models.t5.configuration_t5 import T5Config
+        from transformers.models.t5.modeling_t5 import T5EncoderModel
 
         if isinstance(t5_config, dict):
             t5_config = T5Config(**t5_config)
@@ -565,20 +559,6 @@ def _empty_cache(device: torch.device) -> None:
         torch.mps.empty_cache()
 
 
-@contextmanager
-def _quiet_transformers():
-    """transformers' own progress bars off for the block (restored after)."""
-    from transformers.utils import logging as hf_logging
-
-    was_enabled = hf_logging.is_progress_bar_enabled()
-    hf_logging.disable_progress_bar()
-    try:
-        yield
-    finally:
-        if was_enabled:
-            hf_logging.enable_progress_bar()
-
-
 def _as_text_list(prompts) -> list[str]:
     if isinstance(prompts, str):
         prompts = [prompts]
@@ -588,7 +568,8 @@ def _as_text_list(prompts) -> list[str]:
 
 
 def _load_tokenizer_folder(folder: Path):
-    from transformers import AutoTokenizer
+    """transformers' tokenizer of a folder (AutoTokenizer: the class its tokenizer_config.json names)."""
+    from transformers.models.auto.tokenization_auto import AutoTokenizer
 
     try:
         return AutoTokenizer.from_pretrained(str(folder))
@@ -597,12 +578,6 @@ def _load_tokenizer_folder(folder: Path):
             f"could not load a T5 tokenizer from {str(folder)!r} ({type(err).__name__}: {err}); the folder "
             "needs tokenizer.json or spiece.model with tokenizer_config.json"
         ) from err
-
-
-def _transformers_major() -> int:
-    import transformers
-
-    return int(transformers.__version__.split(".")[0])
 
 
 def _find_folder(source, local_files_only, cache_dir) -> Path:

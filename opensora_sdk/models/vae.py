@@ -26,6 +26,11 @@ recorded official draws this way). Draw order: one per spatial micro-batch, then
 temporal chunk. Without either, draws follow the official code: the spatial ones from the
 default RNG of the model's device, the temporal ones from the CPU RNG in float32.
 
+Speed: `decode` runs both decoders through vae_fast.py (the same values up to float rounding,
+1e-5 in the tests; `set_fast_decode(False)` gives the plain decoders). On a CPU with AMX or
+AVX512-BF16 (`cpu_has_fast_bf16()`), a bfloat16 VAE decodes several times faster than float32
+at about 50 dB PSNR from it (benchmarks/bench_vae.py; the pipeline's `vae_dtype`).
+
 dtypes: float32, bfloat16 and float16. In float16 the spatial decoder runs in float32
 (`vae_2d.force_upcast`, default True): the KL decoder is known to overflow in half precision.
 `from_pretrained(dtype=torch.float16)` keeps its weights in float32, and so does a cast
@@ -168,6 +173,13 @@ class VideoAutoencoder(nn.Module):
         # The official pipeline wraps the 2D autoencoder one level deep: `spatial_vae.module.*`.
         self.spatial_vae = nn.ModuleDict({"module": AutoencoderKL(config.vae_2d)})
         self.temporal_vae = TemporalVAE(config.vae_temporal)
+
+    def set_fast_decode(self, enabled: bool = True) -> VideoAutoencoder:
+        """Decode both stages through vae_fast.py (True, the default: the same values up to
+        float rounding, faster) or through the plain decoders (False: for comparisons)."""
+        self.spatial.set_fast_decode(enabled)
+        self.temporal_vae.set_fast_decode(enabled)
+        return self
 
     # ---- properties ----------------------------------------------------------------------
 
@@ -387,7 +399,9 @@ class VideoAutoencoder(nn.Module):
                 config = video_autoencoder_config_from_official(data)
         if config is None:
             config = _infer_config(resolved.weight_files)
-        with torch.device("meta"):
+        from opensora_sdk.loading import meta_device
+
+        with meta_device():  # no meta arithmetic (it imports torch's compiler)
             model = cls(config)
         keep_float32 = ()
         if dtype == torch.float16 and config.vae_2d.force_upcast:
@@ -435,8 +449,10 @@ def _infer_config(files) -> VideoAutoencoderConfig:
 
     probes = ("spatial_vae.module.encoder.conv_in.weight", "temporal_vae.encoder.conv_in.conv.weight")
     shapes = _probe_shapes(files, probes, iter_tensors)
+    from opensora_sdk.loading import meta_device
+
     for name, preset in VAE_PRESETS.items():
-        with torch.device("meta"):
+        with meta_device():  # no meta arithmetic (it imports torch's compiler)
             sd = VideoAutoencoder(preset).state_dict()
         if all(k in shapes and tuple(sd[k].shape) == shapes[k] for k in probes):
             return copy.deepcopy(preset)
@@ -466,6 +482,29 @@ def _probe_shapes(files, keys, iter_tensors) -> dict[str, tuple]:
 # --------------------------------------------------------------------------------------------
 # Draws and argument checks
 # --------------------------------------------------------------------------------------------
+
+VAE_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def check_vae_dtype(dtype) -> torch.dtype | None:
+    """`vae_dtype` as a torch dtype (None stays None: the VAE follows the pipeline's dtype);
+    also takes the names fp32 / bf16 / fp16."""
+    if dtype is None or dtype in VAE_DTYPES.values():
+        return dtype
+    if isinstance(dtype, str) and dtype.lower() in VAE_DTYPES:
+        return VAE_DTYPES[dtype.lower()]
+    raise ValueError(
+        f"vae_dtype={dtype!r} is not allowed: choose torch.float32, torch.bfloat16, torch.float16 "
+        f"(or {', '.join(VAE_DTYPES)}), or None to follow dtype"
+    )
+
+
+def cpu_has_fast_bf16() -> bool:
+    """Whether this CPU computes bfloat16 convolutions natively (AMX or AVX512-BF16); without
+    them oneDNN emulates bfloat16 and a bfloat16 VAE decode is slower than float32."""
+    cpu = getattr(torch, "cpu", None)
+    checks = [getattr(cpu, name, None) for name in ("_is_amx_tile_supported", "_is_avx512_bf16_supported")]
+    return any(check() for check in checks if check is not None)
 
 
 def _draw(posterior: DiagonalGaussian, sample: bool, generator, noise_fn, *, official_cpu_fp32: bool) -> torch.Tensor:

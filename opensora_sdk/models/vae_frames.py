@@ -36,6 +36,11 @@ class FrameAutoencoder(nn.Module):
         self.micro_batch_size = micro_batch_size
         self.kl = AutoencoderKL(self.config)
 
+    def set_fast_decode(self, enabled: bool = True) -> FrameAutoencoder:
+        """Decode through vae_fast.py (True, the default) or the plain decoder (False)."""
+        self.kl.set_fast_decode(enabled)
+        return self
+
     @property
     def dtype(self) -> torch.dtype:
         return self.kl.quant_conv.weight.dtype  # the encoder side (a float16 decoder stays float32)

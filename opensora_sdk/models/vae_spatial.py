@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from opensora_sdk.configs import AutoencoderKLConfig, config_from_dict, config_to_dict
+from opensora_sdk.models import vae_fast
 
 # --------------------------------------------------------------------------------------------
 # Posterior
@@ -228,8 +229,11 @@ class AutoencoderKL(nn.Module):
     Latents are unscaled; `config.scaling_factor` is what image pipelines multiply by (the
     v1.2 video pipeline uses its own hard-coded 0.18215 instead). `force_upcast` tells callers
     that the decoder overflows in float16 and should run in float32; `VideoAutoencoder` honours
-    it.
+    it. `fast_decode` (default True; `set_fast_decode`) runs `decode` through vae_fast.py when
+    no gradient is needed: the same values up to float rounding, faster.
     """
+
+    fast_decode: bool = True
 
     def __init__(self, config: AutoencoderKLConfig | None = None):
         super().__init__()
@@ -254,7 +258,15 @@ class AutoencoderKL(nn.Module):
     def decode(self, z: torch.Tensor) -> torch.Tensor:
         """[B, latent, h, w] -> [B, 3, 8h, 8w], computed in the decoder's parameter dtype."""
         dtype = self.post_quant_conv.weight.dtype
-        return self.decoder(self.post_quant_conv(z.to(dtype)))
+        z = self.post_quant_conv(z.to(dtype))
+        if self.fast_decode and not vae_fast.needs_grad(self.decoder, z):
+            return vae_fast.decode_2d(self.decoder, z)
+        return self.decoder(z)
+
+    def set_fast_decode(self, enabled: bool = True) -> AutoencoderKL:
+        """Decode through vae_fast.py (True, the default) or the plain `Decoder.forward`."""
+        self.fast_decode = bool(enabled)
+        return self
 
     def forward(self, x: torch.Tensor, sample_posterior: bool = False, generator: torch.Generator | None = None):
         posterior = self.encode(x)

@@ -20,6 +20,7 @@ from einops import rearrange
 from torch import nn
 
 from opensora_sdk.configs import TemporalVAEConfig
+from opensora_sdk.models import vae_fast
 from opensora_sdk.models.vae_spatial import DiagonalGaussian
 
 
@@ -135,7 +136,10 @@ class Decoder(nn.Module):
 
 
 class TemporalVAE(nn.Module):
-    """The causal temporal VAE (`VAE_Temporal_SD` of the v1.2 release)."""
+    """The causal temporal VAE (`VAE_Temporal_SD` of the v1.2 release). `fast_decode` (default
+    True; `set_fast_decode`) runs `decode` through vae_fast.py when no gradient is needed."""
+
+    fast_decode: bool = True
 
     def __init__(self, config: TemporalVAEConfig | None = None):
         super().__init__()
@@ -159,5 +163,14 @@ class TemporalVAE(nn.Module):
 
     def decode(self, z: torch.Tensor, num_frames: int) -> torch.Tensor:
         """[B, 4, T', h, w] -> [B, 4, 4*T' - pad, h, w], pad = (4 - N mod 4) mod 4 dropped in front."""
-        x = self.decoder(self.post_quant_conv(z))  # [B, 4, 4*T', h, w]
+        z = self.post_quant_conv(z)
+        if self.fast_decode and not vae_fast.needs_grad(self.decoder, z):
+            x = vae_fast.decode_temporal(self.decoder, z)  # [B, 4, 4*T', h, w]
+        else:
+            x = self.decoder(z)
         return x[:, :, time_padding(num_frames, self.time_downsample_factor) :]
+
+    def set_fast_decode(self, enabled: bool = True) -> TemporalVAE:
+        """Decode through vae_fast.py (True, the default) or the plain `Decoder.forward`."""
+        self.fast_decode = bool(enabled)
+        return self
