@@ -232,3 +232,23 @@ def test_cli_compile_flag_reaches_the_pipeline(monkeypatch):
     args = cli.build_parser().parse_args(["generate", "--prompt", "a cat", "--compile", "--preset", "tiny-random"])
     cli._load_pipeline(args, torch.device("cpu"), torch.float32)
     assert seen["compile"] is True
+
+
+def test_the_gpu_speed_script_runs_on_tiny_models(tmp_path):
+    """benchmarks/gpu_speed.py is what a lent GPU runs: checked here on the CPU with the tiny
+    architectures (the per-step path equals the reuse path bitwise; the report is written)."""
+    import importlib.util
+    import json
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_speed.py"
+    spec = importlib.util.spec_from_file_location("gpu_speed", path)
+    gpu_speed = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(gpu_speed)
+    out = tmp_path / "gpu.json"
+    report = gpu_speed.main(["--device", "cpu", "--tiny", "--steps", "3", "--resolution", "144p", "--num-frames", "17",
+                             "--variants", "plain,no-reuse,cached,fp8", "--json", str(out)])  # fmt: skip
+    assert json.loads(out.read_text())["variants"].keys() == {"plain", "no-reuse", "cached", "fp8"}
+    assert report["variants"]["no-reuse"]["max_abs_diff_vs_first"] == 0
+    assert report["variants"]["plain"]["calls"] == 3 and report["tflop_per_call"] > 0
+    assert report["vae_decode"]["seconds"] > 0
