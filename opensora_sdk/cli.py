@@ -491,6 +491,21 @@ def _output_fps(args, plan) -> float | None:
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
+    device, dtype = _device_and_dtype(args)
+    # ---- torchrun (WORLD_SIZE > 1): STDiT3 sharded over all ranks, rank 0 writes -------------
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return _generate(args, None, device, dtype)
+    from opensora_sdk import distributed
+
+    proc = distributed.init_from_env(backend="gloo" if device.type == "cpu" else None)
+    try:
+        return _generate(args, proc, device if device.type != proc.device.type else proc.device, dtype)
+    finally:  # every rank leaves the group, also after an error (no wait once a rank failed)
+        distributed.shutdown()
+
+
+def _generate(args: argparse.Namespace, proc, device, dtype) -> int:
+    """`opensora generate` in this process; `proc` (a ProcessInfo) under torchrun, else None."""
     import dataclasses
     import time
     from contextlib import nullcontext
@@ -499,14 +514,6 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from opensora_sdk.generation import Timings
     from opensora_sdk.video_io import check_writable
 
-    device, dtype = _device_and_dtype(args)
-    # ---- torchrun (WORLD_SIZE > 1): STDiT3 sharded over all ranks, rank 0 writes -------------
-    proc = None
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        from opensora_sdk import distributed
-
-        proc = distributed.init_from_env(backend="gloo" if device.type == "cpu" else None)
-        device = proc.device if device.type == proc.device.type else device
     is_main = proc is None or proc.is_main
     for flag, value in (("--num-sample", args.num_sample), ("--frame-interval", args.frame_interval)):
         if value is not None and value < 1:
@@ -532,8 +539,6 @@ def cmd_generate(args: argparse.Namespace) -> int:
         print(f"skipping {len(paths) - len(keep)} of {len(paths)} video(s): their files exist (--prompt-as-path)",
               file=sys.stderr)
     if not keep:
-        if proc is not None:
-            distributed.shutdown()
         return 0
     if is_main:
         try:
@@ -562,7 +567,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
         pipe.transformer.set_sequence_parallel_group(proc.group, args.sp_mode)
     _check_models_fit(configs, pipe)
     timings = Timings(load=time.perf_counter() - t_load)
-    together = nullcontext() if proc is None else distributed.fail_together(proc.group)
+    from opensora_sdk.fail_together import fail_together
+
+    together = nullcontext() if proc is None else fail_together(proc.group)
     with together:  # a failure on any rank (a write error on rank 0 too) ends every rank
         plan = pipe.agree(plan)  # rank 0's seeds when --seed random
         if say:
@@ -586,8 +593,6 @@ def cmd_generate(args: argparse.Namespace) -> int:
         print(f"done in {sum(timings.values()):.1f} s ({stages})", file=sys.stderr)
         if timings.cache_stats is not None:
             print(timings.cache_stats.summary(), file=sys.stderr)
-    if proc is not None:
-        distributed.shutdown()
     return 0
 
 
