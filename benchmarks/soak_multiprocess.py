@@ -43,6 +43,8 @@ MULTIPROCESS_TESTS = [
     # tests/test_training_e2e.py: its two `accelerate launch --num_processes 2` runs
     "tests/test_training_e2e.py::test_accelerate_launch_two_cpu_processes_stay_in_sync",
     "tests/test_training_e2e.py::test_sequence_parallel_over_two_processes_trains_like_one",
+    # tests/test_data.py: the scores sharded over two mp.spawn ranks
+    "tests/test_data.py::test_motion_score_and_camera_motion_two_processes_equal_one",
 ]
 MULTIPROCESS_WORDS = re.compile(r"nproc|mp\.spawn|torchrun|WORLD_SIZE")
 
