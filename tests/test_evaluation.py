@@ -97,8 +97,8 @@ def test_lpips_matches_the_lpips_package(golden, tmp_path):
     thread (torch 2.13 and 2.14); with 2+ threads the convolutions move the maps by <= 3e-7
     relative, so 1e-5 relative is float32 round-off with a 30x margin, not a loose fit."""
     g = golden("lpips_alex")
-    state = g.with_prefix("sd.")  # features.* as in torchvision's alexnet file, linK.model.1.weight as in lpips'
-    torch.save({k: v for k, v in state.items() if k.startswith("features.")}, tmp_path / "alexnet.pth")
+    state = g.with_prefix("sd.")  # linK.model.1.weight as in lpips'
+    torch.save(metrics.seeded_backbone_state("alex", g.meta["seed"]), tmp_path / "alexnet.pth")  # the maker's trunk
     torch.save({k: v for k, v in state.items() if k.startswith("lin")}, tmp_path / "alex_lin.pth")
     net = metrics.LPIPS.from_files(tmp_path / "alexnet.pth", "alex", tmp_path / "alex_lin.pth")
     close = dict(rtol=1e-5, atol=1e-8)

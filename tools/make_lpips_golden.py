@@ -3,12 +3,13 @@
 Run once, with a Python whose torch, torchvision and lpips import together (lpips imports
 torchvision), from the repository root:
 
-    python tools/make_lpips_golden.py [--out tests/reference/golden]
+    PYTHONPATH=. python tools/make_lpips_golden.py [--out tests/reference/golden]
 
 The package's AlexNet LPIPS v0.1 (`lpips.LPIPS(net="alex", pretrained=True, pnet_rand=True)`):
-the package's own lin weights (`weights/v0.1/alex.pth`) on a seeded random AlexNet trunk, so
-nothing is downloaded. The bundle stores the trunk in torchvision's key format (`features.*`, what
-`opensora eval vae --lpips-backbone` reads) and the lin weights in the package's format, three
+the package's own lin weights (`weights/v0.1/alex.pth`) on a seeded random AlexNet trunk
+(`opensora_sdk.evaluation.metrics.seeded_backbone_state`: the test draws the same trunk, so the
+bundle does not store it), so nothing is downloaded. The bundle stores the lin weights in the
+package's format, three
 pairs of frames in [0, 1], and the package's outputs on them (called with `normalize=True`, the
 same 2x - 1 as `metrics.lpips_frames`): the value (`spatial=False`), its per-layer terms, and the
 spatial map (`spatial=True`). Float32, one thread. VGG16 is left out: its trunk alone is 59 MB.
@@ -28,6 +29,8 @@ import safetensors
 import torch
 import torchvision
 from safetensors.torch import save_file
+
+from opensora_sdk.evaluation.metrics import seeded_backbone_state
 
 NAME = "lpips_alex"
 SEED = 0
@@ -58,14 +61,15 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("tests/reference/golden"))
     args = parser.parse_args()
     torch.set_num_threads(1)
-    torch.manual_seed(SEED)  # the random trunk: torchvision's own initialisation, seeded
     model = lpips.LPIPS(net="alex", pretrained=True, pnet_rand=True, spatial=False, verbose=False).eval()
+    trunk = seeded_backbone_state("alex", SEED)
+    with torch.no_grad():  # "slice1.0.weight" <- "features.0.weight" (the slices keep torchvision's indices)
+        for key, value in model.net.state_dict().items():
+            value.copy_(trunk["features." + key.split(".", 1)[1]])
     spatial = lpips.LPIPS(net="alex", pretrained=True, pnet_rand=True, spatial=True, verbose=False).eval()
     spatial.load_state_dict(model.state_dict())
 
     tensors: dict[str, torch.Tensor] = {}
-    for key, value in model.net.state_dict().items():  # "slice1.0.weight" -> "features.0.weight"
-        tensors["sd.features." + key.split(".", 1)[1]] = value.contiguous()
     for i, lin in enumerate(model.lins):
         tensors[f"sd.lin{i}.model.1.weight"] = lin.model[1].weight.contiguous()
 
@@ -89,13 +93,14 @@ def main() -> None:
         "name": NAME,
         "kind": "lpips",
         "description": "The lpips package's LPIPS v0.1 (AlexNet trunk, seeded random; the package's lin weights) on three pairs of frames",
-        "call": ("model = lpips.LPIPS(net='alex', pretrained=True, pnet_rand=True, spatial=False) after torch.manual_seed(0); "
+        "call": ("model = lpips.LPIPS(net='alex', pretrained=True, pnet_rand=True, spatial=False), its trunk replaced by "
+                 "metrics.seeded_backbone_state('alex', seed); "
                  "out.P.value, [mid.P.layerK] = model(in.P.a, in.P.b, retPerLayer=True, normalize=True); "
                  "out.P.map = the same weights with spatial=True: model(in.P.a, in.P.b, normalize=True)"),
         "inputs": "in.P.a, in.P.b: [N, 3, H, W] float32 in [0, 1]; normalize=True maps them to 2x - 1 (as metrics.lpips_frames does)",
         "pairs": records,
-        "weights": ("sd.features.*: the trunk as torchvision's alexnet().features keys (conv layers 0, 3, 6, 8, 10), "
-                    "the format of alexnet-owt-7be5be79.pth; sd.linK.model.1.weight: lpips/weights/v0.1/alex.pth as shipped"),
+        "weights": ("trunk: metrics.seeded_backbone_state('alex', seed) (not stored); "
+                    "sd.linK.model.1.weight: lpips/weights/v0.1/alex.pth as shipped"),
         "tensors": {k: {"shape": list(v.shape), "dtype": str(v.dtype).removeprefix("torch.")} for k, v in tensors.items()},
         "seed": SEED,
         "env": {"python": platform.python_version(), "torch": torch.__version__, "torchvision": torchvision.__version__,

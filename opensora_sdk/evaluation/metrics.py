@@ -110,6 +110,18 @@ def _features(net: str) -> nn.Sequential:
     return nn.Sequential(*layers)
 
 
+def seeded_backbone_state(net: str = "alex", seed: int = 0) -> dict[str, torch.Tensor]:
+    """A random backbone in torchvision's key format (`features.N.weight` / `.bias`), drawn from
+    one seeded CPU generator in key order: weights N(0, 1/fan_in), biases N(0, 0.01^2). For
+    parity bundles: the maker and the test draw the same trunk, so it need not be stored."""
+    g = torch.Generator().manual_seed(seed)
+    state = {}
+    for key, p in _features(net).state_dict().items():
+        std = (1.0 / p[0].numel()) ** 0.5 if key.endswith("weight") else 0.01
+        state["features." + key] = torch.randn(p.shape, generator=g) * std
+    return state
+
+
 class LPIPS(nn.Module):
     """The LPIPS v0.1 network; `forward(x0, x1)` in [-1, 1], [B, 3, H, W] -> spatial map [B, 1, H, W]."""
 
