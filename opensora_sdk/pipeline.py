@@ -21,6 +21,8 @@ import torch
 
 from opensora_sdk.configs import OFFICIAL_REPOS
 from opensora_sdk.families import ModelFamily, family_of
+from opensora_sdk.pipeline_lora import LoraLoaderMixin
+from opensora_sdk.pipeline_memory import MemoryMixin
 from opensora_sdk.placement import HOST, Placement, default_device, default_dtype
 from opensora_sdk.plan import PROMPT_KEYS, GenerationPlan, ModelFacts, plan_generation, plan_prompts
 from opensora_sdk.presets import BUILTIN_PRESET, check_defaults, get_preset, resolve_defaults
@@ -28,7 +30,7 @@ from opensora_sdk.presets import BUILTIN_PRESET, check_defaults, get_preset, res
 _UNSET = object()
 
 
-class OpenSoraPipeline:
+class OpenSoraPipeline(MemoryMixin, LoraLoaderMixin):
     """Open-Sora v1.2 text/image/video-to-video generation.
 
     Memory policy (arguments, not hidden state; see `opensora_sdk.placement.Placement`):
@@ -46,7 +48,9 @@ class OpenSoraPipeline:
     * `fp8=True` (or "per_tensor"; `enable_fp8`): the transformer's and T5's Linear weights
       stored as float8 e4m3 with per-channel scales, computed in `dtype` (`opensora_sdk.fp8`).
     * diffusers' names set the same policy: `enable_model_cpu_offload`,
-      `enable_sequential_cpu_offload`, `enable_vae_tiling`, `enable_vae_slicing`.
+      `enable_sequential_cpu_offload`, `enable_vae_tiling`, `enable_vae_slicing`
+      (`opensora_sdk.pipeline_memory`); LoRA: `load_lora_weights` and the rest
+      (`opensora_sdk.pipeline_lora`).
     * The VAE decodes chunk by chunk (17 frames, `micro_batch_size` frames per 2D call);
       `vae_tiling=SpatialTiling(...)` also tiles each frame (less memory, slight seams).
       `vae_dtype` (default: `dtype`) runs the VAE in its own dtype, e.g. `torch.bfloat16` on
@@ -119,9 +123,9 @@ class OpenSoraPipeline:
                              f"(Open-Sora {family.name}); run it in one process per video")
         if block_swap is not None:
             self.enable_block_swap(block_swap)
-        from opensora_sdk.models.vae import check_vae_dtype
+        from opensora_sdk.dtypes import parse_dtype
 
-        self.vae_dtype = check_vae_dtype(vae_dtype)  # None: the VAE follows `dtype`
+        self.vae_dtype = parse_dtype(vae_dtype, "vae_dtype", allow_none=True)  # None: the VAE follows `dtype`
         self.to(dtype=dtype)
         if self.vae_dtype is not None:
             self.vae.to(self.vae_dtype)
@@ -260,74 +264,6 @@ class OpenSoraPipeline:
                 if next(module.parameters()).device not in (HOST, self.placement.device):
                     module.to(HOST)
         return self
-
-    # ---- memory (the diffusers names map onto one `Placement`; see opensora_sdk.placement) ----
-
-    def enable_model_cpu_offload(self, device=None) -> None:
-        """Each model moves to `device` (default: the pipeline's) for its stage and back to the
-        host after it: one large model on the device at a time (offload="model")."""
-        self._set_placement(device, "model")
-
-    def enable_sequential_cpu_offload(self, device=None) -> None:
-        """The least device memory: as `enable_model_cpu_offload`, and STDiT3's and T5's blocks
-        come to the device one at a time, just before each runs (offload="sequential"); slow."""
-        self._set_placement(device, "sequential", block_swap=None)
-
-    def enable_block_swap(self, blocks_on_device: int) -> None:
-        """Keep STDiT3's first `blocks_on_device` blocks (of its 2 x depth, spatial and temporal,
-        in execution order) and its small layers on the device; stream the others from pinned
-        host memory, each copied while the previous block computes (`opensora_sdk.offload`);
-        T5 then streams all its blocks the same way. Same output as without it."""
-        from opensora_sdk.offload import check_block_swap, transformer_blocks
-
-        check_block_swap(blocks_on_device, len(transformer_blocks(self.transformer)))
-        offload = None if self.placement.offload == "sequential" else self.placement.offload
-        self._set_placement(None, offload, block_swap=blocks_on_device)
-
-    def disable_block_swap(self) -> None:
-        self._set_placement(None, self.placement.offload, block_swap=None)
-
-    def _set_placement(self, device, offload, block_swap=_UNSET) -> None:
-        device = self.placement.device if device is None else device
-        block_swap = getattr(self.placement, "block_swap", None) if block_swap is _UNSET else block_swap
-        self.placement = Placement(device, offload, block_swap)
-
-    def enable_vae_tiling(self, tile_size: int = 256, overlap: int = 64) -> None:
-        """Decode (and encode) each frame in spatial tiles of `tile_size` pixels overlapping by
-        `overlap` (less memory, slight seams): `vae_tiling=SpatialTiling(tile_size, overlap)`."""
-        from opensora_sdk.models.vae_tiling import SpatialTiling
-
-        self.vae_tiling = SpatialTiling(tile_size, overlap)
-
-    def disable_vae_tiling(self) -> None:
-        self.vae_tiling = None
-
-    def enable_vae_slicing(self) -> None:
-        """Run the VAE's 2D part one frame at a time (`micro_batch_size` 1 instead of the
-        config's, 4 for v1.2): the same frames, a quarter of the decoder's working set."""
-        config = getattr(self.vae, "config", None)
-        if not hasattr(config, "micro_batch_size"):
-            raise ValueError(f"{type(self.vae).__name__} has no micro_batch_size to slice by")
-        if not hasattr(self, "_vae_micro_batch"):
-            self._vae_micro_batch = config.micro_batch_size
-        config.micro_batch_size = 1
-
-    def disable_vae_slicing(self) -> None:
-        if hasattr(self, "_vae_micro_batch"):
-            self.vae.config.micro_batch_size = self._vae_micro_batch
-            del self._vae_micro_batch
-
-    def enable_fp8(self, per_channel: bool | str = True, text_encoder: bool = True) -> list[str]:
-        """Store the transformer's (and T5's) Linear weights as float8 e4m3 with per-channel
-        (or per_channel="per_tensor") scales, computed in the model dtype (`opensora_sdk.fp8`;
-        embedders, norms and the final layer stay). Returns the transformer layers converted."""
-        from opensora_sdk import fp8
-
-        per_channel = fp8._scale_choice(per_channel) if isinstance(per_channel, str) else bool(per_channel)
-        done = fp8.quantize_transformer_fp8(self.transformer, per_channel=per_channel)
-        if text_encoder and hasattr(self.text_encoder, "model"):
-            fp8.quantize_text_encoder_fp8(self.text_encoder, per_channel=per_channel)
-        return done
 
     def models(self):
         """The models as `opensora_sdk.generation` takes them."""
@@ -541,54 +477,6 @@ class OpenSoraPipeline:
 
         with distributed.fail_together(self.sp_group):
             return run()
-
-    # ---- LoRA adapters (opensora_sdk.lora: peft layers wrap the transformer in place) ------
-
-    def load_lora_weights(self, path, adapter_name: str | None = None, scale: float = 1.0) -> str:
-        """Add a LoRA adapter (this SDK's .safetensors, or the PEFT / diffusers / kohya layouts)
-        to the transformer, active with `scale` alongside the adapters already loaded; returns
-        its name (default: the file's stem). A file that is not a LoRA, is damaged, or was made
-        for another family or model size raises `LoraError` and changes nothing; one trained on
-        other weights of the same architecture warns (`LoraWarning`)."""
-        from opensora_sdk import lora
-        from opensora_sdk.fp8 import fp8_layers
-
-        if fp8_layers(self.transformer):
-            raise ValueError("a LoRA cannot be applied to fp8 weights: build the pipeline without fp8, then "
-                             "load_lora_weights, fuse_lora, unload_lora_weights and enable_fp8()")
-        return lora.apply_lora(self.transformer, lora.read_lora(path), adapter_name, scale, family=self.family.name)
-
-    def set_adapters(self, adapter_names, adapter_weights=None) -> None:
-        """Use only `adapter_names` (a name or a list), with `adapter_weights` (one number, a
-        list, or None: 1.0 each); other loaded adapters stay loaded, inactive."""
-        from opensora_sdk import lora
-
-        lora.set_adapters(self.transformer, adapter_names, adapter_weights)
-
-    def get_active_adapters(self) -> dict[str, float]:
-        """{name: scale} of the active adapters."""
-        from opensora_sdk import lora
-
-        return {n: a["scale"] for n, a in lora.list_adapters(self.transformer).items() if a["active"]}
-
-    def fuse_lora(self) -> None:
-        """Add the active adapters into the transformer's weights (no cost per step);
-        `unfuse_lora` takes them out again."""
-        from opensora_sdk import lora
-
-        lora.fuse_lora(self.transformer)
-
-    def unfuse_lora(self) -> None:
-        from opensora_sdk import lora
-
-        lora.unfuse_lora(self.transformer)
-
-    def unload_lora_weights(self, adapter_names=None) -> None:
-        """Remove the adapters (all, or `adapter_names`); all removed, the transformer has its
-        original layers again. Adapters fused before stay in the weights."""
-        from opensora_sdk import lora
-
-        lora.unload_lora(self.transformer, [adapter_names] if isinstance(adapter_names, str) else adapter_names)
 
     def __repr__(self) -> str:
         c = self.transformer.config
