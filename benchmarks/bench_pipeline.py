@@ -42,7 +42,7 @@ def build_pipeline():
 
     from opensora_sdk.configs import STDiT3Config, VideoAutoencoderConfig
     from opensora_sdk.models import STDiT3, T5TextEncoder, VideoAutoencoder
-    from opensora_sdk.models.text_encoder import tiny_t5_config
+    from opensora_sdk.models.t5_file import tiny_t5_config
     from opensora_sdk.pipeline import OpenSoraPipeline
 
     torch.manual_seed(0)

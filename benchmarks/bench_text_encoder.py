@@ -21,7 +21,9 @@ import time
 
 import torch
 
-from opensora_sdk.models.text_encoder import EmbeddingCache, T5TextEncoder, load_tiny_tokenizer, tiny_t5_config
+from opensora_sdk.models.t5_file import load_tiny_tokenizer, tiny_t5_config
+from opensora_sdk.models.text_cache import EmbeddingCache
+from opensora_sdk.models.text_encoder import T5TextEncoder
 from opensora_sdk.text import process_prompt
 
 PROMPTS = [

@@ -132,12 +132,12 @@ def resolve_choice(kind: str, choice: str) -> Path:
 
 def resolve_dtype(name: str, device):
     """"auto" -> the SDK default for `device` (bf16 on accelerators, fp32 on the CPU)."""
-    from opensora_sdk.models.text_encoder import resolve_dtype as sdk_resolve
+    from opensora_sdk.dtypes import parse_dtype
     from opensora_sdk.placement import default_dtype
 
     if name not in DTYPES:
         raise ValueError(f"dtype={name!r} is not allowed: choose one of {list(DTYPES)}")
-    return default_dtype(device) if name == "auto" else sdk_resolve(name)
+    return default_dtype(device) if name == "auto" else parse_dtype(name)
 
 
 @functools.lru_cache(maxsize=1)

@@ -408,7 +408,8 @@ def cmd_app(args) -> int:
         print(f"opensora app: error: {INSTALL_HINT}", file=sys.stderr)
         return 2
     from opensora_sdk import cli_refine
-    from opensora_sdk.cli import _device_and_dtype, _load_pipeline
+    from opensora_sdk.cli_generate import _load_pipeline
+    from opensora_sdk.cli_plan import _device_and_dtype
     from opensora_sdk.outputs import check_watermark_image
     from opensora_sdk.refine import RefineError
 

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Sequence
 
 # The official logo location (relative to the working directory), used by `--watermark` alone.
-OFFICIAL_WATERMARK = Path("assets/images/watermark/watermark.png")  # = cli.OFFICIAL_WATERMARK
+OFFICIAL_WATERMARK = Path("assets/images/watermark/watermark.png")  # = cli_args.OFFICIAL_WATERMARK
 WATERMARK_HEIGHT = 0.1  # of the video height
 _NAME_BYTES = 180  # leaves room for "-k", "_watermark", the suffix and the atomic writer's temp name
 _UNSAFE = re.compile(r'[\x00-\x1f\x7f<>:"/\\|?*]')

@@ -202,7 +202,7 @@ class OpenSoraPipeline(MemoryMixin, LoraLoaderMixin):
         is left untouched). The preset's `defaults` become the pipeline's. `torch_dtype`: `dtype`."""
         from opensora_sdk.models import T5TextEncoder
         from opensora_sdk.models.auto import build_transformer, build_vae
-        from opensora_sdk.models.text_encoder import tiny_t5_config
+        from opensora_sdk.models.t5_file import tiny_t5_config
 
         name = name or BUILTIN_PRESET
         p = get_preset(name)

@@ -234,7 +234,7 @@ def model_configs(preset: str | None = None, *, model=None, vae=None, text_encod
     from opensora_sdk.estimates import T5_XXL_CONFIG
     from opensora_sdk.loading import CheckpointError
     from opensora_sdk.models.auto import transformer_config, vae_config
-    from opensora_sdk.models.text_encoder import tiny_t5_config
+    from opensora_sdk.models.t5_file import tiny_t5_config
 
     p = get_preset(preset or "v1.2")
     chosen = {"transformer": model or p.transformer, "vae": vae or p.vae, "text_encoder": text_encoder or p.text_encoder}

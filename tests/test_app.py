@@ -21,7 +21,7 @@ os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 gr = pytest.importorskip("gradio", reason='the web app needs gradio: pip install -e ".[app]"')
 client_lib = pytest.importorskip("gradio_client", reason="gradio_client comes with gradio")
 
-from opensora_sdk import cli  # noqa: E402
+from opensora_sdk import cli, cli_generate  # noqa: E402
 from opensora_sdk.app import Backend, build_demo  # noqa: E402
 from opensora_sdk.refine import RefineEndpoint  # noqa: E402
 from opensora_sdk.video import Video  # noqa: E402
@@ -137,7 +137,7 @@ def test_app_command_binds_to_localhost_and_names_the_extra(app, monkeypatch, ca
     assert (args.host, args.port, args.share, args.output) == ("127.0.0.1", None, False, "./outputs")
     launched = {}
     monkeypatch.setattr(gr.Blocks, "launch", lambda self, **kwargs: launched.update(kwargs))
-    monkeypatch.setattr(cli, "_load_pipeline", lambda *a, **k: app[0].pipe)
+    monkeypatch.setattr(cli_generate, "_load_pipeline", lambda *a, **k: app[0].pipe)
     assert cli.main(["app", "--output", str(tmp_path / "out"), "--port", "7999"]) == 0
     assert launched["server_name"] == "127.0.0.1" and launched["server_port"] == 7999
     assert launched["allowed_paths"] == [str((tmp_path / "out").resolve())]

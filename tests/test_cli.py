@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -129,7 +130,7 @@ def bad_files(tmp_path_factory):
     (root / "notes.txt").write_text("not a picture")
     (root / "corrupt.mp4").write_bytes(b"\x00\x00\x00\x18ftypmp42" + bytes(range(256)) * 4)
     (root / "damaged.safetensors").write_bytes(b"\xff" * 64)
-    good = (cli.Path(__file__).resolve().parents[1] / "opensora_sdk" / "builtin" / "tiny" / "vae" / "model.safetensors")
+    good = (Path(__file__).resolve().parents[1] / "opensora_sdk" / "builtin" / "tiny" / "vae" / "model.safetensors")
     data = good.read_bytes()
     (root / "truncated.safetensors").write_bytes(data[: len(data) // 2])
     torch.save({"w": torch.zeros(1000)}, root / "whole.pth")
@@ -171,7 +172,7 @@ def bad_files(tmp_path_factory):
 def test_every_bad_input_is_one_line_before_any_model_loads(no_model_loading, bad_files, tmp_path, capsys, args,
                                                              message):
     """The list of a new user's first hour: each is one line, exit 2, nothing written."""
-    root = cli.Path(__file__).resolve().parents[1]
+    root = Path(__file__).resolve().parents[1]
     args = [a.replace("{bad}", str(bad_files)) for a in args]
     args = [str(root / a) if a.startswith("opensora_sdk/") else a for a in args]
     out = tmp_path / "out"

@@ -12,7 +12,7 @@ import pytest
 from chat_server import RANDOM_REPLY, ChatServer
 from PIL import Image
 
-from opensora_sdk import cli
+from opensora_sdk import cli, cli_generate
 from opensora_sdk.video import Video
 
 FAST = ["--num-sampling-steps", "1", "--image-size", "32", "32", "--num-frames", "5", "--device", "cpu",
@@ -30,7 +30,7 @@ def builtin_pipeline():
 @pytest.fixture(autouse=True)
 def load_once(builtin_pipeline, monkeypatch):
     """Every command gets the one built-in pipeline (loading is tested elsewhere)."""
-    monkeypatch.setattr(cli, "_load_pipeline", lambda *args, **kwargs: builtin_pipeline)
+    monkeypatch.setattr(cli_generate, "_load_pipeline", lambda *args, **kwargs: builtin_pipeline)
 
 
 def run(capsys, *argv):

@@ -40,7 +40,7 @@ def make_adapter(transformer, rank=4, alpha=8.0, seed=0, targets=lora.DEFAULT_TA
     layers = lora.linear_layers(transformer)
     out = {}
     for name in lora.target_names(transformer, targets):
-        fan_in, fan_out = lora._features(layers[name])
+        fan_in, fan_out = lora.apply._features(layers[name])
         out[f"transformer.{name}.lora_A.weight"] = torch.randn(rank, fan_in, generator=g) * amp
         out[f"transformer.{name}.lora_B.weight"] = torch.randn(fan_out, rank, generator=g) * amp
     return out
@@ -201,7 +201,7 @@ def test_bad_files_fail_clearly_and_change_nothing(pipe, tmp_path):
 
 
 def test_cli_generate_with_lora(base, tmp_path, capsys):
-    from opensora_sdk import cli
+    from opensora_sdk import cli, cli_args
 
     path = write_adapter(tmp_path / "a.safetensors", base.transformer)
     argv = ["generate", "--preset", "tiny-random", "--prompt", "a red circle", "--image-size", "64", "64",
@@ -209,8 +209,8 @@ def test_cli_generate_with_lora(base, tmp_path, capsys):
     assert cli.main(argv + ["--lora", f"{path}:0.5", "--lora", str(path)]) == 0
     err = capsys.readouterr().err
     assert "LoRA a: " in err and "(scale 0.5)" in err and "LoRA a_2: " in err
-    assert cli._lora_spec("C:\\x\\a.safetensors") == ("C:\\x\\a.safetensors", 1.0)
-    assert cli._lora_spec("dir/a.safetensors:-0.25") == ("dir/a.safetensors", -0.25)
+    assert cli_args._lora_spec("C:\\x\\a.safetensors") == ("C:\\x\\a.safetensors", 1.0)
+    assert cli_args._lora_spec("dir/a.safetensors:-0.25") == ("dir/a.safetensors", -0.25)
     bad = tmp_path / "bad.safetensors"
     bad.write_bytes(b"nope")
     assert cli.main(argv + ["--lora", str(bad)]) == 2

@@ -194,7 +194,7 @@ def test_inductor_compiled_block_equals_plain():
     """One tiny temporal block (RoPE, condition frames, masked text) through the default
     inductor backend, as `compile_blocks()` compiles them."""
     from opensora_sdk.models.layers import RotaryEmbedding
-    from opensora_sdk.models.stdit3 import STDiT3Block
+    from opensora_sdk.models.stdit3_blocks import STDiT3Block
 
     torch.manual_seed(0)
     block = STDiT3Block(32, 2, temporal=True).eval()
@@ -224,13 +224,13 @@ def test_pipeline_compile_option_compiles_blocks_with_a_note(capsys):
 
 
 def test_cli_compile_flag_reaches_the_pipeline(monkeypatch):
-    from opensora_sdk import cli
+    from opensora_sdk import cli, cli_generate
     from opensora_sdk.pipeline import OpenSoraPipeline
 
     seen = {}
     monkeypatch.setattr(OpenSoraPipeline, "from_preset", classmethod(lambda cls, name, **kw: seen.update(kw)))
     args = cli.build_parser().parse_args(["generate", "--prompt", "a cat", "--compile", "--preset", "tiny-random"])
-    cli._load_pipeline(args, torch.device("cpu"), torch.float32)
+    cli_generate._load_pipeline(args, torch.device("cpu"), torch.float32)
     assert seen["compile"] is True
 
 

@@ -10,16 +10,12 @@ import torch
 from tokenizers import Tokenizer
 
 from opensora_sdk.configs import TEXT_ENCODER_PRESETS
+from opensora_sdk.dtypes import parse_dtype
 from opensora_sdk.loading import CheckpointError
 from opensora_sdk.models import T5TextEncoder
-from opensora_sdk.models.text_encoder import (
-    TINY_TOKENIZER_DIR,
-    EmbeddingCache,
-    TextEmbedding,
-    load_tiny_tokenizer,
-    resolve_dtype,
-    tiny_t5_config,
-)
+from opensora_sdk.models.t5_file import TINY_TOKENIZER_DIR, load_tiny_tokenizer, tiny_t5_config
+from opensora_sdk.models.text_cache import EmbeddingCache
+from opensora_sdk.models.text_encoder import TextEmbedding
 from opensora_sdk.text import process_prompt
 
 CAPTION = (
@@ -147,7 +143,7 @@ def test_dtype_choices(tokenizer, dtype, expected):
 
 def test_bad_dtype_and_vocab_errors(tokenizer):
     with pytest.raises(ValueError, match="int8"):
-        resolve_dtype("int8")
+        parse_dtype("int8")
     with pytest.raises(ValueError, match="vocab_size"):
         T5TextEncoder.from_config(tiny_t5_config(vocab_size=10), tokenizer)
 

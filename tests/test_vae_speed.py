@@ -8,7 +8,7 @@ import torch.nn.functional as F
 
 from opensora_sdk.models import vae_fast
 from opensora_sdk.models.auto import load_vae
-from opensora_sdk.models.vae import check_vae_dtype
+from opensora_sdk.dtypes import parse_dtype
 from opensora_sdk.presets import BUILTIN_DIR
 from opensora_sdk.video import Video
 
@@ -106,11 +106,11 @@ def test_bf16_decode_stays_close_to_float32(builtin):
 
 
 def test_vae_dtype_is_checked_and_named():
-    assert check_vae_dtype(None) is None
-    assert check_vae_dtype("bf16") is torch.bfloat16
-    assert check_vae_dtype(torch.float32) is torch.float32
+    assert parse_dtype(None, "vae_dtype", allow_none=True) is None
+    assert parse_dtype("bf16", "vae_dtype", allow_none=True) is torch.bfloat16
+    assert parse_dtype(torch.float32, "vae_dtype", allow_none=True) is torch.float32
     with pytest.raises(ValueError, match=r"vae_dtype='int8' is not allowed: choose torch.float32"):
-        check_vae_dtype("int8")
+        parse_dtype("int8", "vae_dtype", allow_none=True)
 
 
 def test_pipeline_vae_dtype_casts_only_the_vae():

@@ -32,10 +32,12 @@ from accelerate import Accelerator
 from accelerate.utils import DistributedType, set_seed
 from tqdm.auto import tqdm
 
+from opensora_sdk.dtypes import parse_dtype
 from opensora_sdk.loading import append_line, write_json_atomic, write_text_atomic
 from opensora_sdk.models.auto import build_vae as build_vae_from_config
 from opensora_sdk.models.auto import load_vae
-from opensora_sdk.models.text_encoder import T5TextEncoder, resolve_dtype, tiny_t5_config
+from opensora_sdk.models.t5_file import tiny_t5_config
+from opensora_sdk.models.text_encoder import T5TextEncoder
 from opensora_sdk.text import text_preprocessing
 from opensora_sdk.training import checkpoint as ckpt
 from opensora_sdk.training import features as feats
@@ -69,7 +71,7 @@ def parse_args(argv=None):
 def build_vae(section, device):
     """The frozen VAE: the v1.2 video VAE or the per-frame SD VAE (v1.1 / v1.0), from a checkpoint
     (recognised from its files) or a preset with random weights."""
-    dtype = resolve_dtype(section.dtype)
+    dtype = parse_dtype(section.dtype)
     if section.from_pretrained:
         vae = load_vae(section.from_pretrained, dtype=dtype, device=device)
     else:
@@ -474,7 +476,7 @@ def main(argv=None) -> dict:
 
         validator = val.Validator(
             cfg.validation, card, device=device, out=out, is_main=is_main,
-            build_vae=lambda: load_any_vae(card["vae"], dtype=resolve_dtype(cfg.vae.dtype), device="cpu").eval(),
+            build_vae=lambda: load_any_vae(card["vae"], dtype=parse_dtype(cfg.vae.dtype), device="cpu").eval(),
             build_text_encoder=lambda: T5TextEncoder.from_pretrained(card["text_encoder"], unwrapped.config.model_max_length,
                                                                      dtype=cfg.text_encoder.dtype, device="cpu"),
             sp_group=getattr(unwrapped.sequence_parallel, "group", None),

@@ -63,7 +63,7 @@ def register(sub) -> None:
     _model_args(a)
     a.set_defaults(func=_lazy("opensora_sdk.evaluation.cli", "cmd_loss"))
 
-    from opensora_sdk.cli import _add_generation_args
+    from opensora_sdk.cli_args import _add_generation_args
 
     a = acts.add_parser("sample", help="generate samples for VBench / human review (official naming, resumable)")
     _add_generation_args(a)
@@ -146,7 +146,7 @@ def _parse_buckets(text: str | None):
 
 
 def cmd_loss(args: argparse.Namespace) -> int:
-    from opensora_sdk import cli
+    from opensora_sdk import cli_generate, cli_plan
     from opensora_sdk.data import table
     from opensora_sdk.evaluation import loss
 
@@ -157,8 +157,8 @@ def cmd_loss(args: argparse.Namespace) -> int:
             raise ValueError(f"--extra-resolution {item!r}: expected NAME=PIXELS, e.g. 64px=4096")
         extra[name] = int(pixels)
     buckets = _parse_buckets(args.buckets)
-    device, dtype = cli._device_and_dtype(args)
-    pipe = cli._load_pipeline(args, device, dtype)
+    device, dtype = cli_plan._device_and_dtype(args)
+    pipe = cli_generate._load_pipeline(args, device, dtype)
     output = args.output or table.suffixed(args.data, "loss")
     summary = loss.evaluate(pipe, args.data, output, buckets=buckets, extra_resolutions=extra or None,
                             start_index=args.start_index, end_index=args.end_index, seed=args.seed,

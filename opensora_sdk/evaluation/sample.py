@@ -38,16 +38,16 @@ def sample_seed(seed: int, idx: int, k: int, num_sample: int) -> int:
 def cmd_sample(args: argparse.Namespace) -> int:
     from tqdm.auto import tqdm
 
-    from opensora_sdk import cli
+    from opensora_sdk import cli_generate, cli_plan
 
     if args.num_sample < 1:
         raise ValueError(f"--num-sample {args.num_sample}: expected a positive integer")
     if args.seed is None:
         raise ValueError("--seed random is not allowed here: samples are named and resumed by their seeds")
-    prompts = cli._read_prompts(args)
+    prompts = cli_plan._read_prompts(args)
     first = copy.copy(args)
     first.prompt, first.prompt_path, first.batch_size = [prompts[0]], None, 1
-    _, plan = cli._configs_and_plan(first)  # every option checked before any weight is read
+    _, plan = cli_plan._configs_and_plan(first)  # every option checked before any weight is read
     suffix = ".png" if plan.total_frames == 1 else ".mp4"
     save_dir = Path(args.save_dir)
     save_dir.mkdir(parents=True, exist_ok=True)
@@ -62,12 +62,12 @@ def cmd_sample(args: argparse.Namespace) -> int:
     print(f"{total - len(todo)} of {total} samples exist; generating {len(todo)}", file=sys.stderr)
     if not todo:
         return 0
-    device, dtype = cli._device_and_dtype(args)
-    pipe = cli._load_pipeline(args, device, dtype)
+    device, dtype = cli_plan._device_and_dtype(args)
+    pipe = cli_generate._load_pipeline(args, device, dtype)
     for idx, k, prompt, path in tqdm(todo, desc="samples", disable=args.no_progress, file=sys.stderr):
         one = copy.copy(first)
         one.prompt, one.seed = [prompt], sample_seed(args.seed, idx, k, args.num_sample)
-        _, plan = cli._configs_and_plan(one)
+        _, plan = cli_plan._configs_and_plan(one)
         video = pipe.generate(plan, progress=False)[0]
         if args.save_fps is not None:
             video.fps = float(args.save_fps)

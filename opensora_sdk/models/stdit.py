@@ -66,7 +66,7 @@ from opensora_sdk.models.layers import (
     t2i_modulate,
     unpatchify,
 )
-from opensora_sdk.models.stdit3 import CrossAttention, SelfAttention
+from opensora_sdk.models.stdit3_blocks import CrossAttention, SelfAttention
 
 # The fixed sin-cos tables: persistent in the official state dict, recomputed here.
 SINCOS_KEYS = ("pos_embed", "pos_embed_temporal")

@@ -69,7 +69,7 @@ from opensora_sdk.models.layers import (
     t2i_modulate,
     unpatchify,
 )
-from opensora_sdk.models.stdit3 import CrossAttention, SelfAttention
+from opensora_sdk.models.stdit3_blocks import CrossAttention, SelfAttention
 
 
 class RoPEFirstSelfAttention(SelfAttention):

@@ -1,6 +1,8 @@
 """STDiT3, the Open-Sora v1.2 diffusion transformer (spec section 2).
 
-Reads top-down: attention modules, the block (spatial | temporal), the model, then loading.
+Reads top-down: the model (switches, forward, conditions, weights), then the checkpoint
+format. The attention modules and the block (spatial | temporal) are in `stdit3_blocks.py`,
+the argument checks of forward in `stdit3_inputs.py`.
 
 Shapes: latents [B, C, T, H, W]; tokens [B, N, C] with N = T*S, frame-major, S = H_p*W_p
 spatial tokens per frame in row-major order; text [B, L, C]. Within the block stack T and S
@@ -33,12 +35,12 @@ from opensora_sdk.loading import (
     save_safetensors_atomic,
     write_json_atomic,
 )
-from opensora_sdk.models.attention import attention, check_backend
+from opensora_sdk.models.attention import check_backend
+from opensora_sdk.models.stdit3_blocks import CrossAttention, SelfAttention, STDiT3Block
+from opensora_sdk.models.stdit3_inputs import check_conditions, check_step_inputs
 from opensora_sdk.models.stdit3_reuse import StepConditions, StepInvariants, reuse_allowed
 from opensora_sdk.models.layers import (
-    MLP,
     CaptionEmbedder,
-    DropPath,
     PatchEmbed3D,
     PositionEmbedding2D,
     RMSNorm,
@@ -46,131 +48,10 @@ from opensora_sdk.models.layers import (
     SizeEmbedder,
     T2IFinalLayer,
     TimestepEmbedder,
-    bf16_round,
-    t2i_modulate,
 )
 
 # Keyword arguments the official pipelines pass that the model does not use.
 IGNORED_FORWARD_KWARGS = frozenset({"num_frames", "ar"})
-
-
-class SelfAttention(nn.Module):
-    """Multi-head self-attention with RMS qk-norm (before RoPE). x [B', N', C] -> [B', N', C]."""
-
-    def __init__(self, dim: int, num_heads: int, qk_norm: bool):
-        super().__init__()
-        self.num_heads = num_heads
-        self.qkv = nn.Linear(dim, 3 * dim)  # output (3, H, D): [q | k | v], head-major
-        self.q_norm = RMSNorm(dim // num_heads) if qk_norm else nn.Identity()
-        self.k_norm = RMSNorm(dim // num_heads) if qk_norm else nn.Identity()
-        self.proj = nn.Linear(dim, dim)
-        self.attention_backend = "sdpa"
-
-    def forward(self, x: torch.Tensor, rope=None, key_padding_mask: torch.Tensor | None = None) -> torch.Tensor:
-        """x [B', N', C]; rope: (cos, sin) or None; key_padding_mask [B', N'] bool, True = real key."""
-        B, N, C = x.shape
-        qkv = self.qkv(x).view(B, N, 3, self.num_heads, C // self.num_heads)  # [B, N, 3, H, D]
-        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each [B, H, N, D]
-        q, k = self.q_norm(q), self.k_norm(k)
-        if rope is not None:
-            q, k = RotaryEmbedding.rotate(q, *rope), RotaryEmbedding.rotate(k, *rope)
-        out = attention(q, k, v, key_padding_mask=key_padding_mask, backend=self.attention_backend)  # [B, H, N, D]
-        return self.proj(out.transpose(1, 2).reshape(B, N, C))
-
-
-class CrossAttention(nn.Module):
-    """Tokens x [B, N, C] attend to their own caption y [B, L, C] (keys where `y_valid`)."""
-
-    def __init__(self, dim: int, num_heads: int):
-        super().__init__()
-        self.num_heads = num_heads
-        self.q_linear = nn.Linear(dim, dim)
-        self.kv_linear = nn.Linear(dim, 2 * dim)  # output (2, H, D): [k | v]
-        self.proj = nn.Linear(dim, dim)
-        self.attention_backend = "sdpa"
-
-    def forward(self, x: torch.Tensor, y: torch.Tensor, y_valid: torch.Tensor | None, kv=None) -> torch.Tensor:
-        """kv: this layer's `text_kv(y)`, computed once per generation (see `stdit3_reuse`), or None."""
-        B, N, C = x.shape
-        H, D = self.num_heads, C // self.num_heads
-        q = self.q_linear(x).view(B, N, H, D).transpose(1, 2)  # [B, H, N, D]
-        k, v = self.text_kv(y) if kv is None else kv  # [B, H, L, D] each
-        out = attention(q, k, v, key_padding_mask=y_valid, backend=self.attention_backend)  # [B, H, N, D]
-        return self.proj(out.transpose(1, 2).reshape(B, N, C))
-
-    def text_kv(self, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """The text's keys and values, y [B, L, C] -> 2 x [B, H, L, D]."""
-        B, L, C = y.shape
-        H, D = self.num_heads, C // self.num_heads
-        return self.kv_linear(y).view(B, L, 2, H, D).permute(2, 0, 3, 1, 4).unbind(0)
-
-
-class STDiT3Block(nn.Module):
-    """One spatial or temporal block, x [B, T*S, C] -> [B, T*S, C] (spec 2.4.7).
-
-    adaLN-single modulated self-attention (over S within a frame, or over T at a position
-    with RoPE), then un-normalised cross-attention to the text, then a modulated MLP. With
-    `x_mask` [B, T], frames marked False (conditioning frames) use the t=0 modulation.
-    """
-
-    def __init__(self, hidden_size, num_heads, mlp_ratio=4.0, drop_path=0.0, qk_norm=True, temporal=False):
-        super().__init__()
-        self.temporal = temporal
-        self.scale_shift_table = nn.Parameter(torch.randn(6, hidden_size) / hidden_size**0.5)
-        self.norm1 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
-        self.attn = SelfAttention(hidden_size, num_heads, qk_norm)
-        self.cross_attn = CrossAttention(hidden_size, num_heads)
-        self.norm2 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
-        self.mlp = MLP(hidden_size, int(hidden_size * mlp_ratio))
-        self.drop_path = DropPath(drop_path)
-        self.attention_cache = None  # step-cache hook: a step_cache.PABState broadcasting attention; None = off
-
-    def forward(self, x, y, y_valid, t_mlp, T: int, S: int, x_mask=None, t0_mlp=None, rope=None, sp=None, text_kv=None):
-        """x [B, T*S, C] (a shard under sequence parallelism; `sp` then says how to attend);
-        text_kv: the cross-attention's (k, v) of y when computed once per generation, or None."""
-        B, N, C = x.shape
-        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.modulation(t_mlp, x_mask, t0_mlp)
-        h = t2i_modulate(self.norm1(x).view(B, T, S, C), shift_msa, scale_msa)  # [B, T, S, C]
-        if self.attention_cache is None:
-            a = self.temporal_attention(h, rope, sp) if self.temporal else self.spatial_attention(h, sp)  # [B, T, S, C]
-        else:  # step-cache hook (opensora_sdk.step_cache): attention outputs broadcast over steps
-            a = self.attention_cache.attention(self, "temporal" if self.temporal else "spatial", lambda: (
-                self.temporal_attention(h, rope, sp) if self.temporal else self.spatial_attention(h, sp)))
-        x = x + self.drop_path((gate_msa * a).reshape(B, N, C))
-        if self.attention_cache is None:
-            x = x + self.cross_attn(x, y, y_valid, text_kv)  # no norm, no modulation
-        else:  # step-cache hook, as above
-            x = x + self.attention_cache.attention(self, "cross", lambda: self.cross_attn(x, y, y_valid, text_kv))
-        h = t2i_modulate(self.norm2(x).view(B, T, S, C), shift_mlp, scale_mlp)  # [B, T, S, C]
-        return x + self.drop_path((gate_mlp * self.mlp(h)).reshape(B, N, C))
-
-    def modulation(self, t_mlp, x_mask=None, t0_mlp=None) -> tuple[torch.Tensor, ...]:
-        """Six [B, T or 1, 1, C] tensors: shift/scale/gate for attention, then for the MLP."""
-        B, C = t_mlp.shape[0], self.scale_shift_table.shape[1]
-        table = (self.scale_shift_table[None] + t_mlp.view(B, 6, C))[:, :, None, None]  # [B, 6, 1, 1, C]
-        if x_mask is not None:
-            table0 = (self.scale_shift_table[None] + t0_mlp.view(B, 6, C))[:, :, None, None]
-            table = torch.where(x_mask[:, None, :, None, None], table, table0)  # [B, 6, T, 1, C]
-        return table.unbind(1)
-
-    def spatial_attention(self, h: torch.Tensor, sp=None) -> torch.Tensor:
-        """Attention over the S tokens of each frame: [B, T, S, C] -> [B, T, S, C].
-
-        The one place sequence parallelism needs collectives: with `sp`, h holds this rank's
-        share of S and attention runs over every rank's tokens (see `stdit3_parallel`).
-        """
-        if sp is not None:
-            return sp.spatial_attention(self.attn, h)
-        B, T, S, C = h.shape
-        return self.attn(h.reshape(B * T, S, C)).view(B, T, S, C)
-
-    def temporal_attention(self, h: torch.Tensor, rope, sp=None) -> torch.Tensor:
-        """Attention over the T frames at each spatial position, with RoPE: [B, T, S, C] -> same."""
-        if sp is not None:  # local to the shard; masks frames padded for sharding
-            return sp.temporal_attention(self.attn, h, rope)
-        B, T, S, C = h.shape
-        out = self.attn(h.transpose(1, 2).reshape(B * S, T, C), rope)  # [B*S, T, C]
-        return out.view(B, S, T, C).transpose(1, 2)
 
 
 class STDiT3(nn.Module):
@@ -222,7 +103,7 @@ class STDiT3(nn.Module):
     # ---- run-time switches -------------------------------------------------------------------
 
     def set_attention_backend(self, backend: str) -> None:
-        """"sdpa" (default), "flash" or "xformers"; an uninstalled backend is an error now."""
+        """ "sdpa" (default), "flash" or "xformers"; an uninstalled backend is an error now."""
         check_backend(backend)
         for module in self.modules():
             if isinstance(module, (SelfAttention, CrossAttention)):
@@ -320,7 +201,7 @@ class STDiT3(nn.Module):
         if unknown:
             raise TypeError(f"STDiT3.forward got unexpected keyword arguments {sorted(unknown)}")
         cfg, dtype = self.config, self.x_embedder.proj.weight.dtype
-        timestep = self._check_step_inputs(x, timestep, x_mask)
+        timestep = check_step_inputs(self, x, timestep, x_mask)
         B, _, T0, H0, W0 = x.shape
         pt, ph, pw = cfg.patch_size
         T, Hp, Wp = -(-T0 // pt), -(-H0 // ph), -(-W0 // pw)
@@ -336,7 +217,8 @@ class STDiT3(nn.Module):
             )
         else:
             cond = scope.lookup(
-                (y, mask, fps, height, width), (B, T0, H0, W0, dtype, x.device),
+                (y, mask, fps, height, width),
+                (B, T0, H0, W0, dtype, x.device),
                 lambda: self.step_conditions(x, y, mask, fps, height, width, text_kv=True),
             )
             if x_mask is not None and bool(x_mask.all()):
@@ -393,7 +275,7 @@ class STDiT3(nn.Module):
         pt, ph, pw = cfg.patch_size
         T, Hp, Wp = -(-T0 // pt), -(-H0 // ph), -(-W0 // pw)
         S = Hp * Wp
-        fps, height, width = self._check_conditions(x, y, mask, fps, height, width)
+        fps, height, width = check_conditions(self, x, y, mask, fps, height, width)
         f = self.fps_embedder(fps, B)  # [B, C]
         y, y_valid = self.encode_text(y.to(dtype), mask, force_drop_ids=force_drop_ids, generator=generator)
         quant = self.official_bf16_quantization
@@ -448,57 +330,6 @@ class STDiT3(nn.Module):
         x = x.view(B, T, Hp, Wp, pt, ph, pw, -1).permute(0, 7, 1, 4, 2, 5, 3, 6)
         x = x.reshape(B, -1, T * pt, Hp * ph, Wp * pw)  # [B, C_out, T_p*pt, H_p*ph, W_p*pw]
         return x[:, :, : size[0], : size[1], : size[2]]
-
-    def _check_step_inputs(self, x, timestep, x_mask):
-        """Validate x, timestep and x_mask; return timestep [B] float32."""
-        cfg = self.config
-        if not isinstance(x, torch.Tensor) or x.ndim != 5 or x.shape[1] != cfg.in_channels:
-            got = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
-            raise ValueError(f"x must be [B, {cfg.in_channels}, T, H, W] (in_channels={cfg.in_channels}), got {got}")
-        B, T = x.shape[0], -(-x.shape[2] // cfg.patch_size[0])
-        timestep = torch.as_tensor(timestep, device=x.device).float()
-        if timestep.ndim == 0 or timestep.shape == (1,):
-            timestep = timestep.reshape(1).expand(B)
-        if timestep.shape != (B,):
-            raise ValueError(f"timestep must be [B]=[{B}] or a scalar, got shape {tuple(timestep.shape)}")
-        if not bool(torch.isfinite(timestep).all()):
-            raise ValueError(f"timestep must be finite, got {timestep.tolist()}")
-        if x_mask is not None and tuple(x_mask.shape) != (B, T):
-            raise ValueError(f"x_mask must be [B, T_p] = [{B}, {T}] (one flag per latent frame), got {tuple(x_mask.shape)}")
-        return bf16_round(timestep) if self.official_bf16_quantization else timestep
-
-    def _check_conditions(self, x, y, mask, fps, height, width):
-        """Validate y, mask, fps, height, width; return (fps [b], height, width) as float32 / floats."""
-        cfg = self.config
-        B = x.shape[0]
-        if not cfg.skip_y_embedder and (y.ndim != 4 or y.shape[0] != B or y.shape[-1] != cfg.caption_channels):
-            raise ValueError(
-                f"y must be [B, 1, L, caption_channels] = [{B}, 1, L, {cfg.caption_channels}] with the batch of x "
-                f"(under CFG concatenate the null rows to both), got {tuple(y.shape)}"
-            )
-        if mask is not None and not cfg.skip_y_embedder:
-            L = y.shape[2]
-            if mask.ndim != 2 or mask.shape[1] != L or mask.shape[0] == 0 or B % mask.shape[0]:
-                raise ValueError(
-                    f"mask must be [B', L] with L={L} text tokens and B' dividing B={B}, got {tuple(mask.shape)}"
-                )
-            empty = (mask.repeat(B // mask.shape[0], 1) != 0).sum(1) == 0
-            if bool(empty.any()):
-                raise ValueError(
-                    f"mask rows {empty.nonzero().flatten().tolist()} have no valid text token; every caption "
-                    "needs at least one (T5 always emits the end-of-sequence token)"
-                )
-        for name, value in (("fps", fps), ("height", height), ("width", width)):
-            if value is None:
-                raise ValueError(f"{name} is required (official pipelines always pass it; e.g. fps=24, pixel height/width)")
-        fps = torch.as_tensor(fps, device=x.device).float().reshape(-1)
-        if fps.numel() == 0 or B % fps.numel():
-            raise ValueError(f"fps must be [b] with b dividing B={B}, got shape {tuple(fps.shape)}")
-        height = torch.as_tensor(height).float().reshape(-1)[0]
-        width = torch.as_tensor(width).float().reshape(-1)[0]
-        if self.official_bf16_quantization:
-            fps, height, width = (bf16_round(v) for v in (fps, height, width))
-        return fps, height.item(), width.item()
 
     # ---- weights ----------------------------------------------------------------------------
 

@@ -9,11 +9,15 @@ T5-XXL, ~19 GB, is ever made); the keys are checked strictly. A single file's `T
 read from its tensor shapes (`T5TextEncoder.from_single_file`); a folder's from its
 config.json, its weights being one file or the shards of an index (`.safetensors` or `.bin`),
 of which the decoder and LM head of a full T5 are skipped (`T5TextEncoder.from_pretrained`).
+A local folder or hub repo id is found by `find_t5_folder`, its tokenizer loaded by
+`load_tokenizer_folder`; `load_tiny_tokenizer` and `tiny_t5_config` give the built-in tiny
+tokenizer and a T5 v1.1 config at tiny widths (also the base of a single file's config).
 transformers is imported here, when a T5 is built, and only its T5 modules.
 """
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import torch
@@ -27,16 +31,60 @@ _Q = "encoder.block.0.layer.0.SelfAttention.q.weight"
 _BIAS = "encoder.block.0.layer.0.SelfAttention.relative_attention_bias.weight"
 _WI_0 = "encoder.block.0.layer.1.DenseReluDense.wi_0.weight"
 ENCODER_ONLY_SKIP = ("decoder.", "lm_head.")  # a full T5 checkpoint's other half
+TINY_TOKENIZER_DIR = Path(__file__).resolve().parents[1] / "builtin" / "tokenizer"
+_HUB_FILES = ("*.json", "*.safetensors", "*.model")  # config, weights, tokenizer (spiece.model)
 
 
 class NotT5FileError(CheckpointError, ValueError):
     """The file is not a T5 encoder checkpoint this loader reads (a ValueError too: wrong file given)."""
 
 
+def load_tiny_tokenizer(model_max_length: int | None = None):
+    """The small T5-style tokenizer shipped with the package (see training/build_tiny_tokenizer.py).
+
+    Same special ids as T5 (pad 0, ``</s>`` 1, unk 2), EOS appended, right padding.
+    """
+    from transformers.models.auto.tokenization_auto import AutoTokenizer
+
+    kwargs = {} if model_max_length is None else {"model_max_length": model_max_length}
+    return AutoTokenizer.from_pretrained(str(TINY_TOKENIZER_DIR), **kwargs)
+
+
+def tiny_t5_config(vocab_size: int | None = None, **overrides):
+    """A `T5Config` with the T5 v1.1 layout (gated-GELU, untied) and tiny widths.
+
+    `vocab_size` defaults to the size of the built-in tiny tokenizer. Override any field, e.g.
+    ``tiny_t5_config(d_model=512, num_layers=8, num_heads=8, d_kv=64, d_ff=1024)``.
+    """
+    from transformers.models.t5.configuration_t5 import T5Config
+
+    if vocab_size is None:
+        vocab_size = len(load_tiny_tokenizer())
+    fields = dict(
+        vocab_size=vocab_size,
+        d_model=32,
+        d_kv=8,
+        d_ff=64,
+        num_layers=2,
+        num_heads=4,
+        relative_attention_num_buckets=32,
+        relative_attention_max_distance=128,
+        dropout_rate=0.0,
+        layer_norm_epsilon=1e-6,
+        feed_forward_proj="gated-gelu",
+        tie_word_embeddings=False,
+        is_encoder_decoder=False,
+        use_cache=False,
+        pad_token_id=0,
+        eos_token_id=1,
+        decoder_start_token_id=0,
+    )
+    fields.update(overrides)
+    return T5Config(**fields)
+
+
 def config_from_shapes(shapes: dict[str, tuple[int, ...]], path: Path):
     """The T5 v1.1 encoder `T5Config` that the tensor shapes of `path` describe."""
-    from opensora_sdk.models.text_encoder import tiny_t5_config
-
     embed = shapes.get(SHARED) or shapes.get(EMBED)
     if embed is None or not all(k in shapes for k in (_Q, _BIAS, _WI_0)):
         raise NotT5FileError(
@@ -180,3 +228,46 @@ def find_tokenizer_folder(path: Path, search=()) -> Path:
         f"{[str(c) for c in candidates]}; put the tokenizer files beside the weights, pass "
         "tokenizer=<folder>, or use the encoder's Hugging Face folder (config.json, weights, spiece.model)"
     )
+
+
+def load_tokenizer_folder(folder: Path):
+    """transformers' tokenizer of a folder (AutoTokenizer: the class its tokenizer_config.json names)."""
+    from transformers.models.auto.tokenization_auto import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(str(folder))
+    except (OSError, ValueError) as err:
+        raise CheckpointError(
+            f"could not load a T5 tokenizer from {str(folder)!r} ({type(err).__name__}: {err}); the folder "
+            "needs tokenizer.json or spiece.model with tokenizer_config.json"
+        ) from err
+
+
+def find_t5_folder(source, local_files_only, cache_dir) -> Path:
+    """The local folder holding the T5 files, downloading a hub repo id if allowed."""
+    text = os.fspath(source)
+    path = Path(text).expanduser()
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise CheckpointError(
+                f"text encoder folder {text!r} has no config.json: expected a Hugging Face T5 folder "
+                "with config.json, *.safetensors weights and tokenizer files (spiece.model or tokenizer.json)"
+            )
+        return path
+    if path.is_file():
+        raise CheckpointError(
+            f"text encoder {text!r} is a file: pass the folder that holds it together with "
+            "config.json and the tokenizer files"
+        )
+    try:
+        resolved = resolve_checkpoint(
+            text, local_files_only=local_files_only, cache_dir=cache_dir, allow_patterns=_HUB_FILES
+        )
+    except CheckpointError as err:
+        folder = f"models/{Path(text).name or 't5'}"
+        raise CheckpointError(
+            f"text encoder {text!r} is not available here. {err}\nPut the T5 files (config.json, "
+            f"*.safetensors, spiece.model, tokenizer_config.json) in a folder such as {folder} "
+            f"and pass it: T5TextEncoder.from_pretrained({folder!r})"
+        ) from err
+    return resolved.config_file.parent if resolved.config_file else resolved.weight_files[0].parent

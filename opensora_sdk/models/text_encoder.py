@@ -16,9 +16,10 @@ T5-XXL; training used bfloat16). `with encoder.on_device("cuda"): encoder.encode
 on the accelerator for the block only: the weights go home afterwards, also on error. With
 `offload_after_encode=True` they leave as soon as a batch is encoded and come back on the
 next encode that needs them. The first offload keeps a (pinned) host copy of the frozen
-weights, so later offloads need no transfer and each return is one host-to-device copy.
-Loading builds `T5EncoderModel` on the meta device without initialisation and assigns each
-checkpoint tensor once, in the chosen dtype (strict keys; `models/t5_file.py`). transformers is
+weights, so later offloads need no transfer and each return is one host-to-device copy
+(`models/t5_offload.py`). Loading builds `T5EncoderModel` on the meta device without
+initialisation and assigns each checkpoint tensor once, in the chosen dtype (strict keys;
+folders, hub ids, tokenizers and the tiny config: `models/t5_file.py`). transformers is
 imported only when an encoder or tokenizer is built, and only its T5 and tokenizer modules.
 Weights from one file (ComfyUI's t5xxl_fp16.safetensors): `from_single_file`.
 An `EmbeddingCache` (in-memory LRU, optionally backed by a folder of .safetensors files)
@@ -33,82 +34,25 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from contextlib import contextmanager
 from pathlib import Path
 from typing import NamedTuple
 
 import torch
 
-from opensora_sdk.loading import CheckpointError, resolve_checkpoint
-from opensora_sdk.models.text_cache import EmbeddingCache, as_cache  # noqa: F401  (EmbeddingCache re-exported)
+from opensora_sdk.dtypes import parse_dtype
+from opensora_sdk.models.t5_file import (
+    find_t5_folder,
+    find_tokenizer_folder,
+    load_t5_encoder,
+    load_t5_folder,
+    load_tiny_tokenizer,
+    load_tokenizer_folder,
+    read_config,
+)
+from opensora_sdk.models.t5_offload import HostCopyOffload
+from opensora_sdk.models.text_cache import as_cache
 
 DEFAULT_REPO = "DeepFloyd/t5-v1_1-xxl"
-TINY_TOKENIZER_DIR = Path(__file__).resolve().parents[1] / "builtin" / "tokenizer"
-_DTYPES = {
-    "fp32": torch.float32,
-    "float32": torch.float32,
-    "bf16": torch.bfloat16,
-    "bfloat16": torch.bfloat16,
-    "fp16": torch.float16,
-    "float16": torch.float16,
-}
-_HUB_FILES = ("*.json", "*.safetensors", "*.model")  # config, weights, tokenizer (spiece.model)
-
-
-def resolve_dtype(dtype: torch.dtype | str) -> torch.dtype:
-    """torch.float32 / bfloat16 / float16, given as a dtype or a name ("fp32", "bf16", ...)."""
-    if isinstance(dtype, torch.dtype) and dtype in _DTYPES.values():
-        return dtype
-    if isinstance(dtype, str) and dtype.lower() in _DTYPES:
-        return _DTYPES[dtype.lower()]
-    raise ValueError(
-        f"dtype={dtype!r} is not allowed for the text encoder: choose torch.float32, torch.bfloat16, "
-        f"torch.float16 or one of {sorted(_DTYPES)}"
-    )
-
-
-def load_tiny_tokenizer(model_max_length: int | None = None):
-    """The small T5-style tokenizer shipped with the package (see training/build_tiny_tokenizer.py).
-
-    Same special ids as T5 (pad 0, ``</s>`` 1, unk 2), EOS appended, right padding.
-    """
-    from transformers.models.auto.tokenization_auto import AutoTokenizer
-
-    kwargs = {} if model_max_length is None else {"model_max_length": model_max_length}
-    return AutoTokenizer.from_pretrained(str(TINY_TOKENIZER_DIR), **kwargs)
-
-
-def tiny_t5_config(vocab_size: int | None = None, **overrides):
-    """A `T5Config` with the T5 v1.1 layout (gated-GELU, untied) and tiny widths.
-
-    `vocab_size` defaults to the size of the built-in tiny tokenizer. Override any field, e.g.
-    ``tiny_t5_config(d_model=512, num_layers=8, num_heads=8, d_kv=64, d_ff=1024)``.
-    """
-    from transformers.models.t5.configuration_t5 import T5Config
-
-    if vocab_size is None:
-        vocab_size = len(load_tiny_tokenizer())
-    fields = dict(
-        vocab_size=vocab_size,
-        d_model=32,
-        d_kv=8,
-        d_ff=64,
-        num_layers=2,
-        num_heads=4,
-        relative_attention_num_buckets=32,
-        relative_attention_max_distance=128,
-        dropout_rate=0.0,
-        layer_norm_epsilon=1e-6,
-        feed_forward_proj="gated-gelu",
-        tie_word_embeddings=False,
-        is_encoder_decoder=False,
-        use_cache=False,
-        pad_token_id=0,
-        eos_token_id=1,
-        decoder_start_token_id=0,
-    )
-    fields.update(overrides)
-    return T5Config(**fields)
 
 
 class TextEmbedding(NamedTuple):
@@ -140,7 +84,7 @@ _ARCH_FIELDS = (
 )
 
 
-class T5TextEncoder:
+class T5TextEncoder(HostCopyOffload):
     """T5 encoder + tokenizer with the official tokenisation, dtype/device choice, offloading
     and an optional embedding cache.
 
@@ -207,12 +151,10 @@ class T5TextEncoder:
         `cache_dir` apply); when that is impossible, the CheckpointError says which folder to
         pass instead. Weights are loaded straight in `dtype` on `device`.
         """
-        from opensora_sdk.models.t5_file import load_t5_folder
-
-        dtype = resolve_dtype(dtype)
+        dtype = parse_dtype(dtype)
         device = torch.device(device)
-        folder = _find_folder(path_or_repo, local_files_only, cache_dir)
-        tokenizer = _load_tokenizer_folder(folder)
+        folder = find_t5_folder(path_or_repo, local_files_only, cache_dir)
+        tokenizer = load_tokenizer_folder(folder)
         model = load_t5_folder(folder, dtype, device)
         return cls(
             model,
@@ -254,7 +196,7 @@ class T5TextEncoder:
             tokenizer = load_tiny_tokenizer()
         elif isinstance(tokenizer, (str, os.PathLike)):
             tokenizer = AutoTokenizer.from_pretrained(str(tokenizer))
-        model = T5EncoderModel(t5_config).to(device=torch.device(device), dtype=resolve_dtype(dtype))
+        model = T5EncoderModel(t5_config).to(device=torch.device(device), dtype=parse_dtype(dtype))
         return cls(
             model,
             tokenizer,
@@ -289,17 +231,15 @@ class T5TextEncoder:
         `tokenizer`: a tokenizer object or a folder; None takes the first folder among [the
         file's folder, *tokenizer_search] that holds tokenizer.json or spiece.model.
         """
-        from opensora_sdk.models.t5_file import find_tokenizer_folder, load_t5_encoder, read_config
-
         path = Path(path).expanduser()
         if not path.is_file():
             raise FileNotFoundError(f"T5 weight file {str(path)!r} not found")
-        dtype, device = resolve_dtype(dtype), torch.device(device)
+        dtype, device = parse_dtype(dtype), torch.device(device)
         config = read_config(path)  # a file of another kind fails here, before anything loads
         if tokenizer is None:
             tokenizer = find_tokenizer_folder(path, tokenizer_search)
         if isinstance(tokenizer, (str, os.PathLike)):
-            tokenizer = _load_tokenizer_folder(Path(tokenizer))
+            tokenizer = load_tokenizer_folder(Path(tokenizer))
         return cls(
             load_t5_encoder(path, config, dtype, device),
             tokenizer,
@@ -321,10 +261,6 @@ class T5TextEncoder:
     def output_dim(self) -> int:
         """C, the width of y (4096 for T5-XXL); STDiT3's `caption_channels` must equal it."""
         return self.model.config.d_model
-
-    @property
-    def is_offloaded(self) -> bool:
-        return self._offloaded
 
     @property
     def identity(self) -> str:
@@ -351,102 +287,6 @@ class T5TextEncoder:
     def cache_key(self, text: str) -> str:
         """The cache key of one (already processed) prompt for this encoder."""
         return _sha(self.identity, self.dtype, self.model_max_length, text)
-
-    # ---- memory ------------------------------------------------------------------------
-
-    def _weights(self) -> list[tuple[str, torch.Tensor]]:
-        # named_* skip repeats, so the tied shared / embed_tokens table appears once
-        return list(self.model.named_parameters()) + list(self.model.named_buffers())
-
-    def offload(self) -> None:
-        """Free the weights on `device`; they wait in a host copy on `offload_device`.
-
-        T5 is frozen, so the host copy is made once (pinned when the accelerator is CUDA)
-        and kept: later offloads only drop the accelerator's tensors (no transfer), and
-        `onload` copies them back. The price is host memory for one copy of the weights
-        while T5 is resident too. Offloading to the device T5 runs on changes nothing.
-        """
-        if self._offloaded:
-            return
-        weights = self._weights()
-        if not all(_is_on(t, self.offload_device) for _, t in weights):
-            if not self._host_copy_fits(weights):
-                self._host_copy = {name: self._to_host(t) for name, t in weights}
-            for name, tensor in weights:
-                tensor.data = self._host_copy[name]
-            _empty_cache(self.device)
-        self._offloaded = True
-        self.offload_count += 1
-
-    def onload(self) -> None:
-        """Bring the weights back to `device` (a no-op when they are there)."""
-        if not self._offloaded:
-            return
-        self._move_weights(self.device)
-        self._offloaded = False
-        self.onload_count += 1
-
-    @contextmanager
-    def on_device(self, device: torch.device | str, home: torch.device | str = "cpu"):
-        """T5 runs on `device` inside the block; its weights wait on `home` after it.
-
-        On entry the weights move to `device` from wherever they are (the kept host copy, or
-        resident on another device); `encode` inside the block returns its tensors on `device`.
-        On leaving, also when the block raises, the weights go back to the host copy on `home`
-        (made once, pinned for CUDA, and reused: later exits copy nothing) and the
-        accelerator's cache is emptied. A different `home` than before drops the old copy.
-        Afterwards `is_offloaded` is True and `device` stays `device`.
-
-            with text_encoder.on_device("cuda"):
-                y, mask = text_encoder.encode(prompts)
-        """
-        device, home = torch.device(device), torch.device(home)
-        if home != self.offload_device:
-            self._host_copy, self.offload_device = None, home
-        was_offloaded = self._offloaded
-        self.device, self._offloaded = device, False  # from here on, the exit puts every weight home
-        try:
-            if device != home:
-                self._adopt_host_copy()
-            self._move_weights(device)
-            self.onload_count += was_offloaded
-            yield self
-        finally:
-            self.offload()
-            _empty_cache(device)
-
-    def _move_weights(self, device: torch.device) -> None:
-        for _, tensor in self._weights():
-            if not _is_on(tensor, device):
-                tensor.data = tensor.data.to(device, non_blocking=device.type == "cuda" and tensor.is_pinned())
-
-    def _adopt_host_copy(self) -> None:
-        """When the weights sit on `offload_device` with no host copy yet, make them the host
-        copy (pinned in place for CUDA), so that leaving `device` later copies nothing back."""
-        weights = self._weights()
-        if self._host_copy_fits(weights) or not all(_is_on(t, self.offload_device) for _, t in weights):
-            return
-        self._host_copy = {}
-        for name, tensor in weights:
-            self._host_copy[name] = tensor.data = self._to_host(tensor)
-
-    def _host_copy_fits(self, weights) -> bool:
-        """Whether the kept host copy still matches the weights (a `model.to(dtype)` voids it)."""
-        copy = self._host_copy
-        return copy is not None and all(
-            name in copy and copy[name].shape == t.shape and copy[name].dtype == t.dtype for name, t in weights
-        )
-
-    def _to_host(self, tensor: torch.Tensor) -> torch.Tensor:
-        pin = self.device.type == "cuda" and self.offload_device.type == "cpu"
-        if pin:
-            try:
-                return torch.empty_like(tensor, device="cpu", pin_memory=True).copy_(tensor)
-            except RuntimeError:  # page-locked memory refused: a plain copy moves slower
-                pass
-        if _is_on(tensor, self.offload_device):
-            return tensor.detach()  # already there: frozen weights need no second copy
-        return tensor.detach().to(self.offload_device, copy=True)
 
     # ---- encoding ----------------------------------------------------------------------
 
@@ -540,71 +380,9 @@ class T5TextEncoder:
         )
 
 
-def _is_on(tensor: torch.Tensor, device: torch.device) -> bool:
-    """Whether `tensor` lives on `device` ("cuda" means the current CUDA device; "cpu:0" is
-    another device than "cpu", as the tests use it to stand in for an accelerator)."""
-    here = tensor.device
-    if here.type != device.type:
-        return False
-    if device.index is None:
-        return device.type != "cuda" or here.index == torch.cuda.current_device()
-    return here.index == device.index
-
-
-def _empty_cache(device: torch.device) -> None:
-    """Return the accelerator's freed blocks to the driver (no-op on the CPU)."""
-    if device.type == "cuda" and torch.cuda.is_available():
-        torch.cuda.empty_cache()
-    elif device.type == "mps" and torch.backends.mps.is_available():
-        torch.mps.empty_cache()
-
-
 def _as_text_list(prompts) -> list[str]:
     if isinstance(prompts, str):
         prompts = [prompts]
     if not isinstance(prompts, (list, tuple)) or not prompts or not all(isinstance(p, str) for p in prompts):
         raise ValueError(f"prompts={prompts!r} is not allowed: expected a string or a non-empty list of strings")
     return list(prompts)
-
-
-def _load_tokenizer_folder(folder: Path):
-    """transformers' tokenizer of a folder (AutoTokenizer: the class its tokenizer_config.json names)."""
-    from transformers.models.auto.tokenization_auto import AutoTokenizer
-
-    try:
-        return AutoTokenizer.from_pretrained(str(folder))
-    except (OSError, ValueError) as err:
-        raise CheckpointError(
-            f"could not load a T5 tokenizer from {str(folder)!r} ({type(err).__name__}: {err}); the folder "
-            "needs tokenizer.json or spiece.model with tokenizer_config.json"
-        ) from err
-
-
-def _find_folder(source, local_files_only, cache_dir) -> Path:
-    """The local folder holding the T5 files, downloading a hub repo id if allowed."""
-    text = os.fspath(source)
-    path = Path(text).expanduser()
-    if path.is_dir():
-        if not (path / "config.json").is_file():
-            raise CheckpointError(
-                f"text encoder folder {text!r} has no config.json: expected a Hugging Face T5 folder "
-                "with config.json, *.safetensors weights and tokenizer files (spiece.model or tokenizer.json)"
-            )
-        return path
-    if path.is_file():
-        raise CheckpointError(
-            f"text encoder {text!r} is a file: pass the folder that holds it together with "
-            "config.json and the tokenizer files"
-        )
-    try:
-        resolved = resolve_checkpoint(
-            text, local_files_only=local_files_only, cache_dir=cache_dir, allow_patterns=_HUB_FILES
-        )
-    except CheckpointError as err:
-        folder = f"models/{Path(text).name or 't5'}"
-        raise CheckpointError(
-            f"text encoder {text!r} is not available here. {err}\nPut the T5 files (config.json, "
-            f"*.safetensors, spiece.model, tokenizer_config.json) in a folder such as {folder} "
-            f"and pass it: T5TextEncoder.from_pretrained({folder!r})"
-        ) from err
-    return resolved.config_file.parent if resolved.config_file else resolved.weight_files[0].parent

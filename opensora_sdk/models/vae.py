@@ -483,22 +483,6 @@ def _probe_shapes(files, keys, iter_tensors) -> dict[str, tuple]:
 # Draws and argument checks
 # --------------------------------------------------------------------------------------------
 
-VAE_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-
-
-def check_vae_dtype(dtype) -> torch.dtype | None:
-    """`vae_dtype` as a torch dtype (None stays None: the VAE follows the pipeline's dtype);
-    also takes the names fp32 / bf16 / fp16."""
-    if dtype is None or dtype in VAE_DTYPES.values():
-        return dtype
-    if isinstance(dtype, str) and dtype.lower() in VAE_DTYPES:
-        return VAE_DTYPES[dtype.lower()]
-    raise ValueError(
-        f"vae_dtype={dtype!r} is not allowed: choose torch.float32, torch.bfloat16, torch.float16 "
-        f"(or {', '.join(VAE_DTYPES)}), or None to follow dtype"
-    )
-
-
 def cpu_has_fast_bf16() -> bool:
     """Whether this CPU computes bfloat16 convolutions natively (AMX or AVX512-BF16); without
     them oneDNN emulates bfloat16 and a bfloat16 VAE decode is slower than float32."""

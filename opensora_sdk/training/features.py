@@ -24,18 +24,17 @@ from typing import Mapping, Sequence
 
 import torch
 
+from opensora_sdk.dtypes import DTYPES
 from opensora_sdk.loading import save_safetensors_atomic, write_json_atomic
 from opensora_sdk.training.buckets import BucketId, parse_bucket_key
 
 INDEX = "index.json"
-_DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
-           "fp16": torch.float16, "float16": torch.float16}  # fmt: skip
 
 
 def feature_dtype(name: str) -> torch.dtype:
-    if name not in _DTYPES:
-        raise ValueError(f"features dtype {name!r} is not allowed: choose one of {sorted(_DTYPES)}")
-    return _DTYPES[name]
+    if name not in DTYPES:
+        raise ValueError(f"features dtype {name!r} is not allowed: choose one of {sorted(DTYPES)}")
+    return DTYPES[name]
 
 
 def extraction_plan(

@@ -54,7 +54,7 @@ def big_caption(text: str) -> str:
 
 
 def step_data(work: Path, args) -> None:
-    from opensora_sdk.models.text_encoder import load_tiny_tokenizer
+    from opensora_sdk.models.t5_file import load_tiny_tokenizer
     from opensora_sdk.training import synthetic
     from opensora_sdk.training.shapes_benchmark import BUILTIN_STYLE, is_held_out
 

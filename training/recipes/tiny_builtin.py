@@ -87,7 +87,7 @@ def training_caption(row: dict, rng: np.random.Generator) -> str:
 
 
 def step_data(work: Path, args) -> None:
-    from opensora_sdk.models.text_encoder import load_tiny_tokenizer
+    from opensora_sdk.models.t5_file import load_tiny_tokenizer
     from opensora_sdk.training import synthetic
     from opensora_sdk.training.shapes_benchmark import BUILTIN_STYLE, held_out_triples, is_held_out
 
@@ -121,7 +121,8 @@ def step_vae(work: Path, args) -> None:
 def step_t5(work: Path, args) -> None:
     import torch
 
-    from opensora_sdk.models.text_encoder import TINY_TOKENIZER_DIR, T5TextEncoder, tiny_t5_config
+    from opensora_sdk.models.t5_file import TINY_TOKENIZER_DIR, tiny_t5_config
+    from opensora_sdk.models.text_encoder import T5TextEncoder
 
     torch.manual_seed(SEED + 5)
     te = T5TextEncoder.from_config(tiny_t5_config(**T5_FIELDS), model_max_length=MAX_TOKENS)
