@@ -233,6 +233,10 @@ def validate(prompt: dict, classes: dict) -> list[str]:
         types = cls.INPUT_TYPES()
         validator = getattr(cls, "VALIDATE_INPUTS", None)
         declared = set(inspect.getfullargspec(validator).args) if validator else set()
+        known = {**types.get("required", {}), **types.get("optional", {})}
+        for name in inputs:  # e.g. a --set with a misspelt input name
+            if name not in known and name not in types.get("hidden", {}):
+                errors.append(f"{where}: it has no input {name!r}; its inputs: {sorted(known)}")
         for name, spec in {**types.get("required", {}), **types.get("optional", {})}.items():
             required = name in types.get("required", {})
             if name not in inputs:

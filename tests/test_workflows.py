@@ -117,6 +117,8 @@ def test_api_format_overrides_and_validation(tmp_path, monkeypatch):
         headless.run_workflow(prompt, ["Nope.steps=1"])
     with pytest.raises(headless.WorkflowError, match="expected NODE.INPUT=VALUE"):
         headless.run_workflow(prompt, ["steps"])
+    with pytest.raises(headless.WorkflowError, match=r"Sampler: it has no input 'stpes'; its inputs: \[.*'steps'"):
+        headless.run_workflow(prompt, ["Open-Sora Sampler.stpes=3"])  # a misspelt input fails before anything runs
 
 
 def _cli(*args, cwd):
