@@ -11,7 +11,7 @@ with its wall time and this process's CPU time (user + sys), and the split of th
 into text / sampling / decode. `--cli` times a fresh `opensora generate --prompt ...` process
 (Python start, imports, loading the models from the package, generating, writing the mp4).
 
-Target (issue #9): under 10 s for the 2 s clip on a 2-core CPU.
+Target: under 10 s for the 2 s clip on a 2-core CPU.
 """
 
 from __future__ import annotations

@@ -20,7 +20,7 @@ first `--cases`), generated with the model's defaults (64x64, 17 frames, 20 step
     SSIM      mean over frames and videos, against the uncached video
     scores    the quality benchmark's colour / shape / direction accuracy (shapes_benchmark)
 
-Targets (issue 20): >= 1.5x fewer evaluations at >= 30 dB mean PSNR with the scores within
+Targets: >= 1.5x fewer evaluations at >= 30 dB mean PSNR with the scores within
 2 points of uncached; >= 2x at >= 25 dB. "teacache:T" rescales with the coefficients fitted
 for the built-in model (`step_cache.BUILTIN_COEFFICIENTS`); ":identity" without rescaling,
 ":open-sora-v1.2" with the published fit for the real model. `--fit` fits the polynomial

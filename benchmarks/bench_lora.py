@@ -19,7 +19,7 @@ size: the median over frames of the object's bounding-box side as a share of the
 at >= 0.45 (rendered big shapes after the VAE: 0.42 to 0.97, ordinary ones: 0.28 to 0.41).
 "VAE ceiling (big)" measures rendered big clips after the tiny VAE's encode + decode.
 
-Targets (issue): base + adapter shows "big" in >= 80% of the big prompts; on ordinary prompts
+Targets: base + adapter shows "big" in >= 80% of the big prompts; on ordinary prompts
 colour, shape and direction stay within 5 points of the base model.
 """
 

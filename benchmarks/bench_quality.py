@@ -21,8 +21,8 @@ one VAE chunk (17 frames) of each prompt, continued to the loop length (34 frame
 text-to-video in two loops. For both only the second part (the frames after the first) is
 measured.
 
-Targets (issue #9): colour >= 90%, direction >= 80%, first-frame PSNR >= 25 dB.
-Targets (issue #16): text-to-image colour >= 90%; extension and 2-loop second parts colour
+Targets: colour >= 90%, direction >= 80%, first-frame PSNR >= 25 dB.
+Targets for stills and long videos: text-to-image colour >= 90%; extension and 2-loop second parts colour
 >= 90% and direction >= 80%.
 """
 
@@ -51,7 +51,7 @@ from opensora_sdk.training.shapes_benchmark import (
 )
 
 TARGETS = {"color_accuracy": 0.90, "direction_accuracy": 0.80, "first_frame_psnr_db_mean": 25.0}
-# issue 16: (line, measure) -> target
+# stills and long videos: (line, measure) -> target
 LONG_TARGETS = {("t2i held-out", "color_accuracy"): 0.90,
                 ("extension, 2nd part", "color_accuracy"): 0.90, ("extension, 2nd part", "direction_accuracy"): 0.80,
                 ("2 loops, 2nd part", "color_accuracy"): 0.90, ("2 loops, 2nd part", "direction_accuracy"): 0.80}  # fmt: skip

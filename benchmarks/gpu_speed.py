@@ -18,7 +18,7 @@ loop, transformer evaluations, and the achieved FLOP/s (the FLOPs of one transfo
 counted by torch.utils.flop_counter, times the calls made, over the time). Then one VAE decode of
 the result (plain fp32-free: bf16 weights) with its time and peak. The T5 encoder is not run:
 random text features of its shape ([B, 1, 300, 4096]) stand in, so the figures are the
-transformer's and the VAE's. Goals (issue 20, one H100): under 20 s exact and under 10 s cached.
+transformer's and the VAE's. Goals (one H100): under 20 s exact and under 10 s cached.
 """
 
 from __future__ import annotations

@@ -3,7 +3,7 @@
 The quality floors sit below what `benchmarks/bench_quality.py` measured on the shipped
 weights with the same prompts and seeds (36 held-out prompts; text-to-video colour 91.7%,
 direction 100%; image-to-video first-frame PSNR 27.4 dB, colour 91.7%, direction 100%; see
-training/README.md, "The built-in model"); the issue's targets are colour 90%, direction 80%,
+training/README.md, "The built-in model"); the targets are colour 90%, direction 80%,
 PSNR 25 dB. They guard against regressions. Chance is 1/6 for colour and about 1/5 for
 direction.
 """

@@ -72,7 +72,7 @@ def test_oversized_request_is_refused_before_any_model_work(models, monkeypatch)
     calls, handle = _spy_forward(model.transformer)
     vae_calls, vae_handle = _spy_forward(vae_.vae.spatial.decoder)
     try:
-        # the 8192x8192 frame of the issue: one block's spatial attention is O(S^2) in its 262144 tokens;
+        # an 8192x8192 frame: one block's spatial attention is O(S^2) in its 262144 tokens;
         # 7e13 FLOPs in one block of the tiny model, over a minute even at 1 TFLOP/s
         monkeypatch.setenv("OPENSORA_DEVICE_TFLOPS", "1")
         huge = latent.OpenSoraEmptyLatentVideo().create("custom", "9:16", "custom", 8192, 8192, 1, 24.0, 1)[0]

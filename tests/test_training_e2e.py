@@ -1,6 +1,6 @@
 """End-to-end runs of training/train.py on tiny models and synthetic clips (CPU, seconds each).
 
-The issue's checks: the tiny recipe's loss falls; a run stopped by SIGTERM and resumed equals an
+The checks: the tiny recipe's loss falls; a run stopped by SIGTERM and resumed equals an
 uninterrupted run bit for bit; `accelerate launch` with 2 processes (gloo) keeps ranks in sync;
 a corrupt or missing video is skipped and counted; precomputed features are written once;
 sequence parallelism over two processes trains like one process.

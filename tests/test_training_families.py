@@ -1,6 +1,6 @@
 """Training STDiT2 (v1.1) and STDiT (v1.0) with training/train.py, and their sequence parallelism.
 
-The issue's checks: a few steps of each family change the weights with a finite IDDPM loss that
+The checks: a few steps of each family change the weights with a finite IDDPM loss that
 falls; the checkpoint loads with `OpenSoraPipeline.from_pretrained` / `load_transformer` and
 generates; a resumed run equals an uninterrupted one bit for bit; the v1.1 / v1.0 data settings
 (W / H aspect ratio, native fps, mask ratios, one fixed size); STDiT2 and STDiT sharded over 2
