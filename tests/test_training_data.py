@@ -214,3 +214,23 @@ def test_relative_paths_resolve_against_the_csv_folder(tmp_path):
     write_video(np.zeros((3, 16, 16, 3), np.uint8), tmp_path / "clips" / "a.mp4", fps=8)
     path = write_table(tmp_path / "rel.csv", [{"path": "clips/a.mp4", "text": "t", "num_frames": 3, "height": 16, "width": 16}])
     assert VideoTextDataset(path)["0-2-16-16"]["fps"] == 8.0
+
+
+def test_a_row_may_name_its_frame_mask(shapes, tmp_path):
+    """The optional frame_mask column: checked when the dataset is built (row and column named),
+    carried by every sample and gathered by collate_samples as a list."""
+    rows = read_rows(shapes)
+    for r in rows:
+        r["path"] = str(shapes.parent / r["path"])
+    rows[0]["frame_mask"] = "chunk_head"
+    for r in rows[1:]:
+        r["frame_mask"] = ""
+    data = VideoTextDataset(write_table(tmp_path / "fm.csv", rows))
+    video_rows = [i for i in range(len(rows)) if not data.is_image(i)]
+    assert data.frame_masks[0] == "chunk_head" and not any(data.frame_masks[1:])
+    batch = collate_samples([data[f"{i}-4-32-32"] for i in video_rows[:2]])
+    assert batch["frame_mask"] == [data.frame_masks[i] for i in video_rows[:2]]
+    assert VideoTextDataset(shapes)[f"{video_rows[0]}-4-32-32"]["frame_mask"] == ""  # no column: drawn
+    rows[2]["frame_mask"] = "half"
+    with pytest.raises(ValueError, match=r"row 4, column 'frame_mask': mask type 'half' is unknown"):
+        VideoTextDataset(write_table(tmp_path / "bad.csv", rows))

@@ -114,3 +114,24 @@ def test_get_masks_shape_and_reproducible_state():
 def test_bad_ratios(value, match):
     with pytest.raises(ValueError, match=match):
         resolve_mask_ratios(value)
+
+
+def test_chunk_head_gives_the_first_vae_chunk_when_there_is_more():
+    """Ours: the first 5 latent frames (one 17-frame chunk of the v1.2 VAE), what loop i > 0
+    conditions on; a clip of one chunk or less has nothing left to generate, so nothing is given."""
+    assert all(runs(m) == [0, 1, 2, 3, 4] for m in draws("chunk_head", 10, n=3))
+    assert all(runs(m) == [0, 1, 2, 3, 4] for m in draws("chunk_head", 15, n=3))
+    assert all(bool(m.all()) for m in draws("chunk_head", 5, n=3))
+
+
+def test_rows_may_name_their_mask_type():
+    """get_masks(x, kinds): a named type is built for that row, "" / None draw by the ratios."""
+    x = torch.zeros(4, 2, 10, 2, 2)
+    gen = MaskGenerator({"image_head": 1.0}, seed=0)
+    masks = gen.get_masks(x, ["chunk_head", "", None, "identity"])
+    assert [runs(m) for m in masks] == [[0, 1, 2, 3, 4], [0], [0], []]
+    assert [runs(m) for m in gen.get_masks(x)] == [[0]] * 4  # no kinds: every row drawn
+    with pytest.raises(ValueError, match="mask type 'half' is unknown"):
+        gen.get_masks(x, ["half", "", "", ""])
+    with pytest.raises(ValueError, match="3 mask kinds for a batch of 4"):
+        gen.get_masks(x, ["", "", ""])

@@ -238,7 +238,7 @@ def test_features_round_trip_across_ranks(tmp_path):
             mask = torch.tensor([1] * (idx + 1) + [0] * (7 - idx))
             items.append((idx, x, y, mask))
             writer.add(index=idx, bucket=("32px", 17, "1.00"), x=x, y=y, mask=mask, text=f"t{idx}", fps=24.0,
-                       num_frames=17, height=32, width=32)  # fmt: skip
+                       num_frames=17, height=32, width=32, frame_mask="chunk_head" if idx == 3 else "")  # fmt: skip
         writer.close()
     feats.merge_indices(tmp_path, 2, meta)
     assert feats.check_existing(tmp_path, meta)
@@ -252,6 +252,7 @@ def test_features_round_trip_across_ranks(tmp_path):
         assert s["index"] == idx and torch.equal(s["x"], x) and s["text"] == f"t{idx}"
         assert s["y"].shape == (1, 10, 6) and torch.equal(s["y"][0, :n], y[:n]) and not s["y"][0, n:].any()
         assert s["mask"].tolist() == [1] * n + [0] * (10 - n)
+        assert s["frame_mask"] == ("chunk_head" if idx == 3 else "")  # a row's own frame-mask type travels along
     with pytest.raises(ValueError, match="model_max_length is 3"):
         feats.FeatureDataset(tmp_path, model_max_length=3)[5]
     plan = feats.extraction_plan([("a", 1, "1")] * 5 + [None], batch_size=2, rank=1, world_size=2)

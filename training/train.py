@@ -293,6 +293,9 @@ def main(argv=None) -> dict:
     dataset = VideoTextDataset(cfg.data.csv, frame_interval=cfg.data.frame_interval, seed=cfg.seed,
                                score_columns=cfg.data.score_columns, score_format=cfg.data.score_format,
                                score_drop_prob=cfg.data.score_drop_prob, native_fps=fps_condition == "native")  # fmt: skip
+    if not family.frame_masks and any(dataset.frame_masks):
+        raise ValueError(f"{cfg.data.csv}: rows name a frame_mask, but {family.model_type} ({family.name}) has no frame "
+                         f"conditioning; leave the frame_mask column empty")  # fmt: skip
     sampler_args = dict(seed=cfg.seed, frame_interval=cfg.data.frame_interval, num_replicas=dp_size, rank=dp_rank,
                         drop_last=cfg.data.drop_last)  # fmt: skip
     sampler = BucketBatchSampler(dataset.sizes, buckets, **sampler_args)
@@ -328,7 +331,8 @@ def main(argv=None) -> dict:
                 x0, y, mask = encode_batch(batch, vae, text_encoder, encode_gen, device, family.clean_captions)
                 for j in range(len(ids)):
                     writer.add(index=int(batch["index"][j]), bucket=bucket, x=x0[j], y=y[j, 0], mask=mask[j],
-                               text=batch["text"][j], fps=float(batch["fps"][j]), num_frames=T, height=H, width=W)  # fmt: skip
+                               text=batch["text"][j], fps=float(batch["fps"][j]), num_frames=T, height=H, width=W,
+                               frame_mask=batch["frame_mask"][j])  # fmt: skip
             writer.close()
             accelerator.wait_for_everyone()
             if is_main:
@@ -500,7 +504,9 @@ def main(argv=None) -> dict:
                     "y": y, "mask": mask, **objectives.model_inputs(family, batch, device, cfg.data.ar_condition),
                     "generator": train_gen,  # the 10% caption drop of the model's y_embedder (train mode)
                 }  # fmt: skip
-                x_mask = mask_generator.get_masks(x0) if mask_generator.mask_ratios else None
+                kinds = batch.get("frame_mask")  # a row's own mask type, or "" (drawn by the ratios)
+                named = kinds is not None and any(kinds)
+                x_mask = mask_generator.get_masks(x0, kinds) if mask_generator.mask_ratios or named else None
                 loss = objective(model, x0, model_kwargs, mask=x_mask, generator=train_gen).mean()
                 accelerator.backward(loss)
                 if accelerator.sync_gradients and cfg.optim.grad_clip > 0:

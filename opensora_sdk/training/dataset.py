@@ -1,8 +1,9 @@
 """The video-text training dataset (spec 7.1, 7.2) over the official CSV / parquet files.
 
 Columns: `path` (video, or image read as a one-frame video), `text` (the caption), and the
-source clip's `num_frames`, `height`, `width`, used only to pick its bucket. Other columns are
-kept; `aes`, `flow` and a camera-motion column can be turned into the caption suffixes of spec
+source clip's `num_frames`, `height`, `width`, used only to pick its bucket. An optional
+`frame_mask` column names the frame-mask type a row is trained with (`training.masks`; empty:
+drawn by the configured ratios). Other columns are kept; `aes`, `flow` and a camera-motion column can be turned into the caption suffixes of spec
 6.4 (`score_columns`). A file missing a required column is an error when the dataset is built.
 Relative paths are resolved against the folder of the CSV (absolute ones are used as given).
 
@@ -40,6 +41,7 @@ import torch
 
 from opensora_sdk.text import append_score_suffixes, check_camera_motion
 from opensora_sdk.training.buckets import parse_bucket_key
+from opensora_sdk.training.masks import check_mask_type
 from opensora_sdk.video_io import IMAGE_SUFFIXES, IMG_FPS, VideoReadError, read_image, read_video, resize_crop, temporal_crop_indices
 
 logger = logging.getLogger(__name__)
@@ -154,9 +156,11 @@ class VideoTextDataset(torch.utils.data.Dataset):
                 raise ValueError(f"score_columns[{kind!r}]={column!r}: no such column in {str(self.data_path)!r}; it has {list(self.rows[0])}")
         self.sizes = []  # (num_frames, height, width) of each source clip
         self.scores = []  # {kind: value or None}
+        self.frame_masks = []  # the row's own frame-mask type, or "" (drawn by the ratios)
         for line, row in enumerate(self.rows, start=2):  # line 1 is the header
             self.sizes.append(tuple(_positive_int(row, c, line, self.data_path) for c in ("num_frames", "height", "width")))
             self.scores.append(self._row_scores(row, line))
+            self.frame_masks.append(self._row_frame_mask(row, line))
         self.epoch = 0
         self.skipped: Counter = Counter()  # path -> times skipped, in this process
 
@@ -175,6 +179,16 @@ class VideoTextDataset(torch.utils.data.Dataset):
             else:
                 scores[kind] = _optional_float(value, column, line, self.data_path)
         return scores
+
+    def _row_frame_mask(self, row, line) -> str:
+        value = row.get("frame_mask")
+        text = "" if value is None or (isinstance(value, float) and math.isnan(value)) else str(value).strip()
+        if not text:
+            return ""
+        try:
+            return check_mask_type(text)
+        except ValueError as err:
+            raise ValueError(f"data file {str(self.data_path)!r}, row {line}, column 'frame_mask': {err}") from None
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -260,6 +274,7 @@ class VideoTextDataset(torch.utils.data.Dataset):
             "ar": H / W,
             "fps": float(fps),
             "index": idx,
+            "frame_mask": self.frame_masks[idx],
         }
 
     def _read_clip(self, path: Path, idx: int, T: int, rng) -> tuple[np.ndarray, float]:
@@ -284,7 +299,7 @@ def collate_samples(samples: list[dict]) -> dict:
     for key in first:
         if key == "skipped":
             batch[key] = [p for s in samples for p in s[key]]
-        elif key == "text":
+        elif isinstance(first[key], str):  # text, frame_mask
             batch[key] = [s[key] for s in samples]
         elif isinstance(first[key], torch.Tensor):
             batch[key] = torch.stack([s[key] for s in samples])

@@ -78,8 +78,9 @@ class FeatureWriter:
         self._shard = 0
 
     def add(self, *, index: int, bucket: BucketId, x: torch.Tensor, y: torch.Tensor, mask: torch.Tensor,
-            text: str, fps: float, num_frames: int, height: int, width: int) -> None:  # fmt: skip
-        """x [C, T', h, w] latent; y [L, C_text] T5 output with mask [L] (only valid rows are kept)."""
+            text: str, fps: float, num_frames: int, height: int, width: int, frame_mask: str = "") -> None:  # fmt: skip
+        """x [C, T', h, w] latent; y [L, C_text] T5 output with mask [L] (only valid rows are kept);
+        frame_mask: the row's own frame-mask type ("" = drawn at training time)."""
         n = len(self._pending)
         valid = mask.bool().cpu()
         self._tensors[f"{n}.x"] = x.detach().to("cpu", self.dtype).contiguous()
@@ -87,6 +88,7 @@ class FeatureWriter:
         self._pending.append({
             "index": int(index), "key": str(n), "bucket": list(bucket), "text": text, "fps": float(fps),
             "num_frames": int(num_frames), "height": int(height), "width": int(width),
+            **({"frame_mask": frame_mask} if frame_mask else {}),
         })  # fmt: skip
         if len(self._pending) >= self.shard_size:
             self._flush()
@@ -180,5 +182,6 @@ class FeatureDataset(torch.utils.data.Dataset):
             "ar": e["height"] / e["width"],
             "fps": e["fps"],
             "index": e["index"],
+            "frame_mask": e.get("frame_mask", ""),
             "skipped": [],
         }

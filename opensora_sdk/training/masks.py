@@ -19,6 +19,13 @@ conditioning). Types (q = T' // 4, quarter types need T' >= 4):
     (v1.1 spelled every key with a "mask_" prefix and identity "mask_no"; both are accepted)
     random             r ~ U(0.1, 0.9); a frame is generated iff rand > r; if none is,
                        the last frame is
+    chunk_head         (ours, not official) the first CHUNK_LATENTS = 5 latent frames, one
+                       17-frame chunk of the v1.2 VAE: what a long video's next loop is given
+                       (`loop` carries the previous clip's last chunk); needs T' > 5
+
+A CSV row may name its own type (the dataset's optional `frame_mask` column, e.g. the later
+windows of a long scene that only make sense as continuations): `get_masks(x, kinds)` then
+builds that type for the row instead of drawing one.
 
 For T' <= 1 every mask is all True. One guard the official code lacks: a mask with no
 generated frame (image_head_tail at T' = 2) becomes all True, because the loss averages over
@@ -47,7 +54,9 @@ MASK_TYPES = (
     "image_head_tail",
     "intepolate",
     "random",
+    "chunk_head",
 )
+CHUNK_LATENTS = 5  # latent frames of one 17-frame chunk of the v1.2 VAE
 # v1.1 spelled the keys with a "mask_" prefix and called identity "mask_no" (spec 9.1).
 _ALIASES = {"interpolate": "intepolate", "mask_no": "identity", **{f"mask_{k}": k for k in MASK_TYPES if k != "identity"}}
 
@@ -80,6 +89,14 @@ MASK_RATIO_PRESETS: dict[str, dict[str, float]] = {
         "image_random": 0.025, "image_head": 0.025, "image_tail": 0.025, "image_head_tail": 0.05,
     },  # fmt: skip
 }
+
+
+def check_mask_type(kind: str) -> str:
+    """A mask type name (or an alias) -> its canonical name; ValueError naming the allowed ones."""
+    name = _ALIASES.get(kind, kind)
+    if name not in MASK_TYPES:
+        raise ValueError(f"mask type {kind!r} is unknown; allowed: {list(MASK_TYPES)}")
+    return name
 
 
 def resolve_mask_ratios(value) -> dict[str, float] | None:
@@ -125,9 +142,7 @@ class MaskGenerator:
 
     def make_mask(self, kind: str, num_frames: int) -> torch.Tensor:
         """The [num_frames] bool mask of type `kind` (True = generate)."""
-        kind = _ALIASES.get(kind, kind)
-        if kind not in MASK_TYPES:
-            raise ValueError(f"mask type {kind!r} is unknown; allowed: {list(MASK_TYPES)}")
+        kind = check_mask_type(kind)
         T, rng = num_frames, self.rng
         mask = torch.ones(T, dtype=torch.bool)
         if T <= 1 or kind == "identity":
@@ -154,6 +169,9 @@ class MaskGenerator:
             mask[0] = mask[-1] = False
         elif kind == "intepolate":
             mask[rng.randint(0, 1) :: 2] = False
+        elif kind == "chunk_head":
+            if T > CHUNK_LATENTS:
+                mask[:CHUNK_LATENTS] = False
         elif kind == "random":
             r = rng.uniform(0.1, 0.9)
             mask = torch.tensor([rng.random() > r for _ in range(T)], dtype=torch.bool)
@@ -166,9 +184,14 @@ class MaskGenerator:
     def get_mask(self, num_frames: int) -> torch.Tensor:
         return self.make_mask(self.choose(), num_frames)
 
-    def get_masks(self, x: torch.Tensor) -> torch.Tensor:
-        """Masks [B, T'] bool for latents x [B, C, T', H, W], on x's device."""
-        return torch.stack([self.get_mask(x.shape[2]) for _ in range(x.shape[0])]).to(x.device)
+    def get_masks(self, x: torch.Tensor, kinds=None) -> torch.Tensor:
+        """Masks [B, T'] bool for latents x [B, C, T', H, W], on x's device. `kinds`: per
+        sample a mask type its data row names, or "" / None to draw one by the ratios."""
+        kinds = kinds if kinds is not None else [None] * x.shape[0]
+        if len(kinds) != x.shape[0]:
+            raise ValueError(f"get_masks: {len(kinds)} mask kinds for a batch of {x.shape[0]}")
+        T = x.shape[2]
+        return torch.stack([self.make_mask(k, T) if k else self.get_mask(T) for k in kinds]).to(x.device)
 
     def state_dict(self) -> dict:
         version, internal, gauss = self.rng.getstate()
