@@ -234,3 +234,54 @@ def test_a_row_may_name_its_frame_mask(shapes, tmp_path):
     rows[2]["frame_mask"] = "half"
     with pytest.raises(ValueError, match=r"row 4, column 'frame_mask': mask type 'half' is unknown"):
         VideoTextDataset(write_table(tmp_path / "bad.csv", rows))
+
+
+def test_scene_frames_make_a_clip_the_head_of_a_longer_scene():
+    """SyntheticStyle.scene_frames: the travel is spread over the scene (a clip of 17 frames
+    moves 16/50 as fast as when it is its own scene of 17), and the shape stays inside the
+    frame for all the scene's frames."""
+    short = synthetic.sample_clip(np.random.default_rng(5), 64, 64, 17, static_fraction=0.0, camera_fraction=0.0)
+    style = synthetic.SyntheticStyle(scene_frames=51)
+    head = synthetic.sample_clip(np.random.default_rng(5), 64, 64, 17, static_fraction=0.0, camera_fraction=0.0, style=style)
+    assert head.direction == short.direction and head.speed == pytest.approx(short.speed * 16 / 50)
+    scene = synthetic.render_clip(head, 64, 64, 51)
+    assert np.array_equal(synthetic.render_clip(head, 64, 64, 17), scene[:17])
+    dx, dy = synthetic._UNIT[head.direction]
+    for i in (0, 50):  # the centre at both ends of the scene keeps the whole shape inside
+        cx, cy = head.x + dx * head.speed * i, head.y + dy * head.speed * i
+        assert head.radius < cx < 64 - head.radius and head.radius < cy < 64 - head.radius
+    with pytest.raises(ValueError, match="scene_frames=1 is not allowed"):
+        synthetic.SyntheticStyle(scene_frames=1)
+
+
+def test_windows_write_parts_of_each_scene_as_rows(tmp_path):
+    """generate_dataset(windows=...): each video scene gives one row per window (frames cut from
+    the rendered scene, a PNG for a one-frame window) with its frame_mask; still rows stay."""
+    W = synthetic.Window
+    windows = [W("head", 0, 5), W("tail", 6, 5, "chunk_head"), W("still", (0, 5), 1)]
+    whole = read_rows(synthetic.generate_dataset(tmp_path / "whole", 4, size=16, num_frames=11, seed=11, crf=0,
+                                                 image_fraction=0.25))  # fmt: skip
+    cut_csv = synthetic.generate_dataset(tmp_path / "cut", 4, size=16, num_frames=11, seed=11, crf=0,
+                                         image_fraction=0.25, windows=windows)  # fmt: skip
+    cut = read_rows(cut_csv)
+    videos = [r for r in whole if r["path"].endswith(".mp4")]
+    assert len(cut) == 3 * len(videos) + (len(whole) - len(videos)) and 0 < len(videos) < len(whole)
+    for r in videos:
+        scene, _ = read_video(tmp_path / "whole" / r["path"])
+        parts = {c["path"].split("/")[0]: c for c in cut if c["path"].endswith(Path(r["path"]).stem + Path(c["path"]).suffix)}
+        assert {c["text"] for c in parts.values()} == {r["text"]}
+        head, _ = read_video(tmp_path / "cut" / parts["head"]["path"])
+        tail, _ = read_video(tmp_path / "cut" / parts["tail"]["path"])
+        assert np.array_equal(head, scene[:5]) and np.array_equal(tail, scene[6:11])  # crf 0: lossless
+        still = read_image(tmp_path / "cut" / parts["still"]["path"]).astype(np.int32)  # [H, W, 3]
+        assert still.shape == (16, 16, 3) and float(parts["still"]["fps"]) == 120.0
+        error = [np.abs(scene[k].astype(np.int32) - still).mean() for k in range(11)]  # mp4 chroma is subsampled
+        assert min(error[:5]) < 10 and (r["direction"] == "none" or min(error[:5]) < min(error[6:]))  # one of 0..4
+        assert [parts[k]["frame_mask"] for k in ("head", "tail", "still")] == ["", "chunk_head", ""]
+        assert [int(parts[k]["num_frames"]) for k in ("head", "tail", "still")] == [5, 5, 1]
+    data = VideoTextDataset(cut_csv)  # the dataset reads the frame_mask column
+    assert sorted(set(data.frame_masks)) == ["", "chunk_head"]
+    with pytest.raises(ValueError, match="start \\+ num_frames <= the 11 frames"):
+        synthetic.generate_dataset(tmp_path / "bad", 1, size=16, num_frames=11, windows=[W("tail", 8, 5)])
+    with pytest.raises(ValueError, match="mask type 'half' is unknown"):
+        synthetic.generate_dataset(tmp_path / "bad", 1, size=16, num_frames=11, windows=[W("tail", 0, 5, "half")])

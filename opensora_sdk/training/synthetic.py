@@ -34,7 +34,7 @@ import math
 import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Sequence
 
 import numpy as np
 
@@ -70,7 +70,9 @@ class SyntheticStyle:
     """What `sample_clip` draws from (uniformly). The defaults are the original dataset's.
 
     `radius`: shape radius as a share of the shorter side; `travel`: distance crossed by a
-    moving shape as a share of the room it has; `texture`: "grid" (thin lines every `grid`
+    moving shape as a share of the room it has, over the clip, or over `scene_frames` frames
+    when that is longer (the shape then stays inside for all of them, and a clip is the head
+    of such a scene, slower than a clip of its own length: room to continue its motion); `texture`: "grid" (thin lines every `grid`
     pixels) or "checker" (tiles of `grid` pixels, alternately `texture_strength` levels
     brighter or darker than the background: smooth enough for a tiny autoencoder, and still
     showing camera pans).
@@ -84,6 +86,7 @@ class SyntheticStyle:
     travel: tuple = (0.35, 0.7)
     texture: str = "grid"
     texture_strength: float = 16.0
+    scene_frames: int | None = None
 
     def __post_init__(self):
         choices = (("shapes", SHAPES), ("colors", tuple(COLORS)), ("backgrounds", BACKGROUNDS), ("directions", DIRECTIONS))
@@ -97,6 +100,9 @@ class SyntheticStyle:
             if not 0 < low <= high <= 1:
                 raise ValueError(f"SyntheticStyle.{name}={getattr(self, name)!r} is not allowed: expected 0 < low <= high <= 1")
             object.__setattr__(self, name, (low, high))
+        if self.scene_frames is not None and (isinstance(self.scene_frames, bool) or not isinstance(self.scene_frames, int)
+                                              or self.scene_frames < 2):  # fmt: skip
+            raise ValueError(f"SyntheticStyle.scene_frames={self.scene_frames!r} is not allowed: expected an integer >= 2 or None")
         if self.texture not in TEXTURES:
             raise ValueError(f"SyntheticStyle.texture={self.texture!r} is not allowed: choose one of {list(TEXTURES)}")
         if not any(c != b for b in self.backgrounds for c in self.colors):
@@ -132,7 +138,8 @@ def sample_clip(
     camera_fraction: float = 0.25,
     style: SyntheticStyle | None = None,
 ) -> ClipSpec:
-    """Draw a clip whose shape stays fully inside the frame for all `num_frames` frames."""
+    """Draw a clip whose shape stays fully inside the frame for all `num_frames` frames (all
+    `style.scene_frames`, when that is more: the clip is then the head of a longer scene)."""
     style = style or SyntheticStyle()
     shape = style.shapes[rng.integers(len(style.shapes))]
     backgrounds = [b for b in style.backgrounds if any(c != b for c in style.colors)]
@@ -146,7 +153,7 @@ def sample_clip(
     if rng.random() < camera_fraction:
         camera = list(CAMERAS)[rng.integers(len(CAMERAS))]
     direction = "none" if still else style.directions[rng.integers(len(style.directions))]
-    steps = max(num_frames - 1, 1)
+    steps = max(max(num_frames, style.scene_frames or 0) - 1, 1)  # frames over which the travel is spread
     # travel budget on screen: the shape must stay inside with a 1-pixel margin
     room_x, room_y = width - 2 * radius - 2, height - 2 * radius - 2
     cam = CAMERAS.get(camera, (0, 0))
@@ -277,14 +284,18 @@ def generate_dataset(
     style: SyntheticStyle | None = None,
     exclude: Callable[[ClipSpec], bool] | None = None,
     max_redraws: int = 1000,
+    windows: Sequence[Window] = (),
 ) -> Path:
     """Write `num` clips under `out/videos/` (or PNG stills under `out/images/`) and `out/<csv_name>`.
 
     `image_fraction` of the rows are single PNG frames (num_frames 1, fps 120), which the
     training dataset reads as one-frame videos. `style` narrows the draws (`SyntheticStyle`);
     a clip for which `exclude(spec)` is true is drawn again from the same row's RNG (at most
-    `max_redraws` times), e.g. to hold attribute combinations out of a training set. Returns
-    the CSV path.
+    `max_redraws` times), e.g. to hold attribute combinations out of a training set.
+
+    `windows` (`Window`): instead of the whole clip, each video row gives one row per window,
+    a part of its `num_frames`-frame scene (under `out/<window name>/`, with the window's
+    frame_mask in a `frame_mask` column); still rows stay as they are. Returns the CSV path.
     """
     from opensora_sdk.video_io import IMG_FPS, write_video
 
@@ -296,6 +307,8 @@ def generate_dataset(
                         ("image_fraction", image_fraction)):
         if not 0.0 <= float(value) <= 1.0:
             raise ValueError(f"{name}={value!r} is not allowed: expected a number in [0, 1]")
+    for w in windows:
+        w.check(num_frames)
     height, width = _size(size)
     out = Path(out)
     rows = []
@@ -313,21 +326,56 @@ def generate_dataset(
         else:
             raise ValueError(f"row {i}: every one of {max_redraws} draws was excluded; exclude() leaves (almost) nothing")
         frames = render_clip(spec, height, width, n)
-        rel = Path("images", f"{i:06d}.png") if image else Path("videos", f"{i:06d}.mp4")
-        (out / rel.parent).mkdir(parents=True, exist_ok=True)
-        if image:
-            write_video(frames, out / rel, fps=IMG_FPS)
-        else:
-            write_video(frames, out / rel, fps=fps, crf=crf)
-        rows.append({
-            "path": rel.as_posix(), "text": caption(spec), "num_frames": n, "height": height, "width": width,
-            "aspect_ratio": round(height / width, 4), "fps": IMG_FPS if image else fps,
-            "resolution": height * width, "aes": round(float(rng.uniform(4.5, 6.5)), 1),
-            "flow": 0.0 if image else flow_score(spec, width), "shape": spec.shape, "color": spec.color,
-            "direction": spec.direction, "background": spec.background, "camera": spec.camera,
-            "speed": round(spec.speed, 4),
-        })  # fmt: skip
+        aes = round(float(rng.uniform(4.5, 6.5)), 1)
+        parts = [("images" if image else "videos", 0, n, "")]
+        if windows and not image:
+            parts = [(w.name, w.first_frame(rng), w.num_frames, w.frame_mask) for w in windows]
+        for folder, start, count, frame_mask in parts:
+            still = count == 1
+            rel = Path(folder, f"{i:06d}.png" if still else f"{i:06d}.mp4")
+            (out / rel.parent).mkdir(parents=True, exist_ok=True)
+            if still:
+                write_video(frames[start : start + 1], out / rel, fps=IMG_FPS)
+            else:
+                write_video(frames[start : start + count], out / rel, fps=fps, crf=crf)
+            rows.append({
+                "path": rel.as_posix(), "text": caption(spec), "num_frames": count, "height": height, "width": width,
+                "aspect_ratio": round(height / width, 4), "fps": IMG_FPS if still else fps,
+                "resolution": height * width, "aes": aes,
+                "flow": 0.0 if still else flow_score(spec, width), "shape": spec.shape, "color": spec.color,
+                "direction": spec.direction, "background": spec.background, "camera": spec.camera,
+                "speed": round(spec.speed, 4), **({"frame_mask": frame_mask} if windows else {}),
+            })  # fmt: skip
     return write_csv(rows, out / csv_name)
+
+
+@dataclass(frozen=True)
+class Window:
+    """A part of every video clip of a dataset, written as its own row (`generate_dataset`).
+
+    `start`: its first frame in the scene, or a (low, high) range drawn per clip (high
+    exclusive); `num_frames` 1 writes a PNG still (fps 120, as the training dataset reads
+    images); `frame_mask`: the frame-mask type the rows are trained with ("": drawn by the
+    configured ratios, `opensora_sdk.training.masks`); `name`: the folder of its files.
+    """
+
+    name: str
+    start: int | tuple[int, int]
+    num_frames: int
+    frame_mask: str = ""
+
+    def check(self, scene_frames: int) -> None:
+        from opensora_sdk.training.masks import check_mask_type
+
+        low, high = self.start if isinstance(self.start, tuple) else (self.start, self.start + 1)
+        if not self.name or "/" in self.name or not 0 <= low < high or self.num_frames < 1 or high - 1 + self.num_frames > scene_frames:
+            raise ValueError(f"{self!r} is not allowed: expected a folder name, 0 <= start and start + num_frames <= "
+                             f"the {scene_frames} frames of a clip")  # fmt: skip
+        if self.frame_mask:
+            check_mask_type(self.frame_mask)
+
+    def first_frame(self, rng: np.random.Generator) -> int:
+        return int(rng.integers(*self.start)) if isinstance(self.start, tuple) else int(self.start)
 
 
 def write_csv(rows: list[dict], path: str | os.PathLike, columns=None) -> Path:
