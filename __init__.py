@@ -7,11 +7,7 @@ relative import only runs when there is a package.
 NODE_CLASS_MAPPINGS: dict = {}
 NODE_DISPLAY_NAME_MAPPINGS: dict = {}
 
-if __package__:
-    try:
-        from .comfy_nodes import NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS  # noqa: F811
-    except ImportError as err:  # the node pack has not landed yet, or a dependency is missing
-        if "comfy_nodes" not in str(err):
-            raise
+if __package__:  # an import error (e.g. a missing dependency) reaches ComfyUI's log as it is
+    from .comfy_nodes import NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS  # noqa: F811
 
 __all__ = ["NODE_CLASS_MAPPINGS", "NODE_DISPLAY_NAME_MAPPINGS"]

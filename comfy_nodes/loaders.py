@@ -1,7 +1,7 @@
 """Loader nodes: STDiT3 (diffusion model), the video VAE and the T5 text encoder.
 
 Choices are listed when ComfyUI asks for the node definitions (never at import time):
-"(built-in)" first, the SDK's built-in default model (`opensora_sdk.pipeline.builtin_preset`),
+"(built-in)" first, the SDK's built-in default model (`opensora_sdk.presets.BUILTIN_PRESET`),
 then every weight file under ComfyUI's folder for that model kind and under models/opensora.
 A sub-folder holding a config.json (the official Hugging Face layout) is offered once, as
 "name/", and loaded as a folder; any other file is loaded as a single checkpoint.

@@ -44,14 +44,6 @@ def vae_config_for(model, vae):
     return VideoAutoencoderConfig() if family_of(model.transformer) is V1_2 else AutoencoderKLConfig()
 
 
-def longest_clip(facts) -> int:
-    """The most pixel frames whose latent fits the model's `max_latent_frames`."""
-    n = 1
-    while facts.latent_size(n + 1, None, None)[0] <= facts.max_latent_frames:
-        n += 1
-    return n
-
-
 def check_model_limits(model, facts, height: int, width: int, num_frames: int) -> None:
     """The loaded model's own limits, in the terms of the nodes (checked before any work)."""
     T, h, w = facts.latent_size(num_frames, height, width)
@@ -65,7 +57,7 @@ def check_model_limits(model, facts, height: int, width: int, num_frames: int) -
             f"resolution custom, width {fw * f}, height {fh * f}, duration custom, num_frames {frames}"
         )
     if facts.max_latent_frames is not None and T > facts.max_latent_frames:
-        longest = longest_clip(facts)
+        longest = facts.longest_clip()
         raise ValueError(
             f"latent: {num_frames} frames per clip is more than the diffusion model {model.source!r} takes: at most "
             f"{longest} frames ({facts.max_latent_frames} latent frames). Set OpenSoraEmptyLatentVideo's duration to "

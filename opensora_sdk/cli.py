@@ -6,7 +6,7 @@
     opensora info --preset v1.2 --prompt "a cat" --resolution 720p --num-frames 16s --loop 2
 
 Without --preset, --model, --vae or --text-encoder the built-in model is used
-(`pipeline.BUILTIN_PRESET`: tiny, trained on synthetic moving shapes, inside the package, offline).
+(`presets.BUILTIN_PRESET`: tiny, trained on synthetic moving shapes, inside the package, offline).
 Size, length, frame rate, steps and guidance left out come from the preset's defaults (the
 built-in model: 64x64, 17 frames at 8 fps, its own steps and guidance), else the official ones
 (240p 9:16, 4s, 24 fps, 30, 7.0).
@@ -139,6 +139,8 @@ def _register_app(sub) -> None:
     p.set_defaults(func=lazy("opensora_sdk.app", "cmd_app"))
 
 
+# A command implemented outside the SDK registers a parser whose func is
+# `lazy("package.module", "function")`: its code is imported only when it runs.
 def _register_workflow(sub) -> None:
     p = sub.add_parser("workflow", help="run ComfyUI workflows of the Open-Sora nodes without a ComfyUI server")
     runs = p.add_subparsers(dest="workflow_command", required=True, metavar="ACTION")
@@ -153,9 +155,6 @@ def _register_workflow(sub) -> None:
     r.set_defaults(func=lazy("comfy_nodes.headless", "cmd_workflow_run"))
 
 
-# Each entry adds one subcommand. A command implemented outside the SDK registers a parser
-# whose func is `lazy("package.module", "function")`, e.g. the ComfyUI workflow runner:
-#     p = sub.add_parser("workflow", ...); p.set_defaults(func=lazy("comfy_nodes.headless", "cmd_workflow_run"))
 def _register_data(sub) -> None:
     from opensora_sdk.data.cli import register  # parsers only; each action imports its code when it runs
 

@@ -42,6 +42,13 @@ class ModelFacts:
             micro_frame_size=self.micro_frame_size, time_factor=self.time_factor, space_factor=self.space_factor,
         )
 
+    def longest_clip(self) -> int:
+        """The most pixel frames whose latent fits `max_latent_frames` (which must be set)."""
+        n = 1
+        while self.latent_size(n + 1, None, None)[0] <= self.max_latent_frames:
+            n += 1
+        return n
+
     @classmethod
     def from_configs(cls, transformer, vae, max_latent_frames: int | None = V1_2.max_latent_frames) -> ModelFacts:
         """From a transformer config (`STDiT3Config`, `STDiT2Config`, `STDiTConfig`) and a VAE

@@ -1,4 +1,4 @@
-"""Checkpoint files: the one place in the SDK that reads weights from disk or the hub.
+"""Checkpoint files: where the SDK reads model weights from disk or the hub.
 
 Sources a user may hand us, for any model:
 
@@ -316,7 +316,7 @@ def meta_device():
     table ``1 / theta ** (arange / dim)``, an ``init.normal_``). On the meta device torch runs
     that arithmetic through its Python reference kernels, whose first use imports torch's
     compiler stack (torch._dynamo, sympy): about a second, more than the built-in model's whole
-    load. Here those few operations (`_SHAPE_ONLY`) give an empty meta tensor of the result's
+    load. Here those few operations (see `_shape_only_mode`) give an empty meta tensor of the result's
     shape and dtype instead, and in-place random fills leave the tensor as it is. The values
     never mattered: a model built so gets every tensor from a checkpoint (`load_tensors_into`,
     which fails on any tensor left on meta).

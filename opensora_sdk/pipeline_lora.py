@@ -14,14 +14,11 @@ class LoraLoaderMixin:
         """Add a LoRA adapter (this SDK's .safetensors, or the PEFT / diffusers / kohya layouts)
         to the transformer, active with `scale` alongside the adapters already loaded; returns
         its name (default: the file's stem). A file that is not a LoRA, is damaged, or was made
-        for another family or model size raises `LoraError` and changes nothing; one trained on
-        other weights of the same architecture warns (`LoraWarning`)."""
+        for another family or model size, or a pipeline with fp8 weights (`load_lora_weights`,
+        `fuse_lora`, `unload_lora_weights`, then `enable_fp8()`), raises `LoraError` and changes
+        nothing; one trained on other weights of the same architecture warns (`LoraWarning`)."""
         from opensora_sdk import lora
-        from opensora_sdk.fp8 import fp8_layers
 
-        if fp8_layers(self.transformer):
-            raise ValueError("a LoRA cannot be applied to fp8 weights: build the pipeline without fp8, then "
-                             "load_lora_weights, fuse_lora, unload_lora_weights and enable_fp8()")
         return lora.apply_lora(self.transformer, lora.read_lora(path), adapter_name, scale, family=self.family.name)
 
     def set_adapters(self, adapter_names, adapter_weights=None) -> None:

@@ -22,7 +22,7 @@ The diffusers names map onto this one policy (see `OpenSoraPipeline`):
 `enable_model_cpu_offload()` is offload="model", `enable_sequential_cpu_offload()` is
 offload="sequential", `enable_block_swap(n)` is block_swap=n.
 
-ComfyUI's node pack subclasses it (`comfy_nodes.comfy_host.ComfyPlacement`) to take the
+ComfyUI's node pack subclasses it (`comfy_nodes.placement.ComfyPlacement`) to take the
 devices from ComfyUI's model management, free memory before a move and never keep a model.
 Dtype is not placement: models apply their own precision rules in `.to()` (STDiT3 keeps its
 RoPE table in float32, a float16 VAE keeps its spatial decoder in float32).

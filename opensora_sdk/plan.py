@@ -245,7 +245,7 @@ def plan_size(
             f"{frames}x{H}x{W}: use num_frames={ft}, height={fh * f}, width={fw * f}"
         )
     if facts.max_latent_frames is not None and T > facts.max_latent_frames:
-        longest = _longest_clip(facts)
+        longest = facts.longest_clip()
         raise ValueError(
             f"num_frames={num_frames!r} ({frames} frames) needs {T} latent frames; this model takes at most "
             f"{facts.max_latent_frames} per clip ({longest} frames). For longer videos use loop=L: each "
@@ -395,7 +395,7 @@ def _step_cache(cache, family: ModelFamily):
 
 def _loop_frame_choices(facts: ModelFacts, overlap: int, chunk: int) -> str:
     """The clip lengths a loop may have on this model, as text (a few, then "...")."""
-    longest = _longest_clip(facts) if facts.max_latent_frames is not None else None
+    longest = facts.longest_clip() if facts.max_latent_frames is not None else None
     values = []
     n = (overlap // chunk + 1) * chunk
     while (longest is None or n <= longest) and len(values) < 6:
@@ -406,14 +406,6 @@ def _loop_frame_choices(facts: ModelFacts, overlap: int, chunk: int) -> str:
                 f"(a multiple of 5 latent frames, {chunk} video frames each)")
     more = longest is None or n <= longest
     return ", ".join(map(str, values)) + (", ..." if more else "") + " frames"
-
-
-def _longest_clip(facts: ModelFacts) -> int:
-    """The largest pixel frame count whose latent fits `max_latent_frames`."""
-    n = 1
-    while facts.latent_size(n + 1, None, None)[0] <= facts.max_latent_frames:
-        n += 1
-    return n
 
 
 __all__ = [

@@ -59,6 +59,19 @@ def test_hf_folder_with_sharded_index(tmp_path):
     assert set(loaded) == set(sd)
 
 
+
+def test_a_damaged_config_json_is_an_error_not_a_guess(tmp_path):
+    """An unreadable config.json beside the weights stops the load with its name (guessing the
+    architecture from the keys instead could silently pick another model)."""
+    from opensora_sdk.models.auto import transformer_kind, vae_kind
+
+    save_safetensors_atomic(_weights(), tmp_path / "model.safetensors")
+    (tmp_path / "config.json").write_text('{"model_type": "STDiT3", ')
+    for kind in (transformer_kind, vae_kind):
+        with pytest.raises(CheckpointError, match=r"config\.json' cannot be read as JSON"):
+            kind(tmp_path)
+
+
 @pytest.mark.parametrize("wrapper", ["ema", "model", "state_dict"])
 def test_pth_wrappers_and_prefixes_are_unwrapped(tmp_path, wrapper):
     sd = _weights()

@@ -152,6 +152,9 @@ def test_community_layouts_load(pipe, tmp_path):
         pipe.load_lora_weights(path, adapter_name="c")
         torch.testing.assert_close(forward(pipe.transformer), want, msg=str(path))
         pipe.unload_lora_weights()
+    (peft_dir / "adapter_config.json").write_text('{"r": 4, "lora_alpha": ')  # cut short: alpha unknown
+    with pytest.raises(lora.LoraError, match=r"adapter_config\.json' cannot be read .*lora_alpha"):
+        lora.read_lora(peft_dir)  # not alpha = r in silence (another scale)
 
 
 def test_bad_files_fail_clearly_and_change_nothing(pipe, tmp_path):
@@ -198,6 +201,17 @@ def test_bad_files_fail_clearly_and_change_nothing(pipe, tmp_path):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         pipe.load_lora_weights(good)  # its own fingerprint: no warning
+
+
+def test_fp8_weights_refuse_a_lora_on_every_route(pipe, tmp_path):
+    """The check lives in lora.apply_lora, which the pipeline and the ComfyUI node both call."""
+    good = write_adapter(tmp_path / "good.safetensors", pipe.transformer)
+    pipe.enable_fp8()
+    with pytest.raises(lora.LoraError, match="a LoRA cannot be applied to fp8 weights: load the model without fp8"):
+        pipe.load_lora_weights(good)
+    with pytest.raises(lora.LoraError, match="cannot be applied to fp8 weights"):
+        lora.apply_lora(pipe.transformer, lora.read_lora(good))  # what the node's adapter does
+    assert not lora.list_adapters(pipe.transformer)
 
 
 def test_cli_generate_with_lora(base, tmp_path, capsys):

@@ -208,6 +208,11 @@ def apply_lora(transformer: nn.Module, adapter: LoraAdapter, adapter_name: str |
     """Add `adapter` to the model under `adapter_name` (default: the file's stem) with `scale`;
     every loaded adapter stays active. Checks first (LoraError, nothing changed), then wraps
     the layers and copies the weights. Returns the adapter name."""
+    from opensora_sdk.fp8 import fp8_layers
+
+    if fp8_layers(transformer):
+        raise LoraError("a LoRA cannot be applied to fp8 weights: load the model without fp8, apply the LoRA "
+                        "(fuse it to keep it), then convert to fp8")  # fmt: skip
     state = _state(transformer)
     name = adapter_name or _free_name(adapter.name, state["adapters"])
     if name in state["adapters"]:

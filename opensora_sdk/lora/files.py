@@ -141,8 +141,9 @@ def _peft_config(file: Path) -> dict:
     if file.name == "adapter_model.safetensors" and config_file.is_file():
         try:
             return json.loads(config_file.read_text(encoding="utf-8"))
-        except (OSError, ValueError):
-            return {}
+        except (OSError, ValueError) as err:  # without it alpha would silently be r: another scale
+            raise LoraError(f"{str(config_file)!r} cannot be read ({err}): it holds the adapter's lora_alpha; "
+                            "repair or remove it (without it alpha = r)") from None
     return {}
 
 

@@ -27,8 +27,8 @@ def _config(resolved) -> dict:
         return {}
     try:
         return json.loads(resolved.config_file.read_text("utf-8"))
-    except (OSError, ValueError):
-        return {}
+    except (OSError, ValueError) as err:  # guessing from the keys instead could pick another architecture
+        raise CheckpointError(f"{str(resolved.config_file)!r} cannot be read as JSON ({err}); repair or remove it") from None
 
 
 def _keys(resolved) -> set[str]:
