@@ -33,24 +33,21 @@ def encode_texts(loaded, texts: list[str]) -> dict:
 
 def encode_prompt(loaded, prompt: str, negative_prompt: str = "", aesthetic_score: float = 6.5,
                   motion_score: float = -1.0, camera_motion: str = NONE) -> TextEmbeds:
-    from opensora_sdk.text import process_prompt
+    from opensora_sdk.plan import plan_prompts
 
-    processed = process_prompt(
-        prompt,
-        aes=None if aesthetic_score < 0 else float(aesthetic_score),
-        flow=None if motion_score < 0 else float(motion_score),
+    prompts = plan_prompts(
+        prompt, negative_prompt=negative_prompt,
+        aesthetic_score=None if aesthetic_score < 0 else float(aesthetic_score),
+        motion_score=None if motion_score < 0 else float(motion_score),
         camera_motion=None if camera_motion == NONE else camera_motion,
-    )
+    )  # fmt: skip
+    processed, negative = prompts.processed[0], prompts.negative
     if processed.reference_path is not None or processed.mask_strategy is not None:
         raise ValueError(
             "prompt: inline JSON options (reference_path / mask_strategy) are not read by the nodes; remove them "
             "and connect OpenSoraImageCondition / OpenSoraVideoCondition to the sampler instead"
         )
-    texts = [s.text for s in processed.segments]
-    negative = None
-    if negative_prompt and negative_prompt.strip():
-        negative = process_prompt(negative_prompt, aes=None, flow=None, camera_motion=None).text
-        texts.append(negative)
+    texts = [s.text for s in processed.segments] + ([negative] if negative is not None else [])
     embeddings = encode_texts(loaded, texts)
     return TextEmbeds(prompt, processed.segments, embeddings, negative)
 

@@ -179,7 +179,8 @@ def plan_prompts(
     motion_score: float | None,
     camera_motion: str | None,
 ) -> PromptPlan:
-    """Clean the prompts, append the score and camera suffixes, split loop segments."""
+    """Clean the prompts, append the score and camera suffixes, split loop segments. A negative
+    prompt that is None, empty or only white space means the model's null caption."""
     prompts = [prompt] if isinstance(prompt, str) else list(prompt) if prompt is not None else []
     if not prompts:
         raise ValueError(f"prompt={prompt!r} is not allowed: give a non-empty string or a list of them")
@@ -190,7 +191,7 @@ def plan_prompts(
         except ValueError as err:
             raise ValueError(f"prompt {k}: {err}" if len(prompts) > 1 else str(err)) from None
     negative = None
-    if negative_prompt is not None and negative_prompt != "":
+    if negative_prompt is not None and negative_prompt.strip():
         negative = process_prompt(negative_prompt, aes=None, flow=None, camera_motion=None).text
     return PromptPlan(tuple(prompts), tuple(processed), negative)
 

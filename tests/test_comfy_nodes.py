@@ -138,6 +138,8 @@ def test_nodes_match_the_pipeline_with_conditions(models, pipe):
     assert fps == 24.0 and tuple(frames.shape) == (34, 32, 32, 3)
     assert out["samples"].shape == (1, 4, 10, 4, 4) and out["num_frames"] == 34
     np.testing.assert_array_equal(_uint8(frames), expected.frames)
+    blank = text.OpenSoraTextEncode().encode(te, "a cat", "  ", 6.5, 5.0, "pan left")[0]
+    assert blank.negative is None  # white space is no negative prompt, as in the SDK's plan_prompts
 
 
 def test_long_video_matches_pipeline_loops(models, pipe):

@@ -114,6 +114,8 @@ def test_negative_prompt_changes_the_output(pipe):
     negative = pipe("a cat", num_frames=5, seed=1, negative_prompt="blurry, low quality", **SIZE)
     assert not np.array_equal(plain.frames, negative.frames)
     assert json.loads(negative.metadata["opensora"])["negative_prompt"] == "blurry, low quality"
+    blank = pipe("a cat", num_frames=5, seed=1, negative_prompt="  ", **SIZE)  # white space: the null caption
+    assert np.array_equal(plain.frames, blank.frames)
 
 
 def test_guidance_one_runs_the_conditional_branch_only(pipe, monkeypatch):
