@@ -17,7 +17,6 @@ Target: under 10 s for the 2 s clip on a 2-core CPU.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import resource
 import statistics
@@ -111,8 +110,9 @@ def main(argv=None) -> dict:
             report["cli"] = {"wall_s": time.perf_counter() - t, "cpu_s": cpu_s(resource.RUSAGE_CHILDREN) - c}
         print(f"`opensora generate` end to end: {report['cli']['wall_s']:.2f} s wall, {report['cli']['cpu_s']:.2f} s CPU")
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(report, f, indent=2)
+        from opensora_sdk.loading import write_json_atomic
+
+        write_json_atomic(report, args.json)
     return report
 
 

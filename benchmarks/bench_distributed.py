@@ -18,7 +18,6 @@ activation unit is one block's token tensor, B*N*C elements in the model dtype.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import socket
 import statistics
@@ -154,8 +153,9 @@ def main(argv=None) -> None:
           f"{args.dtype}; {args.threads} thread(s) per process; {os.cpu_count()} CPUs visible")  # fmt: skip
     report(rows)
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(rows, f, indent=2)
+        from opensora_sdk.loading import write_json_atomic
+
+        write_json_atomic(rows, args.json)
 
 
 if __name__ == "__main__":

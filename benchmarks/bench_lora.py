@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import resource
 import sys
 import time
@@ -153,7 +152,9 @@ def main(argv=None) -> dict:
               "wall_s": round(time.perf_counter() - t0, 1), "cpu_s": round(r1.ru_utime + r1.ru_stime - r0.ru_utime - r0.ru_stime, 1)}  # fmt: skip
     print(f"{report['wall_s']:.0f} s wall, {report['cpu_s']:.0f} s CPU")
     if args.json:
-        Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
+        from opensora_sdk.loading import write_json_atomic
+
+        write_json_atomic(report, args.json)
     return report
 
 

@@ -29,7 +29,6 @@ Targets for stills and long videos: text-to-image colour >= 90%; extension and 2
 from __future__ import annotations
 
 import argparse
-import json
 import resource
 import sys
 import time
@@ -136,7 +135,9 @@ def main(argv=None) -> dict:
               ", ".join(f"{k} {v:.3g} >= {t} {'ok' if v >= t else 'MISSED'}" for k, (v, t) in longs.items()))
     print(f"{report['wall_s']:.0f} s wall, {report['cpu_s']:.0f} s CPU")
     if args.json:
-        Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
+        from opensora_sdk.loading import write_json_atomic
+
+        write_json_atomic(report, args.json)
     return report
 
 

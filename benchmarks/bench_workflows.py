@@ -465,7 +465,9 @@ def main(argv=None) -> dict:
           + (f" ({'; '.join(missed)})" if missed else ""))
     print(f"{report['wall_s']:.0f} s wall, {report['cpu_s']:.0f} s CPU")
     if args.json:
-        Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
+        from opensora_sdk.loading import write_json_atomic
+
+        write_json_atomic(report, args.json)
     return report
 
 

@@ -36,7 +36,8 @@ def test_recipe_runs_exports_and_continues(tmp_path):
     from opensora_sdk.presets import get_preset
 
     work = tmp_path / "work"
-    out = recipe(work, "--stdit3-set", "max_steps=2")
+    shipped = tmp_path / "shipped"  # --export: the package's copy, replaced whole
+    out = recipe(work, "--stdit3-set", "max_steps=2", "--export", str(shipped))
     for step in ("data", "vae", "t5", "stdit3", "export"):
         assert f"== {step}: " in out
     info = json.loads((work / "export" / "training.json").read_text())
@@ -54,11 +55,13 @@ def test_recipe_runs_exports_and_continues(tmp_path):
     video = pipe("a red circle moving left on a black background", num_frames=17, num_steps=2, seed=0)
     assert (video.num_frames, video.height, video.width) == (17, 64, 64)
 
-    again = recipe(work, "--stdit3-set", "max_steps=3")  # more steps: resumes, then re-exports
+    again = recipe(work, "--stdit3-set", "max_steps=3", "--export", str(shipped))  # more steps: resumes, re-exports
     for step in ("data", "vae", "t5"):
         assert f"== {step}: done already" in again
     assert "--resume latest" in again and "== export: " in again
     assert json.loads((work / "export" / "training.json").read_text())["stdit3_steps"] == 3
+    assert json.loads((shipped / "training.json").read_text())["stdit3_steps"] == 3
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["shipped", "work"]  # no staged or old copy left
     second = json.loads((work / "times.json").read_text())
     assert second["stdit3"]["wall_s"] > first["stdit3"]["wall_s"]  # the resumed run adds its time
     assert second["vae"] == first["vae"]

@@ -91,16 +91,16 @@ def step_train(work: Path, args) -> None:
 
 
 def step_export(work: Path, args) -> None:
+    from opensora_sdk.loading import write_file_atomic
     from opensora_sdk.training.checkpoint import list_checkpoints
 
     last = list_checkpoints(work / "run" / "checkpoints")[-1]
     out = work / "export"
     out.mkdir(parents=True, exist_ok=True)
-    shutil.copyfile(last / "adapter_ema.safetensors", out / "big.safetensors")
+    write_file_atomic(out / "big.safetensors", lambda tmp: shutil.copyfile(last / "adapter_ema.safetensors", tmp))
     size = (out / "big.safetensors").stat().st_size
-    if args.export:
-        Path(args.export).parent.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(out / "big.safetensors", args.export)
+    if args.export:  # the shipped adapter is replaced whole or not at all
+        write_file_atomic(args.export, lambda tmp: shutil.copyfile(out / "big.safetensors", tmp))
         print(f"export: copied to {args.export}")
     print(f"export: {last.name}, {size / 1024:.0f} KiB")
 

@@ -172,10 +172,16 @@ def step_export(work: Path, args) -> None:
         "weights_bytes": sum(p.stat().st_size for p in out.rglob("*.safetensors")),
     }  # fmt: skip
     write_json_atomic(info, out / "training.json")
-    if args.export:
+    if args.export:  # the shipped model is replaced whole: copied beside it, then swapped in by renames
         target = Path(args.export)
-        shutil.rmtree(target, ignore_errors=True)
-        shutil.copytree(out, target)
+        staged, old = target.with_name(target.name + ".new"), target.with_name(target.name + ".old")
+        shutil.rmtree(staged, ignore_errors=True)
+        shutil.copytree(out, staged)
+        shutil.rmtree(old, ignore_errors=True)
+        if target.exists():
+            target.rename(old)
+        staged.rename(target)
+        shutil.rmtree(old, ignore_errors=True)
         print(f"export: copied to {target}")
     print(f"export: {info['weights_bytes'] / 2**20:.1f} MiB of weights")
 
