@@ -74,7 +74,7 @@ def sample_file_names(
 # --------------------------------------------------------------------------------------------
 
 
-def _logo(image, height: int, video_height: int):
+def _logo(image, video_height: int):
     """The logo as (rgb float [h, w, 3], alpha float [h, w, 1]) scaled to 10% of the video height."""
     import numpy as np
     from PIL import Image
@@ -93,7 +93,7 @@ def watermark_frames(frames, image):
     import numpy as np
 
     H, W = frames.shape[1:3]
-    rgb, alpha = _logo(image, H, H)
+    rgb, alpha = _logo(image, H)
     h, w = rgb.shape[0], min(rgb.shape[1], W)
     rgb, alpha = rgb[:, :w], alpha[:, :w]
     out = frames.copy()

@@ -118,7 +118,7 @@ def tabulate(score_dir: str | Path, out_dir: str | Path | None = None, *, i2v: b
     return combined
 
 
-def score_videos(video_dir, out_dir, *, full_info=None, dimensions=None, device="cuda", name="results") -> Path:
+def score_videos(video_dir, out_dir, *, full_info=None, dimensions=None, device="cuda") -> Path:
     """Run the `vbench` package on `video_dir` (mode vbench_standard, imaging quality 'longer')."""
     try:
         from vbench import VBench
