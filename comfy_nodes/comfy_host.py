@@ -204,10 +204,6 @@ def soft_empty_cache() -> None:
             torch.cuda.empty_cache()
 
 
-def module_bytes(module) -> int:
-    return sum(t.numel() * t.element_size() for t in list(module.parameters()) + list(module.buffers()))
-
-
 # --------------------------------------------------------------------------------------------
 # Progress, previews, interruption
 # --------------------------------------------------------------------------------------------
