@@ -310,10 +310,8 @@ def check_generation(node: str, model, vae, plan, facts, *, decode: bool = False
     if facts.fixed_latent_size is None:
         def at(height, width, frames):
             T, h, w = facts.latent_size(frames, height, width)
-            pt, ph, pw = facts.patch_size
-            tokens = -(-T // pt) * -(-h // ph) * -(-w // pw)
             return replace(plan, height=height, width=width, num_frames=frames, latent_size=(T, h, w),
-                           video_tokens=tokens)
+                           video_tokens=facts.video_tokens(T, h, w))
 
         step = facts.space_factor * facts.patch_size[1]
         k = _largest(lambda k: not verdict(at(*_scaled(plan, k, step), plan.num_frames), free_source).problems,

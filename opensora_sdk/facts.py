@@ -42,6 +42,11 @@ class ModelFacts:
             micro_frame_size=self.micro_frame_size, time_factor=self.time_factor, space_factor=self.space_factor,
         )
 
+    def video_tokens(self, T: int, h: int, w: int) -> int:
+        """Transformer tokens of a latent [T, h, w]: patches, each dimension rounded up."""
+        pt, ph, pw = self.patch_size
+        return -(-T // pt) * -(-h // ph) * -(-w // pw)
+
     def longest_clip(self) -> int:
         """The most pixel frames whose latent fits `max_latent_frames` (which must be set)."""
         n = 1

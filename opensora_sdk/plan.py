@@ -262,8 +262,7 @@ def plan_size(
                 f"clip must be whole {chunk}-frame VAE chunks and longer than the {overlap} frames it carries over; "
                 f"allowed: {_loop_frame_choices(facts, overlap, chunk)}"
             )
-    ph, pw = facts.patch_size[1], facts.patch_size[2]
-    tokens = -(-T // facts.patch_size[0]) * -(-h // ph) * -(-w // pw)
+    tokens = facts.video_tokens(T, h, w)
     return SizePlan(
         height=H, width=W, num_frames=frames, total_frames=loop * frames - (loop - 1) * overlap, loop=loop,
         condition_frame_length=condition_frame_length, overlap_frames=overlap, latent_size=(T, h, w),
