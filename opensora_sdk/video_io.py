@@ -189,7 +189,8 @@ def write_video(
     """Encode ``frames`` (uint8 ``[N, H, W, 3]``) to ``path``; the format follows the extension.
 
     * ``.mp4``: H.264 (libx264), yuv420p, ``crf`` 0..51 (default 23, libx264's default, which
-      the official scripts also got). yuv420p needs even sizes: an odd height or width is
+      the official scripts also got), macroblock-tree rate control off so that the same frames
+      always give the same file. yuv420p needs even sizes: an odd height or width is
       padded by repeating the last row / column, so the file is up to one pixel larger and no
       pixel is lost.
     * ``.webm``: VP9, yuv420p, ``crf`` 0..63 (default 32), any size.
@@ -230,7 +231,9 @@ def _write_av(frames: np.ndarray, tmp: Path, suffix: str, fps: float, metadata, 
         container_format, codec = "mp4", "libx264"
         # use_metadata_tags keeps arbitrary keys (as ComfyUI); faststart puts the index first
         options = {"movflags": "use_metadata_tags+faststart"}
-        codec_options = {"crf": str(crf)}
+        # mbtree off: with it this x264 gave a different file for the same frames from one save
+        # to the next (its lookahead's propagation varied); without it every save is the same
+        codec_options = {"crf": str(crf), "x264-params": "mbtree=0"}
         pad_h, pad_w = frames.shape[1] % 2, frames.shape[2] % 2
         if pad_h or pad_w:  # yuv420p needs even sizes; replicate the edge, lose nothing
             frames = np.pad(frames, ((0, 0), (0, pad_h), (0, pad_w), (0, 0)), mode="edge")
