@@ -87,7 +87,7 @@ def generate(pipe, cases: list[Case], want_big: bool, seed: int, batch: int = 6,
 
 
 def vae_ceiling(vae, cases: list[Case], seed: int) -> list[dict]:
-    style = dataclasses.replace(BUILTIN_STYLE, radius=BIG_RADIUS)
+    style = dataclasses.replace(BUILTIN_STYLE, radius=BIG_RADIUS, scene_frames=None)  # as the adapter's big clips
     rows = []
     for k, case in enumerate(cases):
         clip = rendered_clip(case, 64, 64, 17, seed + k, 3, style=style)

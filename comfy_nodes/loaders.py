@@ -182,6 +182,7 @@ def load_model(choice: str, dtype: str = "auto", attention: str = "sdpa", weight
         transformer, preset = builtin_component("transformer")
         transformer.to(torch_dtype)
         source, max_frames = f"built-in preset {preset!r}", get_preset(preset).latent_frame_limit
+        warp = get_preset(preset).defaults.get("timestep_warp", True)
     else:
         path = resolve_choice("model", choice)
         with explained("model", choice, path):
@@ -190,14 +191,15 @@ def load_model(choice: str, dtype: str = "auto", attention: str = "sdpa", weight
             else:
                 transformer = load_transformer(path, dtype=torch_dtype, device=host.offload_device("unet"))
         source, max_frames = str(path), family_of(transformer).max_latent_frames
-        card = generation_card(path)  # a training checkpoint's generation.json: its own clip-length limit
+        card = generation_card(path)  # a training checkpoint's generation.json: its own clip-length limit and warp
         if card and card.get("max_latent_frames") is not None:
             max_frames = card["max_latent_frames"]
+        warp = (card or {}).get("defaults", {}).get("timestep_warp", family_of(transformer).defaults.get("timestep_warp", True))
     transformer.set_attention_backend(attention)
     if weight_dtype == "fp8_e4m3fn" and not fp8.fp8_layers(transformer):
         fp8.quantize_transformer_fp8(transformer)
     transformer.to(host.offload_device("unet"))
-    return LoadedModel(transformer.eval().requires_grad_(False), source, torch_dtype, max_frames)
+    return LoadedModel(transformer.eval().requires_grad_(False), source, torch_dtype, max_frames, bool(warp))
 
 
 def load_vae(choice: str, dtype: str = "auto") -> LoadedVAE:

@@ -110,7 +110,8 @@ def plan_for_latent(model, text, latent: dict, *, vae=None, seed: int, steps: in
         raise ValueError("conditions are connected but vae is not: connect the VAE that encodes the references")
     plan = plan_generation(
         facts, PromptPlan((text.prompt,) * B, (processed,) * B, text.negative_text), **size, num_frames=N, fps=fps,
-        num_steps=steps, guidance_scale=cfg, timestep_warp=timestep_warp, conditions=items, reference_path=None,
+        num_steps=steps, guidance_scale=cfg, timestep_warp=bool(timestep_warp and model.timestep_warp), conditions=items,
+        reference_path=None,
         mask_strategy=None, seed=generator_seed(seed), loop=loops,
         condition_frame_length=condition_frames, condition_frame_edit=condition_edit, align=align or None,
         batch_size=B, family=family, cache=cache,
@@ -163,7 +164,9 @@ def sampling_inputs() -> dict:
         "cfg": ("FLOAT", tip("Classifier-free guidance scale (official: 7.0; 1 = no guidance, twice as fast)",
                              default=7.0, min=0.0, max=50.0, step=0.1, round=0.01)),
         "timestep_warp": ("BOOLEAN", tip(
-            "Shift the schedule toward high noise for large and long videos (official: on)", default=True)),
+            "On: the model's timestep warp, which shifts the schedule toward high noise for large and long videos "
+            "(v1.2: on, as official; the built-in model has none: it was trained without one). Off: no warp",
+            default=True)),
     }
 
 

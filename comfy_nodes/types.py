@@ -34,6 +34,7 @@ class LoadedModel:
     source: str
     dtype: object  # torch.dtype
     max_latent_frames: int | None = 120
+    timestep_warp: bool = True  # the model samples with v1.2's timestep warp (False: trained without it)
 
 
 @dataclass

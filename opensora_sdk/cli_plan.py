@@ -124,7 +124,6 @@ def _plan_kwargs(args, configs) -> dict:
     )
     return dict(
         **sized,
-        timestep_warp=True,
         sampler=args.sampler,
         cache=_step_cache_arg(args),
         conditions=(),

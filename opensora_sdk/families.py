@@ -193,7 +193,7 @@ V1_2 = ModelFamily(
     name="v1.2",
     defaults={
         "resolution": "240p", "aspect_ratio": "9:16", "num_frames": "4s", "fps": 24, "num_steps": 30,
-        "guidance_scale": 7.0, "align": 5, "aesthetic_score": 6.5,
+        "guidance_scale": 7.0, "align": 5, "aesthetic_score": 6.5, "timestep_warp": True,
     },  # fmt: skip
     max_latent_frames=120,  # 408 frames ("16s"), the longest v1.2 training clips
     samplers=(RECTIFIED_FLOW,),
@@ -206,7 +206,7 @@ V1_1 = ModelFamily(
     name="v1.1",
     defaults={
         "resolution": "240p", "aspect_ratio": "9:16", "num_frames": 16, "fps": 24, "num_steps": 100,
-        "guidance_scale": 7.0, "align": None, "aesthetic_score": None,
+        "guidance_scale": 7.0, "align": None, "aesthetic_score": None, "timestep_warp": False,  # IDDPM: no warp
     },  # fmt: skip
     max_latent_frames=None,
     samplers=(IDDPM_F32, DPM_SOLVER),
@@ -220,7 +220,7 @@ V1_0 = ModelFamily(
     name="v1.0",
     defaults={
         "resolution": None, "aspect_ratio": None, "num_frames": 16, "fps": 24, "num_steps": 100,
-        "guidance_scale": 7.0, "align": None, "aesthetic_score": None,
+        "guidance_scale": 7.0, "align": None, "aesthetic_score": None, "timestep_warp": False,  # IDDPM: no warp
     },  # fmt: skip
     max_latent_frames=None,
     samplers=(IDDPM_F64, DPM_SOLVER),

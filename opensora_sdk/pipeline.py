@@ -337,7 +337,7 @@ class OpenSoraPipeline(MemoryMixin, LoraLoaderMixin):
         condition_frame_edit: float = 0.0,
         align=_UNSET,
         batch_size: int = 1,
-        timestep_warp: bool = True,
+        timestep_warp: bool | None = None,
         sampler: str | None = None,
         cache=None,
         progress: bool | None = None,
@@ -392,7 +392,8 @@ class OpenSoraPipeline(MemoryMixin, LoraLoaderMixin):
                 family's (5, as the v1.2 inference config) for the official string form.
             batch_size: prompts sampled together (same size and length).
             timestep_warp: shift the schedule toward high noise for large and long videos
-                (official: on).
+                (v1.2's official inference: on); None = the model's default (v1.2: on; the
+                built-in model, trained without it: off).
             sampler: the sampling method, None = the family's own (v1.2 "rflow", v1.1 and
                 v1.0 "iddpm"); v1.1 and v1.0 also take "dpm-solver" (DPM-Solver++, 20 steps
                 by default, no references).
@@ -491,7 +492,7 @@ class OpenSoraPipeline(MemoryMixin, LoraLoaderMixin):
 PLAN_DEFAULTS: dict[str, Any] = {
     "negative_prompt": None, "motion_score": None, "camera_motion": None, "conditions": (),
     "reference_path": None, "mask_strategy": None, "seed": None, "loop": 1, "condition_frame_length": 5,
-    "condition_frame_edit": 0.0, "batch_size": 1, "timestep_warp": True, "sampler": None,
+    "condition_frame_edit": 0.0, "batch_size": 1, "sampler": None,
     "cache": None,
 }  # fmt: skip
 

@@ -281,7 +281,9 @@ def plan_schedule(
     num_steps = _positive_int(num_steps, "num_steps")
     if isinstance(guidance_scale, bool) or not isinstance(guidance_scale, (int, float)) or not math.isfinite(guidance_scale):
         raise ValueError(f"guidance_scale={guidance_scale!r} is not allowed: expected a finite number (1 = no guidance)")
-    scheduler = method.make_scheduler(num_steps, bool(timestep_warp))
+    if not isinstance(timestep_warp, bool):
+        raise ValueError(f"timestep_warp={timestep_warp!r} is not allowed: expected True or False (None: the model's default)")
+    scheduler = method.make_scheduler(num_steps, timestep_warp)
     return scheduler, method.timesteps(scheduler, height, width, num_frames)
 
 

@@ -99,11 +99,12 @@ PRESETS: dict[str, ModelPreset] = {
         "trained from scratch on synthetic moving shapes by training/recipes/tiny_builtin.py; ships with "
         "the package, runs offline on a CPU; 64x64, 17 frames at 8 fps (2.1 s, one VAE chunk)",
         str(BUILTIN_DIR / "transformer"), str(BUILTIN_DIR / "vae"), str(BUILTIN_DIR / "text_encoder"),
-        # trained on 17-frame clips; 34 frames (two chunks) lets loops and extensions carry one
-        # chunk over, beyond its training length
+        # trained on stills, 17 and 34 frames (two chunks: loops and extensions carry one over)
         max_latent_frames=10,
+        # no timestep warp: trained without it (use_timestep_transform false); at 64x64 the
+        # official warp would put all but two of 20 steps at low noise (a still: r = 0.125)
         defaults={"height": 64, "width": 64, "num_frames": 17, "loop_num_frames": 34, "fps": 8, "num_steps": 20,
-                  "guidance_scale": 5.0},
+                  "guidance_scale": 5.0, "timestep_warp": False},
     ),
     # ---- Open-Sora 1.1 (spec 9.1): STDiT2, the SD VAE per frame, T5-XXL with 200 tokens --------
     "v1.1": ModelPreset(

@@ -37,7 +37,7 @@ def case(color: str, shape: str, direction: str, background: str, big: bool = Fa
 
 def clip(c: Case, seed: int = 0, frames: int = 17, big: bool = False) -> np.ndarray:
     """The built-in model's training look: 64x64, every 3rd frame of a 24 fps rendering (8 fps)."""
-    style = dataclasses.replace(BUILTIN_STYLE, radius=(0.32, 0.36)) if big else BUILTIN_STYLE
+    style = dataclasses.replace(BUILTIN_STYLE, radius=(0.32, 0.36), scene_frames=None) if big else BUILTIN_STYLE
     return rendered_clip(c, 64, 64, frames, seed, 3, style=style)
 
 

@@ -115,6 +115,26 @@ def pipe():
     return OpenSoraPipeline.from_preset(builtin_preset(), device="cpu", dtype=torch.float32, progress=False)
 
 
+def test_the_sampler_switch_turns_the_models_own_timestep_warp_on_or_off(models):
+    """The built-in model was trained without the timestep warp: its schedule has none, switch
+    on or off (the SDK's default for it too); a v1.2 model's switch on is the official warp."""
+    import dataclasses
+
+    from comfy_nodes.sampler import plan_for_latent
+
+    model, vae_, te = models
+    embeds = text.OpenSoraTextEncode().encode(te, "a cat", "", 6.5, -1.0, "none")[0]
+    empty = latent.OpenSoraEmptyLatentVideo().create("custom", "9:16", "custom", 64, 64, 17, 8.0, 1)[0]
+
+    def warped(m, switch):
+        plan = plan_for_latent(m, embeds, empty, vae=vae_, seed=0, steps=10, cfg=5.0, timestep_warp=switch)
+        return plan.scheduler.use_timestep_transform
+
+    assert model.timestep_warp is False and not warped(model, True) and not warped(model, False)
+    v12 = dataclasses.replace(model, timestep_warp=True)  # what a v1.2 checkpoint loads as
+    assert warped(v12, True) and not warped(v12, False)
+
+
 def _uint8(images: torch.Tensor) -> np.ndarray:
     return images.mul(255).add(0.5).clamp(0, 255).to(torch.uint8).numpy()
 

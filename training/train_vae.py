@@ -22,7 +22,8 @@ that each start from the previous one's weights:
                diffusion model is trained at), encoders, 2D decoder and normalisation frozen: the
                latent space stays the one a diffusion model may already be trained on, only its
                decoding gets better (as diffusers' fine-tuned SD VAE decoders). Also trained on
-               the image-to-video decode (the image's latent leading).
+               the image-to-video decode (the image's latent leading) and, on `image_prob` of
+               the steps, on stills (one frame: text-to-image's decode).
 
 Added for image-to-video (not in the official recipe): in stages B and C, a clip is also
 decoded with its first latent frame replaced by the latent of its first frame encoded alone
@@ -93,7 +94,7 @@ class StageSection:
     grad_clip: float = 1.0
     mse_weight: float = 1.0
     kl_weight: float = 1e-6  # on the mean KL per latent element
-    image_prob: float = 0.2  # temporal: share of steps with one-frame inputs (identity loss)
+    image_prob: float = 0.2  # temporal: share of steps with one-frame inputs (identity loss); decoder: of steps decoding stills
     first_frame_weight: float = 1.0  # temporal, joint, decoder: image-to-video consistency (see the module docstring)
     frame_interval: int = 1  # decoder: read every n-th frame of the clips
     train_spatial: bool = False  # temporal: 2D latents computed live by a trainable 2D encoder (official stage 2)
@@ -309,18 +310,27 @@ def stage_loss(stage: str, vae: VideoAutoencoder, clips, s: StageSection, gen, c
         kl = kl_term(posterior, s)
         return loss + s.kl_weight * kl, {**logs, "kl": kl.item()}
     if stage == "decoder":  # D: the temporal decoder on pixels; encoders and normalisation frozen
-        x = draw_clips(clips, s.batch_size, s.frames, gen, s.frame_interval)
+        # image_prob of the steps decode stills (one frame, as text-to-image does), as many
+        # frames per step as the clips have; no draw when 0 (the random stream stays as it was)
+        still = s.image_prob > 0 and torch.rand((), generator=gen).item() < s.image_prob
+        if still:
+            x = draw_frames(clips, s.batch_size * s.frames, gen)[:, :, None]  # [B, 3, 1, H, W]
+        else:
+            x = draw_clips(clips, s.batch_size, s.frames, gen, s.frame_interval)
+        T = x.shape[2]
         target = rearrange(x, "B C T H W -> (B T) C H W")
 
         def decode(z):  # normalised latent -> frames [(B T), 3, H, W]
-            x_z = vae.temporal_vae.decode(z * vae.scale + vae.shift, num_frames=s.frames)
+            x_z = vae.temporal_vae.decode(z * vae.scale + vae.shift, num_frames=T)
             return vae.spatial.decode(rearrange(x_z, "B C T h w -> (B T) C h w") / sf)
 
         with torch.no_grad():
             z = vae.encode(x, generator=gen)  # normalised, as the diffusion model sees it
         rec, psnr = pixel_loss(target, decode(z), s)
         loss, logs = rec, {"rec": rec.item(), "psnr": psnr}
-        if s.first_frame_weight > 0:  # image-to-video: the image's own latent leads the clip
+        if still:
+            logs["still_psnr"] = psnr
+        elif s.first_frame_weight > 0:  # image-to-video: the image's own latent leads the clip
             with torch.no_grad():
                 z_img = vae.encode(x[:, :, :1], generator=gen)
             mixed, mixed_psnr = pixel_loss(target, decode(torch.cat([z_img, z[:, :, 1:]], dim=2)), s)

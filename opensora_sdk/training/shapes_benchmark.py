@@ -2,7 +2,10 @@
 
 Data: `BUILTIN_STYLE` narrows the synthetic moving-shapes generator (`synthetic.py`) to six
 colours, three shapes, four directions and three backgrounds with a soft checker texture
-(camera pans stay visible, and a tiny autoencoder can reproduce it). `held_out_triples`
+(camera pans stay visible, and a tiny autoencoder can reproduce it), in scenes of 153 frames
+at 24 fps (51 at the model's 8 fps: two loops of 34 frames that share 17) over which a moving
+shape crosses 80-100% of the room it has, so a clip of the model's 17 or 34 frames is part of
+a scene with room to go on (extension, loops). `held_out_triples`
 holds some colour x shape x direction combinations out of training: colour i with shape j
 never moves in direction (i + j) mod 4. Every single value, and every pair of values, still
 appears in training; the quality benchmark asks for the held-out triples.
@@ -35,9 +38,10 @@ BUILTIN_STYLE = SyntheticStyle(
     backgrounds=("black", "gray", "white"),
     directions=("left", "right", "up", "down"),
     radius=(0.15, 0.19),
-    travel=(0.6, 0.95),
+    travel=(0.8, 1.0),
     texture="checker",
     texture_strength=16.0,
+    scene_frames=153,
 )
 CLIP_FPS = 24.0  # frame rate of the built-in model's training clips (a model at 8 fps reads every 3rd frame)
 OBJECT_DISTANCE = 60.0  # RGB distance from the background colour that marks object pixels
@@ -100,7 +104,8 @@ def case_style(case: Case, style: SyntheticStyle = BUILTIN_STYLE) -> SyntheticSt
     """`style` narrowed to the case's shape, colour, background and direction."""
     return SyntheticStyle(shapes=(case.shape,), colors=(case.color,), backgrounds=(case.background,),
                           directions=(case.direction,), radius=style.radius, travel=style.travel,
-                          texture=style.texture, texture_strength=style.texture_strength)  # fmt: skip
+                          texture=style.texture, texture_strength=style.texture_strength,
+                          scene_frames=style.scene_frames)  # fmt: skip
 
 
 def first_frame(case: Case, height: int, width: int, num_frames: int, seed: int, style: SyntheticStyle = BUILTIN_STYLE):

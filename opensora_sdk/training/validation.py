@@ -68,6 +68,8 @@ def make_card(cfg, family_name: str, out: Path, defaults_from_data: dict, *, bas
     if init and defaults_from_data.get("num_frames") and defaults.get("loop_num_frames"):
         defaults["loop_num_frames"] = 2 * defaults_from_data["num_frames"]
     defaults.update(defaults_from_data)
+    if family_name == "v1.2":  # sample with the timestep warp only if the model was trained with it
+        defaults["timestep_warp"] = bool(cfg.scheduler.get("use_timestep_transform", True))
     defaults.update(cfg.generation)
     check_defaults(defaults)
     card = {

@@ -10,8 +10,9 @@ new concept is one it can draw: size. Steps (each skipped when its result exists
 
   data    640 clips like the built-in model's (64x64, 52 frames at 24 fps, the same colours,
           shapes, directions, backgrounds, pans; the held-out colour x shape x direction
-          triples left out): 320 with big shapes (radius 0.32 to 0.36) captioned "a big red
-          circle moving left on ...", 320 ordinary ones with their usual captions, so the
+          triples left out): 320 with big shapes (radius 0.32 to 0.36, crossing their room in
+          the clip) captioned "a big red circle moving left on ...", 320 ordinary ones (heads of
+          the base model's 153-frame scenes) with their usual captions, so the
           adapter learns the contrast and leaves ordinary prompts alone; suffixes as the
           built-in model's captions (`tiny_builtin.training_caption`)
   train   training/train.py with training/configs/lora_builtin_big.yaml: features once, then a
@@ -60,7 +61,9 @@ def step_data(work: Path, args) -> None:
 
     out = work / "data"
     shutil.rmtree(out, ignore_errors=True)
-    big_style = dataclasses.replace(BUILTIN_STYLE, radius=BIG_RADIUS)
+    # a big shape has little room (18 px of 64): its clips cross it in their own 52 frames
+    # (as the base model's first-stage clips did), not over a 153-frame scene, or it barely moves
+    big_style = dataclasses.replace(BUILTIN_STYLE, radius=BIG_RADIUS, scene_frames=None)
     rows = []
     rng = np.random.default_rng([SEED, 1])
     tokenizer = load_tiny_tokenizer()

@@ -3,11 +3,12 @@
     python workflows/inputs/make_inputs.py
 
 They look like the built-in model's training clips (a coloured shape on a plain background
-with a faint checker, 64x64, 8 fps), so the workflows ask it for what it knows:
+with a faint checker, 64x64, 8 fps, crossing the frame in about 51 frames as in the model's
+training scenes), so the workflows ask it for what it knows:
 
 opensora_example.png       a red circle on the left of a black background (first frame)
-opensora_example_end.png   the same circle on the right (last frame)
-opensora_example.mp4       17 frames (8 fps) of the circle moving right, the first half of its
+opensora_example_end.png   the same circle 17 frames later (last frame of a 17-frame clip)
+opensora_example.mp4       17 frames (8 fps) of the circle moving right, the first third of its
                            crossing (video extension: the model continues it)
 """
 
@@ -20,6 +21,7 @@ import numpy as np
 HERE = Path(__file__).resolve().parent
 SIZE, RADIUS, TILE = 64, 11.0, 8
 RED, BACKGROUND, CHECKER = (220, 40, 40), (15, 15, 15), 16.0
+START, CROSSING, CROSSING_FRAMES = 14.0, 36.0, 50  # x from 14 to 50 over 50 frame steps (0.72 px per frame)
 
 
 def frame(cx: float, cy: float = 32.0) -> np.ndarray:
@@ -39,9 +41,12 @@ def main() -> None:
 
     from opensora_sdk.video_io import write_video
 
-    Image.fromarray(frame(14.0)).save(HERE / "opensora_example.png")
-    Image.fromarray(frame(50.0)).save(HERE / "opensora_example_end.png")
-    frames = np.stack([frame(14.0 + 36.0 * i / 32) for i in range(17)])  # the first 17 of a 33-frame crossing
+    def x(i: int) -> float:
+        return START + CROSSING * i / CROSSING_FRAMES
+
+    Image.fromarray(frame(x(0))).save(HERE / "opensora_example.png")
+    Image.fromarray(frame(x(16))).save(HERE / "opensora_example_end.png")
+    frames = np.stack([frame(x(i)) for i in range(17)])  # the first 17 frames of the crossing
     write_video(frames, HERE / "opensora_example.mp4", 8.0, crf=20)
 
 
