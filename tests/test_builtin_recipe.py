@@ -47,8 +47,9 @@ def test_recipe_runs_exports_and_continues(tmp_path):
     info = json.loads((work / "export" / "training.json").read_text())
     assert info["stdit3_steps"] == 2 and info["stdit3_scenes_steps"] == 2
     assert info["recipe"] == "training/recipes/tiny_builtin.py"
-    stage2_log = (work / "logs" / "stdit3_scenes.log").read_text()
-    assert str(work / "stdit3" / "checkpoints" / "step-00000002" / "ema") in stage2_log  # from stage 1's EMA
+    assert f"model.from_pretrained={work / 'stdit3' / 'checkpoints' / 'step-00000002' / 'ema'}" in out  # stage 1's EMA
+    card = json.loads((work / "stdit3_scenes" / "checkpoints" / "step-00000002" / "ema" / "generation.json").read_text())
+    assert card["defaults"]["timestep_warp"] is False  # trained without the warp (use_timestep_transform: false)
     with open(work / "data" / "scenes" / "train.csv", newline="") as f:
         rows = list(csv.DictReader(f))
     windows = {r["path"].split("/")[0]: r for r in rows}

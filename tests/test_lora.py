@@ -368,7 +368,8 @@ def test_full_finetune_checkpoint_generates_without_flags(train, data, tmp_path)
     train(argv_for(data, out, "max_steps=2", lora_rank=0))
     ema = out / "checkpoints" / "step-00000002" / "ema"
     card = json.loads((ema / "generation.json").read_text())
-    assert card["defaults"] == {"height": 32, "width": 32, "num_frames": 17, "fps": 24.0}
+    # the data's size, length and fps; the schedule the run trained with (the warp: the default)
+    assert card["defaults"] == {"height": 32, "width": 32, "num_frames": 17, "fps": 24.0, "timestep_warp": True}
     assert card["vae"] == str((out / "random_encoders" / "vae").resolve())
     save = tmp_path / "samples"
     assert cli.main(["generate", "--model", str(ema), "--prompt", "a red circle", "--num-sampling-steps", "2",
