@@ -52,6 +52,12 @@ from opensora_sdk.loading import (
     write_json_atomic,
 )
 from opensora_sdk.models.attention import attention, check_backend
+from opensora_sdk.models.forward_checks import (
+    check_latents,
+    check_text,
+    check_timestep,
+    check_x_mask,
+)
 from opensora_sdk.models.layers import (
     MLP,
     CaptionEmbedder,
@@ -310,36 +316,11 @@ class STDiT2(nn.Module):
     def _check_inputs(self, x, timestep, y, mask, x_mask, num_frames, height, width, ar, fps):
         """Validate shapes; return (timestep [B], {name: [b] float32}) for the micro-conditions."""
         cfg = self.config
-        if not isinstance(x, torch.Tensor) or x.ndim != 5 or x.shape[1] != cfg.in_channels:
-            got = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
-            raise ValueError(f"x must be [B, {cfg.in_channels}, T, H, W] (in_channels={cfg.in_channels}), got {got}")
+        check_latents(x, cfg.in_channels)
         B, T = x.shape[0], -(-x.shape[2] // cfg.patch_size[0])
-        timestep = torch.as_tensor(timestep, device=x.device).float()
-        if timestep.ndim == 0 or timestep.shape == (1,):
-            timestep = timestep.reshape(1).expand(B)
-        if timestep.shape != (B,):
-            raise ValueError(f"timestep must be [B]=[{B}] or a scalar, got shape {tuple(timestep.shape)}")
-        if not bool(torch.isfinite(timestep).all()):
-            raise ValueError(f"timestep must be finite, got {timestep.tolist()}")
-        if y.ndim != 4 or y.shape[0] != B or y.shape[-1] != cfg.caption_channels:
-            raise ValueError(
-                f"y must be [B, 1, L, caption_channels] = [{B}, 1, L, {cfg.caption_channels}] with the batch of x "
-                f"(under CFG concatenate the null rows to both), got {tuple(y.shape)}"
-            )
-        if mask is not None:
-            L = y.shape[2]
-            if mask.ndim != 2 or mask.shape[1] != L or mask.shape[0] == 0 or B % mask.shape[0]:
-                raise ValueError(
-                    f"mask must be [B', L] with L={L} text tokens and B' dividing B={B}, got {tuple(mask.shape)}"
-                )
-            empty = (mask.repeat(B // mask.shape[0], 1) != 0).sum(1) == 0
-            if bool(empty.any()):
-                raise ValueError(
-                    f"mask rows {empty.nonzero().flatten().tolist()} have no valid text token; every caption "
-                    "needs at least one (T5 always emits the end-of-sequence token)"
-                )
-        if x_mask is not None and tuple(x_mask.shape) != (B, T):
-            raise ValueError(f"x_mask must be [B, T_p] = [{B}, {T}] (one flag per latent frame), got {tuple(x_mask.shape)}")
+        timestep = check_timestep(timestep, x)
+        check_text(y, mask, B, cfg.caption_channels)
+        check_x_mask(x_mask, B, T)
         hints = {
             "num_frames": "the pixel frame count, e.g. 16",
             "height": "the pixel height, e.g. 240",

@@ -2,7 +2,7 @@
 
 Reads top-down: the model (switches, forward, conditions, weights), then the checkpoint
 format. The attention modules and the block (spatial | temporal) are in `stdit3_blocks.py`,
-the argument checks of forward in `stdit3_inputs.py`.
+the argument checks of forward in `forward_checks.py`.
 
 Shapes: latents [B, C, T, H, W]; tokens [B, N, C] with N = T*S, frame-major, S = H_p*W_p
 spatial tokens per frame in row-major order; text [B, L, C]. Within the block stack T and S
@@ -37,7 +37,7 @@ from opensora_sdk.loading import (
 )
 from opensora_sdk.models.attention import check_backend
 from opensora_sdk.models.stdit3_blocks import CrossAttention, SelfAttention, STDiT3Block
-from opensora_sdk.models.stdit3_inputs import check_conditions, check_step_inputs
+from opensora_sdk.models.forward_checks import check_conditions, check_step_inputs
 from opensora_sdk.models.stdit3_reuse import StepConditions, StepInvariants, reuse_allowed
 from opensora_sdk.models.layers import (
     CaptionEmbedder,
