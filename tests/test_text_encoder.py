@@ -156,33 +156,6 @@ def test_defaults_match_the_v1_2_preset():
     assert params["dtype"].default == torch.float32
 
 
-# ---- null and negative prompts ----------------------------------------------------------------
-
-
-def test_null_repeats_the_y_embedding_buffer(tokenizer):
-    enc = make_encoder(tokenizer, model_max_length=16)
-    table = torch.randn(16, 32)
-    null = enc.null(3, table)
-    assert null.shape == (3, 1, 16, 32)
-    assert all(torch.equal(null[i, 0], table) for i in range(3))
-    holder = torch.nn.Module()
-    holder.register_buffer("y_embedding", table)
-    assert torch.equal(enc.null(2, holder), null[:2])
-    with pytest.raises(ValueError, match=r"y_embedding has shape \(300, 32\)"):
-        enc.null(1, torch.randn(300, 32))
-
-
-def test_negative_prompt_rows_have_their_own_mask(tokenizer):
-    enc = make_encoder(tokenizer, model_max_length=16)
-    neg = enc.encode_negative("blurry, low quality", 2)
-    single = enc.encode("blurry, low quality")
-    assert neg.y.shape == (2, 1, 16, 32) and neg.mask.shape == (2, 16)
-    assert torch.equal(neg.y[1], single.y[0]) and torch.equal(neg.mask[0], single.mask[0])
-    assert neg.mask[0].sum() != enc.encode("a cat").mask[0].sum()
-    with pytest.raises(ValueError, match="n=0"):
-        enc.encode_negative("x", 0)
-
-
 # ---- cache ------------------------------------------------------------------------------------
 
 

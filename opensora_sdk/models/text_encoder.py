@@ -25,8 +25,9 @@ Weights from one file (ComfyUI's t5xxl_fp16.safetensors): `from_single_file`.
 An `EmbeddingCache` (in-memory LRU, optionally backed by a folder of .safetensors files)
 skips T5 entirely for prompts it has already seen.
 
-The unconditional rows of classifier-free guidance are not computed by T5: `null` repeats the
-diffusion model's `y_embedder.y_embedding` buffer; the prompt's own mask goes with them.
+The unconditional rows of classifier-free guidance are not computed by T5: they are the
+diffusion model's `y_embedder.y_embedding` buffer (`generation.null_caption`), with the prompt's
+own mask; a negative prompt is encoded like any prompt and keeps its own mask.
 """
 
 from __future__ import annotations
@@ -340,37 +341,6 @@ class T5TextEncoder(HostCopyOffload):
         return TextEmbedding(y, mask)
 
     __call__ = encode
-
-    def encode_negative(self, negative_prompt: str, n: int) -> TextEmbedding:
-        """The negative prompt's embedding repeated to n rows: [n,1,L,C], mask [n,L].
-
-        In classifier-free guidance these rows replace the null rows of the unconditional
-        half, and they go with their own mask (not the prompt's).
-        """
-        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
-            raise ValueError(f"n={n!r} is not allowed: expected an integer >= 1")
-        if not isinstance(negative_prompt, str):
-            raise ValueError(f"negative_prompt={negative_prompt!r} is not allowed: expected a string")
-        y, mask = self.encode([negative_prompt])
-        return TextEmbedding(y.repeat(n, 1, 1, 1), mask.repeat(n, 1))
-
-    def null(self, n: int, y_embedding) -> torch.Tensor:
-        """Unconditional rows [n,1,L,C] from STDiT3's `y_embedder.y_embedding` buffer [L,C].
-
-        Accepts the buffer or the `y_embedder` module. As in the official pipeline, the caller
-        masks these rows with the prompt's own mask. Returned on `device`, in the buffer's dtype.
-        """
-        table = getattr(y_embedding, "y_embedding", y_embedding)
-        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
-            raise ValueError(f"n={n!r} is not allowed: expected an integer >= 1")
-        expected = (self.model_max_length, self.output_dim)
-        if not isinstance(table, torch.Tensor) or tuple(table.shape) != expected:
-            shape = tuple(table.shape) if isinstance(table, torch.Tensor) else type(table).__name__
-            raise ValueError(
-                f"y_embedding has shape {shape}, expected {list(expected)} (model_max_length, "
-                "output_dim of this text encoder): pass the diffusion model's y_embedder.y_embedding"
-            )
-        return table.to(self.device)[None].repeat(n, 1, 1)[:, None]  # [n, 1, L, C]
 
     def __repr__(self) -> str:
         return (
