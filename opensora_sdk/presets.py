@@ -171,7 +171,7 @@ def resolve_defaults(
     """Fill what a call left out (None) from a model's `defaults`, then from its family's table.
 
     `given` holds any of resolution, aspect_ratio, height, width, num_frames, fps, num_steps,
-    guidance_scale and align. The size is the model's native height x width only when none of
+    guidance_scale, timestep_warp and align. The size is the model's native height x width only when none of
     resolution, aspect_ratio, height and width is given; otherwise the given ones, with the
     family's resolution / aspect ratio for a missing one. For `NULLABLE_KEYS` (align: place
     conditions exactly; aesthetic_score: no score suffix) None is a value: leave such a key

@@ -351,7 +351,7 @@ def main(argv=None) -> None:
             print(f"== {step}: done already (use --force {step} to redo)")
             continue
         print(f"== {step}", flush=True)
-        # stdit3 resumes from its checkpoints (e.g. after raising max_steps): its time adds up
+        # a training step resumes from its checkpoints (e.g. after raising max_steps): its time adds up
         resumed = step.startswith("stdit3") and (work / step / "checkpoints").is_dir() and step not in args.force
         before = times.get(step, {"wall_s": 0.0, "cpu_s": 0.0}) if resumed else {"wall_s": 0.0, "cpu_s": 0.0}
         t0, c0 = time.perf_counter(), cpu_seconds()
