@@ -3,6 +3,7 @@
     python benchmarks/bench_builtin_speed.py                 # 5 timed runs, torch's thread count
     python benchmarks/bench_builtin_speed.py --threads 1 --runs 7
     python benchmarks/bench_builtin_speed.py --cli           # also one `opensora generate` end to end
+    python benchmarks/bench_builtin_speed.py --compare [--compile]   # every speed switch side by side
 
 One pipeline call with the preset's defaults (native 64x64, 17 frames at 8 fps = 2.1 s, its
 default steps and guidance) per run: text encoding, sampling, VAE decode, uint8 frames. The
@@ -11,12 +12,21 @@ with its wall time and this process's CPU time (user + sys), and the split of th
 into text / sampling / decode. `--cli` times a fresh `opensora generate --prompt ...` process
 (Python start, imports, loading the models from the package, generating, writing the mp4).
 
+`--compare` runs the same generation with each speed switch in one process, the variants
+alternating round by round, and prints their median wall and CPU time, the ratio to the plain
+path (no per-clip reuse, plain VAE decoders: what the code computed before the speed work) and
+how far their frames are from the plain path's (max uint8 difference, PSNR): the exact
+switches (per-clip reuse and the fast VAE decode, both on by default; `--compile` adds the
+regional compile, which first compiles for a minute or more) and the approximate ones (bf16 VAE,
+bf16 everywhere, TeaCache at two thresholds).
+
 Target: under 10 s for the 2 s clip on a 2-core CPU.
 """
 
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import resource
 import statistics
@@ -69,6 +79,59 @@ def timed_call(pipe, seed: int, steps: int | None) -> dict:
             "size": f"{video.height}x{video.width}"}  # fmt: skip
 
 
+def frames_psnr(frames: torch.Tensor, ref: torch.Tensor) -> float:
+    """PSNR in dB of uint8 frames against `ref` (inf when they are equal)."""
+    mse = (frames.float() - ref.float()).pow(2).mean().item()
+    return math.inf if mse == 0 else 10 * math.log10(255**2 / mse)
+
+
+def compare(args) -> dict:
+    """Each switch on the same prompt and seed, alternating; medians over `args.runs` rounds
+    after one warm-up round."""
+
+    def build(**kw):
+        return OpenSoraPipeline.from_preset(args.preset, device="cpu", progress=False, **kw)
+
+    plain = build()
+    plain.transformer.set_step_reuse(False)
+    plain.vae.set_fast_decode(False)
+    exact = build()
+    variants = {  # name: (pipeline, call options, exact?)
+        "plain (before)": (plain, {}, True),
+        "reuse + fast VAE (default)": (exact, {}, True),
+    }
+    if args.compile:
+        variants["+ compile"] = (build(compile=True), {}, True)
+    variants["+ bf16 VAE"] = (build(vae_dtype=torch.bfloat16), {}, False)
+    variants["+ bf16 everywhere"] = (build(dtype=torch.bfloat16), {}, False)
+    variants["+ teacache:0.1"] = (exact, {"cache": "teacache:0.1"}, False)
+    variants["+ teacache:0.2"] = (exact, {"cache": "teacache:0.2"}, False)
+    times = {name: [] for name in variants}
+    frames = {}
+    for round_ in range(args.runs + 1):  # round 0 warms up (and compiles)
+        for name, (pipe, options, _) in variants.items():
+            t0, c0 = time.perf_counter(), cpu_s()
+            video = pipe(PROMPT, seed=1, num_steps=args.steps, progress=False, **options)
+            if round_:
+                times[name].append((time.perf_counter() - t0, cpu_s() - c0))
+            frames.setdefault(name, torch.from_numpy(video.frames.copy()))
+    ref = frames["plain (before)"]
+    base_wall = statistics.median(w for w, _ in times["plain (before)"])
+    base_cpu = statistics.median(c for _, c in times["plain (before)"])
+    rows = []
+    print(f"\n{'variant':28s} {'exact':>5s} {'wall':>8s} {'CPU':>8s} {'CPU ratio':>9s} {'max diff':>8s} {'PSNR':>8s}")
+    for name, (_, _, is_exact) in variants.items():
+        wall = statistics.median(w for w, _ in times[name])
+        cpu = statistics.median(c for _, c in times[name])
+        diff = int((frames[name].int() - ref.int()).abs().max())
+        psnr = frames_psnr(frames[name], ref)
+        rows.append({"variant": name, "exact": is_exact, "median_wall_s": wall, "median_cpu_s": cpu,
+                     "wall_ratio": base_wall / wall, "cpu_ratio": base_cpu / cpu, "max_uint8_diff": diff, "psnr_db": psnr})
+        print(f"{name:28s} {'yes' if is_exact else 'no':>5s} {wall:7.3f}s {cpu:7.3f}s {base_cpu / cpu:8.2f}x "
+              f"{diff:8d} {'exact' if math.isinf(psnr) else f'{psnr:.1f} dB':>8s}")
+    return {"compare": rows}
+
+
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--preset", default=BUILTIN_PRESET)
@@ -76,10 +139,19 @@ def main(argv=None) -> dict:
     p.add_argument("--steps", type=int, default=None, help="sampling steps (default: the preset's)")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     p.add_argument("--cli", action="store_true", help="also time one `opensora generate` process end to end")
+    p.add_argument("--compare", action="store_true", help="every speed switch side by side in one run")
+    p.add_argument("--compile", action="store_true", help="with --compare: also the regional compile")
     p.add_argument("--json", default=None)
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.compare:
+        report = compare(args)
+        if args.json:
+            from opensora_sdk.loading import write_json_atomic
+
+            write_json_atomic(report, args.json)
+        return report
     t0, c0 = time.perf_counter(), cpu_s()
     pipe = OpenSoraPipeline.from_preset(args.preset, device="cpu", progress=False)
     load = {"wall_s": time.perf_counter() - t0, "cpu_s": cpu_s() - c0}

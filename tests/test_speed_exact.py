@@ -252,3 +252,28 @@ def test_the_gpu_speed_script_runs_on_tiny_models(tmp_path):
     assert report["variants"]["no-reuse"]["max_abs_diff_vs_first"] == 0
     assert report["variants"]["plain"]["calls"] == 3 and report["tflop_per_call"] > 0
     assert report["vae_decode"]["seconds"] > 0
+
+
+def test_the_builtin_speed_comparison_runs_every_switch(tmp_path):
+    """benchmarks/bench_builtin_speed.py --compare: every switch of the built-in generation side
+    by side; the exact ones stay within float rounding of the plain path (at most 1 of 255 in a
+    pixel), the approximate ones are reported with their PSNR."""
+    import importlib.util
+    import json
+    import math
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_builtin_speed.py"
+    spec = importlib.util.spec_from_file_location("bench_builtin_speed", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    out = tmp_path / "speed.json"
+    report = bench.main(["--compare", "--runs", "1", "--steps", "3", "--json", str(out)])
+    rows = {r["variant"]: r for r in json.loads(out.read_text())["compare"]}
+    assert [r["variant"] for r in report["compare"]] == list(rows)
+    assert rows["plain (before)"]["cpu_ratio"] == 1 and math.isinf(rows["plain (before)"]["psnr_db"])
+    exact = [r for r in rows.values() if r["exact"]]
+    assert len(exact) == 2 and all(r["max_uint8_diff"] <= 1 for r in exact)
+    approximate = [r for r in rows.values() if not r["exact"]]
+    assert {r["variant"] for r in approximate} >= {"+ bf16 VAE", "+ teacache:0.2"}
+    assert all(r["median_cpu_s"] > 0 and r["psnr_db"] > 20 for r in approximate)
