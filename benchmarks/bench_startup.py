@@ -11,12 +11,18 @@ over `--runs` rounds and the after/before ratio:
 
     import torch          python -c "import torch" (the same for both: the floor of any run)
     import opensora_sdk   the package alone
-    from_preset()         OpenSoraPipeline.from_preset() in a process that has already
-                          imported torch and the pipeline module (models + T5 + tokenizer)
+    from_preset() + encode
+                          OpenSoraPipeline.from_preset() and one prompt encoded, in a process
+                          that has already imported torch and the pipeline module (models + T5
+                          + tokenizer: a tree that defers T5 loads it at that encode)
     opensora generate     the whole command with the built-in model, from outside (Python
                           start, imports, loading, generating, writing the mp4), split into
                           start-up (process wall minus the command's own "done in"), loading
-                          and generating as the command reports them
+                          and generating as the command reports them; its text cache
+                          ($OPENSORA_TEXT_CACHE) is an empty folder: the prompt is new
+    generate, same prompt again
+                          the same command once more with that folder: a tree with the text
+                          cache finds the prompt there and never loads T5 (nor transformers)
     opensora --help       the whole command, from outside
 
 It also says which heavy modules each tree imports for `--help` and for a generation, and
@@ -53,7 +59,8 @@ PROBES = {
     "from_preset": _PREAMBLE + _CHECK + (
         "t = time.perf_counter()\nimport torch\nt_torch = time.perf_counter() - t\n"
         "from opensora_sdk.pipeline import OpenSoraPipeline\n"
-        "t = time.perf_counter()\nOpenSoraPipeline.from_preset(device='cpu', progress=False)\n"
+        "t = time.perf_counter()\npipe = OpenSoraPipeline.from_preset(device='cpu', progress=False)\n"
+        "pipe.text_encoder.encode('a cat')\n"
         "print(json.dumps({'s': time.perf_counter() - t, 'torch_s': t_torch}))\n"
     ),
     "help_modules": _PREAMBLE + _CHECK + (
@@ -71,17 +78,20 @@ PROBES = {
 DONE = re.compile(r"done in ([\d.]+) s \(load ([\d.]+) s")
 
 
-def run_probe(name: str, root: Path, *extra: str) -> dict:
+def run_probe(name: str, root: Path, *extra: str, text_cache: Path) -> dict:
+    env = {**os.environ, "OPENSORA_TEXT_CACHE": str(text_cache)}
     out = subprocess.run([sys.executable, "-c", PROBES[name], str(root), *extra], capture_output=True, text=True,
-                         cwd=tempfile.gettempdir(), check=False)
+                         cwd=tempfile.gettempdir(), check=False, env=env)
     if out.returncode:
         raise RuntimeError(f"{name} in {root} failed:\n{out.stderr[-2000:]}")
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def run_command(root: Path, args: list[str]) -> tuple[float, str]:
-    """Wall seconds of `python -m opensora_sdk ARGS` with `root` first on sys.path, and its stderr."""
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep)}
+def run_command(root: Path, args: list[str], text_cache: Path) -> tuple[float, str]:
+    """Wall seconds of `python -m opensora_sdk ARGS` with `root` first on sys.path and its text
+    cache in `text_cache`, and its stderr."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep),
+           "OPENSORA_TEXT_CACHE": str(text_cache)}  # fmt: skip
     t = time.perf_counter()
     out = subprocess.run([sys.executable, "-m", "opensora_sdk", *args], capture_output=True, text=True, env=env,
                          cwd=tempfile.gettempdir(), check=False)
@@ -98,20 +108,22 @@ def one_round(trees: dict[str, Path], work: Path, k: int, steps: int | None) -> 
     torch_s = time.perf_counter() - t
     for name, root in trees.items():
         row = rows[name] = {"import torch": torch_s}
-        row["import opensora_sdk"] = run_probe("import_sdk", root)["s"]
-        row["from_preset()"] = run_probe("from_preset", root)["s"]
-        save = work / f"{name}-{k}"
-        args = ["generate", "--prompt", PROMPT, "--seed", "7", "--save-dir", str(save)]
+        cache = work / f"text-cache-{name}-{k}"  # empty: the prompt is new to this run
+        row["import opensora_sdk"] = run_probe("import_sdk", root, text_cache=cache)["s"]
+        row["from_preset() + encode"] = run_probe("from_preset", root, text_cache=cache)["s"]
+        args = ["generate", "--prompt", PROMPT, "--seed", "7"]
         if steps is not None:
             args += ["--num-sampling-steps", str(steps)]
-        wall, text = run_command(root, args)
+        wall, text = run_command(root, [*args, "--save-dir", str(work / f"{name}-{k}")], cache)
         row["opensora generate"] = wall
         done = DONE.search(text)
         if done:
             row["  start-up (imports)"] = wall - float(done.group(1))
             row["  loading"] = float(done.group(2))
             row["  generating + saving"] = float(done.group(1)) - float(done.group(2))
-        row["opensora --help"] = run_command(root, ["--help"])[0]
+        again = work / f"{name}-{k}-again"
+        row["generate, same prompt again"] = run_command(root, [*args, "--save-dir", str(again)], cache)[0]
+        row["opensora --help"] = run_command(root, ["--help"], cache)[0]
     return rows
 
 
@@ -142,15 +154,16 @@ def main() -> int:
             print(f"before: {args.base} ({rev}) in a temporary worktree; after: {ROOT} (working tree)")
             print(f"cpu threads: {os.cpu_count()}, load average: {os.getloadavg()[0]:.1f}, runs: {args.runs}\n")
             for name, root in trees.items():
-                help_mods = run_probe("help_modules", root)["modules"]
-                gen_mods = run_probe("generate_modules", root, str(Path(tmp) / f"mods-{name}"))["modules"]
+                cache = Path(tmp) / f"text-cache-mods-{name}"
+                help_mods = run_probe("help_modules", root, text_cache=cache)["modules"]
+                gen_mods = run_probe("generate_modules", root, str(Path(tmp) / f"mods-{name}"), text_cache=cache)["modules"]
                 print(f"{name:>6}: --help imports {help_mods or 'none of them'}; generate imports {gen_mods}")
             rounds = []
             for k in range(args.runs):
                 order = dict(reversed(list(trees.items()))) if k % 2 else trees  # alternate who goes first
                 rounds.append(one_round(order, Path(tmp), k, args.steps))
                 print(f"  round {k + 1}/{args.runs} done", file=sys.stderr)
-            same = mp4_digest(Path(tmp) / "before-0") == mp4_digest(Path(tmp) / "after-0")
+            digests = {mp4_digest(Path(tmp) / f"{name}-0{again}") for name in trees for again in ("", "-again")}
         finally:
             subprocess.run(["git", "-C", str(ROOT), "worktree", "remove", "--force", str(base)], check=False,
                            capture_output=True)
@@ -164,7 +177,8 @@ def main() -> int:
             med[name] = statistics.median(values) if values else float("nan")
         ratio = med["after"] / med["before"] if med["before"] else float("nan")
         print(f"{key:<26}{med['before']:>9.2f}{med['after']:>9.2f}{ratio:>13.2f}x")
-    print(f"\nsame mp4 bytes for the same seed, before and after: {'yes' if same else 'NO'}")
+    print(f"\nsame mp4 bytes for the same seed, before and after, new and cached prompt: "
+          f"{'yes' if len(digests) == 1 else 'NO'}")
     return 0
 
 

@@ -132,6 +132,10 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--vae", default=None, help="VAE folder, weight file or hub id")
     g.add_argument("--text-encoder", default=None, help="T5 folder or hub id")
     g.add_argument("--local-files-only", action="store_true", help="never download from the hub")
+    g.add_argument("--text-cache", default=None, metavar="DIR",
+                   help="folder of prompt embeddings: a prompt encoded before with the same T5 skips T5, which is then "
+                        "not even loaded (default: $OPENSORA_TEXT_CACHE, else ~/.cache/opensora_sdk/text; at most "
+                        "1 GiB, oldest out first); 'none' turns it off")
     g.add_argument("--dtype", default="auto", choices=DTYPE_CHOICES, help="STDiT3 and VAE dtype (auto: bf16 on GPU, fp32 on CPU)")
     g.add_argument("--vae-dtype", default=None, choices=DTYPE_CHOICES[1:],
                    help="the VAE's own dtype (default: --dtype). bf16 decodes several times faster than fp32 on a CPU "

@@ -36,6 +36,7 @@ def _load_pipeline(args, device, dtype, sp_group=None):
         kwargs["compile"] = True
     if getattr(args, "vae_dtype", None):
         kwargs["vae_dtype"] = args.vae_dtype
+    kwargs["text_cache"] = _text_cache(args)
     card = _apply_generation_card(args)
     name = _preset_name(args)
     preset = get_preset(name)
@@ -47,6 +48,22 @@ def _load_pipeline(args, device, dtype, sp_group=None):
         defaults={**preset.defaults, **(card.get("defaults") or {})}, max_latent_frames=limit, family=preset.family,
         **kwargs,
     )
+
+
+def _text_cache(args):
+    """--text-cache: an `EmbeddingCache` on its folder (default `default_cache_folder()`), or
+    None for 'none' / 'off'."""
+    from opensora_sdk.models.text_cache import EmbeddingCache, default_cache_folder
+
+    value = getattr(args, "text_cache", None)
+    if value is not None and value.strip().lower() in ("none", "off"):
+        return None
+    folder = Path(value).expanduser() if value is not None else default_cache_folder()
+    if folder is None:
+        return None
+    if folder.exists() and not folder.is_dir():
+        raise ValueError(f"--text-cache {str(folder)!r}: not a folder; give a folder or 'none'")
+    return EmbeddingCache(folder=folder)
 
 
 def _fp8_after_loras(args, pipe) -> None:
@@ -198,4 +215,8 @@ def _generate(args: argparse.Namespace, proc, device, dtype) -> int:
         print(f"done in {sum(timings.values()):.1f} s ({stages})", file=sys.stderr)
         if timings.cache_stats is not None:
             print(timings.cache_stats.summary(), file=sys.stderr)
+        if timings.texts is not None:
+            found, total = timings.texts
+            print(f"text cache: {found} of {total} prompt(s) found in {pipe.text_encoder.cache.folder}"
+                  + ("; T5 was not loaded" if not pipe.text_encoder.is_loaded else ""), file=sys.stderr)
     return 0

@@ -151,13 +151,21 @@ def quantize_text_encoder_fp8(text_encoder, *, per_channel: bool = True, min_wei
     reused."""
     done = quantize_fp8(text_encoder.model, per_channel=per_channel, skip=T5_KEEP,
                         min_weights=min_weights)
-    text_encoder._identity = None  # the identity hashes the weights: fp8 ones are other weights
+    text_encoder.fp8_scales = scales_name(per_channel)
+    text_encoder._identity = None  # the identity hashes the weights (or names fp8): other weights
     text_encoder._host_copy = None  # the host copy no longer matches the layers
     return done
 
 
 def fp8_layers(module: nn.Module) -> list[str]:
     return [n for n, m in module.named_modules() if isinstance(m, FP8Linear)]
+
+
+def scales_name(per_channel: bool | str) -> str:
+    """"per_channel" or "per_tensor" for a `per_channel` argument (a bool or one of those names)."""
+    if isinstance(per_channel, str):
+        per_channel = _scale_choice(per_channel)
+    return "per_channel" if per_channel else "per_tensor"
 
 
 def _scale_choice(text: str) -> bool:
@@ -275,5 +283,5 @@ def load_fp8_transformer(path: str | os.PathLike, *, device=None, config=None) -
 __all__ = [
     "FP8Linear", "FP8_METADATA_KEY", "STDIT3_KEEP", "fp8_layers", "is_fp8_file", "load_fp8_into",
     "load_fp8_transformer", "quantize_fp8", "quantize_text_encoder_fp8", "quantize_transformer_fp8",
-    "quantize_weight", "save_fp8", "weight_bytes",
+    "quantize_weight", "save_fp8", "scales_name", "weight_bytes",
 ]  # fmt: skip

@@ -187,13 +187,23 @@ def block_callback(transformer: torch.nn.Module, fn: Callable[[], None] | None):
 # --------------------------------------------------------------------------------------------
 
 
-def encode_texts(text_encoder, placement: Placement, texts: Sequence[str]) -> Embeddings:
-    """{text: (y [1, 1, L, C], mask [1, L])} on the compute device, each distinct text once;
-    T5 leaves the device afterwards, also when encoding fails."""
+def encode_texts(text_encoder, placement: Placement, texts: Sequence[str], timings=None) -> Embeddings:
+    """{text: (y [1, 1, L, C], mask [1, L])} on the compute device, each distinct text once.
+    Texts the encoder's cache holds skip T5; only when some are not cached does T5 come to the
+    device (and load, if it is deferred), leaving it afterwards, also when encoding fails.
+    `timings.texts` gets (texts from the cache, distinct texts) when the encoder has a cache."""
     unique = list(dict.fromkeys(texts))
-    with torch.no_grad(), placement.use(text_encoder, "text_encoder") as te:
-        y, mask = te.encode(unique)
-    return {t: (y[i : i + 1], mask[i : i + 1]) for i, t in enumerate(unique)}
+    device = placement.compute_device("text_encoder")
+    cached = text_encoder.lookup(unique, device)
+    out = {t: (y[None, None].to(device), mask[None].to(device)) for t, (y, mask) in cached.items()}
+    todo = [t for t in unique if t not in cached]
+    if todo:
+        with torch.no_grad(), placement.use(text_encoder, "text_encoder") as te:
+            y, mask = te.encode(todo)
+        out.update((t, (y[i : i + 1], mask[i : i + 1])) for i, t in enumerate(todo))
+    if timings is not None and text_encoder.cache is not None:
+        timings.texts = (len(cached), len(unique))
+    return {t: out[t] for t in unique}
 
 
 def null_caption(transformer, batch: int, device) -> torch.Tensor:
@@ -344,9 +354,11 @@ def carry_over(
 
 class Timings(dict):
     """Seconds spent per stage ("text", "references", "sampling", "decode"), summed over a call.
-    With a step cache, `cache_stats` (a `step_cache.CacheStats`) counts what it skipped."""
+    With a step cache, `cache_stats` (a `step_cache.CacheStats`) counts what it skipped; with
+    a text cache, `texts` is (texts found in it, distinct texts)."""
 
     cache_stats = None
+    texts = None
 
     @contextmanager
     def stage(self, name: str):
@@ -403,7 +415,7 @@ def _run(models, placement, plan, embeddings, callback, progress, timings, per_b
         if plan.negative_prompt is not None:
             texts.append(plan.negative_prompt)
         with timings.stage("text"):
-            embeddings = encode_texts(models.text_encoder, placement, texts)
+            embeddings = encode_texts(models.text_encoder, placement, texts, timings)
     steps = CallProgress(len(plan.batches()) * plan.loop * plan.num_steps, callback, progress)
     out: list = []
     try:

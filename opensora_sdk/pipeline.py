@@ -148,6 +148,7 @@ class OpenSoraPipeline(MemoryMixin, LoraLoaderMixin):
         text_encoder_dtype: torch.dtype = torch.float32,
         device=None,
         local_files_only: bool | None = None,
+        text_cache=None,
         **kwargs,
     ) -> OpenSoraPipeline:
         """Load the transformer, the VAE and T5 from folders, weight files or hub ids (v1.2 by
@@ -158,8 +159,11 @@ class OpenSoraPipeline(MemoryMixin, LoraLoaderMixin):
         Each may also be an already built model object. Weights load on the host in `dtype`
         (or `torch_dtype`, diffusers' name; default: bfloat16 on an accelerator, float32 on the
         CPU; T5 in float32, as officially) and move to `device` (default: CUDA when available)
-        when first used. Other keyword arguments go to the constructor (offload, vae_tiling,
-        defaults, progress, sp_group, ...).
+        when first used. T5 given as a folder or hub id is found and checked now and loaded when
+        a prompt first needs it. `text_cache`: None, True (in memory), a folder or an
+        `EmbeddingCache` (`models/text_cache.py`): prompts it holds skip T5, which a call whose
+        prompts are all cached never loads. Other keyword arguments go to the constructor
+        (offload, vae_tiling, defaults, progress, sp_group, ...).
         """
         from opensora_sdk.models import T5TextEncoder
         from opensora_sdk.models.auto import load_transformer, load_vae
@@ -180,8 +184,12 @@ class OpenSoraPipeline(MemoryMixin, LoraLoaderMixin):
         if not isinstance(text_encoder, T5TextEncoder):
             text_encoder = T5TextEncoder.from_pretrained(
                 text_encoder, model_max_length=model.config.model_max_length, dtype=text_encoder_dtype,
-                device=HOST, local_files_only=local_files_only,
+                device=HOST, local_files_only=local_files_only, cache=text_cache, lazy=True,
             )
+        elif text_cache is not None:
+            from opensora_sdk.models.text_cache import as_cache
+
+            text_encoder.cache = as_cache(text_cache)
         sources = {k: os.fspath(v) if isinstance(v, (str, os.PathLike)) else type(v).__name__ for k, v in sources.items()}
         return cls(model, vae, text_encoder, device=device, dtype=dtype, sources=sources, **kwargs)
 

@@ -78,6 +78,6 @@ class MemoryMixin:
 
         per_channel = fp8._scale_choice(per_channel) if isinstance(per_channel, str) else bool(per_channel)
         done = fp8.quantize_transformer_fp8(self.transformer, per_channel=per_channel)
-        if text_encoder and hasattr(self.text_encoder, "model"):
-            fp8.quantize_text_encoder_fp8(self.text_encoder, per_channel=per_channel)
+        if text_encoder:
+            self.text_encoder.enable_fp8(per_channel)  # a T5 not loaded yet: when it loads
         return done

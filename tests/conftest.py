@@ -146,6 +146,19 @@ class _Heartbeat:
         return (yield from self._phase(item))
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _text_cache_in_tmp(tmp_path_factory):
+    """`opensora generate` keeps prompt embeddings in ~/.cache by default: the tests' commands
+    (also the subprocesses they start) use a folder of the session instead."""
+    old = os.environ.get("OPENSORA_TEXT_CACHE")
+    os.environ["OPENSORA_TEXT_CACHE"] = str(tmp_path_factory.mktemp("text_cache"))
+    yield
+    if old is None:
+        os.environ.pop("OPENSORA_TEXT_CACHE", None)
+    else:
+        os.environ["OPENSORA_TEXT_CACHE"] = old
+
+
 @pytest.hookimpl(trylast=True)  # after the terminal reporter exists
 def pytest_configure(config):
     interval = _heartbeat_interval()

@@ -217,6 +217,50 @@ def _tied_once(tensors):
         yield SHARED, seen[EMBED]
 
 
+def folder_facts(folder: Path) -> tuple[int, str]:
+    """(d_model, fingerprint) of a T5 folder, for an encoder loaded later: nothing is built and
+    transformers is not imported. Checks now what can be checked without loading: config.json
+    names d_model, the tokenizer files and the weight files are there and their headers parse,
+    and a .safetensors file's embedding is d_model wide. The fingerprint hashes config.json and
+    the tokenizer files (their bytes) and each weight file's path, size and modification time:
+    a changed or replaced file is another encoder."""
+    import hashlib
+    import json
+
+    from opensora_sdk.loading import check_weight_files
+
+    config_file = folder / "config.json"
+    try:
+        d_model = json.loads(config_file.read_text(encoding="utf-8"))["d_model"]
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise CheckpointError(
+            f"{str(folder)!r}: config.json is not a T5 config with d_model ({type(err).__name__}: {err})"
+        ) from err
+    if isinstance(d_model, bool) or not isinstance(d_model, int) or d_model < 1:
+        raise CheckpointError(f"{str(folder)!r}: config.json has d_model={d_model!r}; expected a positive integer")
+    tokenizer_files = sorted(p for p in folder.iterdir() if p.name in (*TOKENIZER_FILES, "tokenizer_config.json",
+                                                                       "special_tokens_map.json"))  # fmt: skip
+    if not any(p.name in TOKENIZER_FILES for p in tokenizer_files):
+        find_tokenizer_folder(folder / "config.json")  # raises: names the files it looked for
+    weights = resolve_checkpoint(folder).weight_files
+    check_weight_files(weights)
+    for file in weights:
+        if file.suffix == ".safetensors":
+            shapes = read_shapes(file)
+            embed = shapes.get(SHARED) or shapes.get(EMBED)
+            if embed is not None and embed[-1] != d_model:
+                raise CheckpointError(
+                    f"{str(file)!r}: '{SHARED}' is {embed[-1]} wide but config.json says d_model={d_model}"
+                )
+    h = hashlib.sha256()
+    for file in [config_file, *tokenizer_files]:
+        h.update(file.name.encode() + b"\0" + file.read_bytes() + b"\0")
+    for file in weights:
+        st = file.stat()
+        h.update(f"{file.resolve()}\0{st.st_size}\0{st.st_mtime_ns}\0".encode())
+    return d_model, h.hexdigest()
+
+
 def find_tokenizer_folder(path: Path, search=()) -> Path:
     """The first folder of [the file's folder, *search] that holds tokenizer.json or spiece.model."""
     candidates = [path.parent, *(Path(s) for s in search)]

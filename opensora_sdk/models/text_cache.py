@@ -1,9 +1,16 @@
 """`EmbeddingCache`: per-prompt T5 outputs kept in memory (an LRU) and optionally in a folder
-of .safetensors files, so a prompt seen before skips T5 (see `T5TextEncoder`'s `cache`)."""
+of .safetensors files, so a prompt seen before skips T5 (see `T5TextEncoder`'s `cache`).
+
+`opensora generate` keeps such a folder by default (`default_cache_folder()`): a prompt it has
+encoded before, with the same T5 files, dtype and device type, skips T5, which is then never
+loaded (a deferred encoder, `T5TextEncoder.from_pretrained(lazy=True)`). The folder is bounded
+(`max_bytes`, oldest use first out).
+"""
 
 from __future__ import annotations
 
 import os
+import warnings
 from collections import OrderedDict
 from pathlib import Path
 
@@ -13,19 +20,26 @@ from opensora_sdk.loading import save_safetensors_atomic
 
 
 class EmbeddingCache:
-    """Per-prompt T5 outputs, keyed by (processed text, encoder identity, dtype, max length).
+    """Per-prompt T5 outputs, keyed by (processed text, encoder identity, dtype, max length,
+    device type; see `T5TextEncoder.cache_key`).
 
     An in-memory LRU of `max_items` rows (each row is L x C values: 4.9 MB for T5-XXL at 300
     tokens in float32; `max_items=0` keeps nothing in memory) and, when `folder` is given, one
     ``<key>.safetensors`` file per prompt there, written atomically, so a later run reuses it.
+    The folder holds at most `max_bytes` (default 1 GiB, about 200 T5-XXL prompts in float32):
+    after a write the files used longest ago go first (a hit marks its file as used).
     Rows are kept on the CPU. `hits` and `misses` count lookups.
     """
 
-    def __init__(self, max_items: int = 64, folder: str | os.PathLike | None = None):
+    def __init__(self, max_items: int = 64, folder: str | os.PathLike | None = None, max_bytes: int = 1 << 30):
         if isinstance(max_items, bool) or not isinstance(max_items, int) or max_items < 0:
             raise ValueError(f"max_items={max_items!r} is not allowed: expected an integer >= 0")
+        if isinstance(max_bytes, bool) or not isinstance(max_bytes, int) or max_bytes < 0:
+            raise ValueError(f"max_bytes={max_bytes!r} is not allowed: expected an integer >= 0")
         self.max_items = max_items
-        self.folder = Path(folder) if folder is not None else None
+        self.folder = Path(folder).expanduser() if folder is not None else None
+        self.max_bytes = max_bytes
+        self._warned = False
         self._rows: OrderedDict[str, tuple[torch.Tensor, torch.Tensor]] = OrderedDict()
         self.hits = 0
         self.misses = 0
@@ -45,6 +59,7 @@ class EmbeddingCache:
             row = self._read(key)
             if row is not None:
                 self._remember(key, row)
+                _touch(self._file(key))
         if row is None:
             self.misses += 1
         else:
@@ -56,7 +71,30 @@ class EmbeddingCache:
         self._remember(key, row)
         if self.folder is not None:
             meta = {k: str(v) for k, v in (metadata or {}).items()}
-            save_safetensors_atomic({"y": row[0], "mask": row[1]}, self._file(key), metadata=meta)
+            try:
+                save_safetensors_atomic({"y": row[0], "mask": row[1]}, self._file(key), metadata=meta)
+                self.trim()
+            except OSError as err:  # the embedding is still returned: only the reuse is lost
+                if not self._warned:
+                    warnings.warn(f"text cache {str(self.folder)!r}: cannot store embeddings there "
+                                  f"({err.strerror or err}); prompts will be encoded again next time", stacklevel=2)
+                    self._warned = True
+
+    def trim(self) -> None:
+        """Delete the folder's files used longest ago until it holds at most `max_bytes`."""
+        files = []
+        for path in self.folder.glob("*.safetensors"):
+            try:
+                st = path.stat()
+            except OSError:  # removed meanwhile (another process trimming)
+                continue
+            files.append((st.st_mtime_ns, st.st_size, path))
+        total = sum(size for _, size, _ in files)
+        for _, size, path in sorted(files):
+            if total <= self.max_bytes:
+                break
+            path.unlink(missing_ok=True)
+            total -= size
 
     def clear(self) -> None:
         """Forget the in-memory rows (files in `folder` stay)."""
@@ -80,6 +118,23 @@ class EmbeddingCache:
             return None
 
 
+def _touch(path: Path) -> None:
+    try:
+        os.utime(path)
+    except OSError:  # a read-only cache folder still serves hits
+        pass
+
+
+def default_cache_folder() -> Path | None:
+    """Where `opensora generate` keeps prompt embeddings: $OPENSORA_TEXT_CACHE ("none" or "off":
+    no folder), else $XDG_CACHE_HOME/opensora_sdk/text, else ~/.cache/opensora_sdk/text."""
+    value = os.environ.get("OPENSORA_TEXT_CACHE")
+    if value is not None:
+        return None if value.strip().lower() in ("", "none", "off") else Path(value).expanduser()
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "opensora_sdk" / "text"
+
+
 def as_cache(cache) -> EmbeddingCache | None:
     if cache is None or cache is False:
         return None
@@ -94,4 +149,4 @@ def as_cache(cache) -> EmbeddingCache | None:
     )
 
 
-__all__ = ["EmbeddingCache", "as_cache"]
+__all__ = ["EmbeddingCache", "as_cache", "default_cache_folder"]

@@ -23,7 +23,14 @@ folders, hub ids, tokenizers and the tiny config: `models/t5_file.py`). transfor
 imported only when an encoder or tokenizer is built, and only its T5 and tokenizer modules.
 Weights from one file (ComfyUI's t5xxl_fp16.safetensors): `from_single_file`.
 An `EmbeddingCache` (in-memory LRU, optionally backed by a folder of .safetensors files)
-skips T5 entirely for prompts it has already seen.
+skips T5 entirely for prompts it has already seen. With a cache, each new prompt is encoded
+on its own, so a cached row is what encoding that prompt alone gives, whatever it came with.
+
+Deferred loading (`from_pretrained(..., lazy=True)`, what the pipeline uses): the folder is
+found and its config, tokenizer files and weight files are checked, but T5 and its tokenizer
+(and transformers) are loaded only when first needed, by `encode` of a prompt the cache does
+not hold, or by reading `model` / `tokenizer`. Such an encoder's cache identity comes from
+its files (`t5_file.folder_facts`), so a later process finds its prompts without loading T5.
 
 The unconditional rows of classifier-free guidance are not computed by T5: they are the
 diffusion model's `y_embedder.y_embedding` buffer (`generation.null_caption`), with the prompt's
@@ -43,6 +50,7 @@ import torch
 from opensora_sdk.dtypes import parse_dtype
 from opensora_sdk.models.t5_file import (
     find_t5_folder,
+    folder_facts,
     find_tokenizer_folder,
     load_t5_encoder,
     load_t5_folder,
@@ -79,6 +87,18 @@ def _sha(*parts) -> str:
     return h.hexdigest()
 
 
+def _library_versions() -> str:
+    """torch's and transformers' versions (T5's float results may change with either), read
+    without importing transformers."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        transformers = version("transformers")
+    except PackageNotFoundError:
+        transformers = "none"
+    return f"torch {torch.__version__}, transformers {transformers}"
+
+
 _ARCH_FIELDS = (
     "vocab_size", "d_model", "d_kv", "d_ff", "num_layers", "num_heads", "feed_forward_proj",
     "relative_attention_num_buckets", "relative_attention_max_distance", "layer_norm_epsilon",
@@ -107,15 +127,12 @@ class T5TextEncoder(HostCopyOffload):
         offload_device: torch.device | str = "cpu",
         name: str = "",
     ):
+        self._setup(model_max_length, device, cache, offload_after_encode, offload_device, name)
+        self._attach(model, tokenizer)
+
+    def _setup(self, model_max_length, device, cache, offload_after_encode, offload_device, name) -> None:
         if isinstance(model_max_length, bool) or not isinstance(model_max_length, int) or model_max_length < 2:
             raise ValueError(f"model_max_length={model_max_length!r} is not allowed: expected an integer >= 2")
-        if len(tokenizer) > model.config.vocab_size:
-            raise ValueError(
-                f"tokenizer has {len(tokenizer)} tokens but the model's vocab_size is "
-                f"{model.config.vocab_size}: use a T5 config with vocab_size >= {len(tokenizer)}"
-            )
-        self.model = model.eval().requires_grad_(False)
-        self.tokenizer = tokenizer
         self.model_max_length = model_max_length
         self.device = torch.device(device)
         self.offload_device = torch.device(offload_device)
@@ -124,9 +141,97 @@ class T5TextEncoder(HostCopyOffload):
         self.name = name
         self.offload_count = 0  # how many times the weights left `device`
         self.onload_count = 0  # how many times they came back
+        self.fp8_scales: str | None = None  # "per_channel" / "per_tensor" once T5's Linears are fp8
         self._offloaded = False
         self._host_copy: dict[str, torch.Tensor] | None = None
         self._identity: str | None = None
+        self._model = self._tokenizer = None
+        self._load = None  # deferred: () -> (model, tokenizer)
+        self._deferred_facts: dict | None = None  # deferred: output_dim, dtype, files (fingerprint)
+        self._pending_fp8: bool | None = None  # deferred: per_channel, applied when T5 loads
+
+    def _attach(self, model, tokenizer) -> None:
+        if len(tokenizer) > model.config.vocab_size:
+            raise ValueError(
+                f"tokenizer has {len(tokenizer)} tokens but the model's vocab_size is "
+                f"{model.config.vocab_size}: use a T5 config with vocab_size >= {len(tokenizer)}"
+            )
+        self._model = model.eval().requires_grad_(False)
+        self._tokenizer = tokenizer
+        self._load = None
+
+    @classmethod
+    def deferred(
+        cls,
+        load,
+        *,
+        output_dim: int,
+        dtype: torch.dtype,
+        fingerprint: str,
+        model_max_length: int = 300,
+        device: torch.device | str = "cpu",
+        cache=None,
+        offload_after_encode: bool = False,
+        offload_device: torch.device | str = "cpu",
+        name: str = "",
+    ) -> "T5TextEncoder":
+        """An encoder whose T5 and tokenizer `load()` -> (model, tokenizer) builds the first time
+        they are needed. `output_dim` and `dtype` are what the loaded model will have;
+        `fingerprint` identifies its files (the cache identity)."""
+        self = cls.__new__(cls)
+        self._setup(model_max_length, device, cache, offload_after_encode, offload_device, name)
+        self._load = load
+        self._deferred_facts = {"output_dim": output_dim, "dtype": dtype, "fingerprint": fingerprint}
+        return self
+
+    # ---- the loaded parts ----------------------------------------------------------------
+
+    @property
+    def is_loaded(self) -> bool:
+        """Whether T5 and its tokenizer are built (always, unless made with `lazy=True`)."""
+        return self._model is not None
+
+    @property
+    def model(self):
+        """transformers' `T5EncoderModel` (a deferred encoder loads it here)."""
+        if self._model is None:
+            self._load_now()
+        return self._model
+
+    @property
+    def tokenizer(self):
+        if self._tokenizer is None:
+            self._load_now()
+        return self._tokenizer
+
+    def _load_now(self) -> None:
+        model, tokenizer = self._load()
+        self._attach(model, tokenizer)
+        if self._pending_fp8 is not None:
+            from opensora_sdk import fp8
+
+            fp8.quantize_text_encoder_fp8(self, per_channel=self._pending_fp8)
+            self._pending_fp8 = None
+
+    def enable_fp8(self, per_channel: bool | str = True) -> None:
+        """float8 Linear weights (`fp8.quantize_text_encoder_fp8`): now, or for a deferred
+        encoder when T5 loads (its cache identity changes at once)."""
+        from opensora_sdk import fp8
+
+        if self.is_loaded:
+            fp8.quantize_text_encoder_fp8(self, per_channel=per_channel)
+        else:
+            self._pending_fp8 = per_channel
+            self.fp8_scales = fp8.scales_name(per_channel)
+            self._identity = None
+
+    def offload(self) -> None:
+        if self.is_loaded:  # a T5 not loaded yet is on no device
+            super().offload()
+
+    def onload(self) -> None:
+        if self.is_loaded:
+            super().onload()
 
     # ---- construction ------------------------------------------------------------------
 
@@ -143,6 +248,7 @@ class T5TextEncoder(HostCopyOffload):
         cache_dir: str | os.PathLike | None = None,
         offload_after_encode: bool = False,
         offload_device: torch.device | str = "cpu",
+        lazy: bool = False,
     ) -> "T5TextEncoder":
         """Load T5 and its tokenizer from a Hugging Face folder or hub repo id.
 
@@ -150,23 +256,22 @@ class T5TextEncoder(HostCopyOffload):
         tokenizer files (spiece.model or tokenizer.json, tokenizer_config.json). A repo id is
         downloaded through huggingface_hub (`local_files_only`, `HF_HUB_OFFLINE` and
         `cache_dir` apply); when that is impossible, the CheckpointError says which folder to
-        pass instead. Weights are loaded straight in `dtype` on `device`.
+        pass instead. Weights are loaded straight in `dtype` on `device`. `lazy=True`: only the
+        folder is found and checked now; T5 loads when first needed (see the module docstring).
         """
         dtype = parse_dtype(dtype)
         device = torch.device(device)
         folder = find_t5_folder(path_or_repo, local_files_only, cache_dir)
+        options = dict(model_max_length=model_max_length, device=device, cache=cache,
+                       offload_after_encode=offload_after_encode, offload_device=offload_device,
+                       name=str(path_or_repo))  # fmt: skip
+        if lazy:
+            output_dim, fingerprint = folder_facts(folder)
+            load = lambda: (load_t5_folder(folder, dtype, device), load_tokenizer_folder(folder))  # noqa: E731
+            return cls.deferred(load, output_dim=output_dim, dtype=dtype, fingerprint=fingerprint, **options)
         tokenizer = load_tokenizer_folder(folder)
         model = load_t5_folder(folder, dtype, device)
-        return cls(
-            model,
-            tokenizer,
-            model_max_length=model_max_length,
-            device=device,
-            cache=cache,
-            offload_after_encode=offload_after_encode,
-            offload_device=offload_device,
-            name=str(path_or_repo),
-        )
+        return cls(model, tokenizer, **options)
 
     @classmethod
     def from_config(
@@ -256,11 +361,15 @@ class T5TextEncoder(HostCopyOffload):
 
     @property
     def dtype(self) -> torch.dtype:
+        if not self.is_loaded:
+            return self._deferred_facts["dtype"]
         return next(self.model.parameters()).dtype
 
     @property
     def output_dim(self) -> int:
         """C, the width of y (4096 for T5-XXL); STDiT3's `caption_channels` must equal it."""
+        if not self.is_loaded:
+            return self._deferred_facts["output_dim"]
         return self.model.config.d_model
 
     @property
@@ -269,8 +378,12 @@ class T5TextEncoder(HostCopyOffload):
 
         The weight part hashes the first and last 32 values of every tensor (cheap even for
         T5-XXL), so two encoders with different weights do not share cache entries, while the
-        same weights loaded from a folder or a hub id do.
+        same weights loaded from a folder or a hub id do. An encoder made with `lazy=True` is
+        identified by its files instead (paths, sizes, modification times, the config and
+        tokenizer files' bytes) and its fp8 choice, without loading anything.
         """
+        if self._identity is None and self._deferred_facts is not None:
+            self._identity = _sha("files", self._deferred_facts["fingerprint"], self.fp8_scales)[:32]
         if self._identity is None:
             config = self.model.config
             arch = json.dumps({k: getattr(config, k, None) for k in _ARCH_FIELDS}, sort_keys=True)
@@ -285,9 +398,24 @@ class T5TextEncoder(HostCopyOffload):
             self._identity = h.hexdigest()[:32]
         return self._identity
 
-    def cache_key(self, text: str) -> str:
-        """The cache key of one (already processed) prompt for this encoder."""
-        return _sha(self.identity, self.dtype, self.model_max_length, text)
+    def cache_key(self, text: str, device: torch.device | str | None = None) -> str:
+        """The cache key of one (already processed) prompt for this encoder running on `device`
+        (default: its `device`): its identity, dtype, max length, the device type and the
+        torch / transformers versions (each may change the float results)."""
+        device_type = torch.device(device if device is not None else self.device).type
+        return _sha(self.identity, self.dtype, self.model_max_length, device_type, _library_versions(), text)
+
+    def lookup(self, prompts, device: torch.device | str | None = None) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """{text: (y_row [L, C], mask_row [L]) on the CPU} for the prompts the cache holds for
+        this encoder on `device`; loads nothing (empty without a cache)."""
+        if self.cache is None:
+            return {}
+        rows = {}
+        for text in dict.fromkeys(_as_text_list(prompts)):
+            hit = self.cache.get(self.cache_key(text, device))
+            if hit is not None:
+                rows[text] = hit
+        return rows
 
     # ---- encoding ----------------------------------------------------------------------
 
@@ -315,27 +443,26 @@ class T5TextEncoder(HostCopyOffload):
     def encode(self, prompts: str | list[str]) -> TextEmbedding:
         """Encode processed prompts -> TextEmbedding(y [B,1,L,C], mask [B,L] int64) on `device`.
 
-        Prompts found in the cache skip T5; the others (each distinct text once) run as one
-        batch. With `offload_after_encode`, T5 leaves `device` right after that batch.
+        Without a cache the distinct texts run as one batch (as the official encoder). With
+        one, prompts it holds skip T5 and each other text runs on its own and is stored. With
+        `offload_after_encode`, T5 leaves `device` right after encoding.
         """
         texts = _as_text_list(prompts)
-        rows: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
-        if self.cache is not None:
-            for text in dict.fromkeys(texts):
-                hit = self.cache.get(self.cache_key(text))
-                if hit is not None:
-                    rows[text] = hit
+        rows = self.lookup(texts)
         todo = [t for t in dict.fromkeys(texts) if t not in rows]
-        if todo:
+        if todo and self.cache is None:
             y_new, mask_new = self._run_model(todo)
-            if self.offload_after_encode:
-                self.offload()
-            for j, text in enumerate(todo):
-                rows[text] = (y_new[j], mask_new[j])
-                if self.cache is not None:
-                    meta = {"text": text, "encoder": self.identity, "name": self.name,
-                            "dtype": self.dtype, "max_length": self.model_max_length}
-                    self.cache.put(self.cache_key(text), y_new[j], mask_new[j], meta)
+            rows.update((text, (y_new[j], mask_new[j])) for j, text in enumerate(todo))
+        elif todo:
+            for text in todo:  # alone: the stored row does not depend on the other prompts of a call
+                y_new, mask_new = self._run_model([text])
+                rows[text] = (y_new[0], mask_new[0])
+                meta = {"text": text, "encoder": self.identity, "name": self.name, "dtype": self.dtype,
+                        "max_length": self.model_max_length, "device": self.device.type,
+                        "versions": _library_versions()}  # fmt: skip
+                self.cache.put(self.cache_key(text), y_new[0], mask_new[0], meta)
+        if todo and self.offload_after_encode:
+            self.offload()
         y = torch.stack([rows[t][0].to(self.device) for t in texts])[:, None]  # [B, 1, L, C]
         mask = torch.stack([rows[t][1].to(self.device) for t in texts])  # [B, L]
         return TextEmbedding(y, mask)
@@ -346,7 +473,7 @@ class T5TextEncoder(HostCopyOffload):
         return (
             f"T5TextEncoder(name={self.name!r}, d_model={self.output_dim}, max_length={self.model_max_length}, "
             f"dtype={self.dtype}, device={self.device}, offloaded={self._offloaded}, "
-            f"cache={'on' if self.cache is not None else 'off'})"
+            f"cache={'on' if self.cache is not None else 'off'}{'' if self.is_loaded else ', not loaded yet'})"
         )
 
 
