@@ -50,8 +50,8 @@ import torch
 from opensora_sdk.dtypes import parse_dtype
 from opensora_sdk.models.t5_file import (
     find_t5_folder,
-    folder_facts,
     find_tokenizer_folder,
+    folder_facts,
     load_t5_encoder,
     load_t5_folder,
     load_tiny_tokenizer,
