@@ -7,6 +7,8 @@ import json
 import sys
 from pathlib import Path
 
+from opensora_sdk.cli_args import DTYPE_CHOICES
+
 
 def _lazy(module: str, function: str):
     from opensora_sdk.cli import lazy
@@ -20,7 +22,7 @@ def _model_args(p) -> None:
     g.add_argument("--model", default=None, help="STDiT3 folder or weight file (e.g. a training checkpoint's ema/)")
     g.add_argument("--vae", default=None, help="VAE folder or weight file")
     g.add_argument("--text-encoder", default=None, help="T5 folder")
-    g.add_argument("--dtype", default="auto", choices=("auto", "fp32", "bf16", "fp16"))
+    g.add_argument("--dtype", default="auto", choices=DTYPE_CHOICES)
     g.add_argument("--device", default="auto")
     g.add_argument("--no-progress", action="store_true")
     p.set_defaults(local_files_only=True, offload="none", vae_tiling=None, debug=False)
@@ -44,7 +46,7 @@ def register(sub) -> None:
     a.add_argument("--lpips-lin", default=None, help="LPIPS lin weights (default: the ones inside the lpips package)")
     a.add_argument("--flow", default="none", choices=("none", "farneback"), help="flow for FloLPIPS (needs LPIPS)")
     a.add_argument("--raft", default=None, help="RAFT-large weights file: FloLPIPS with RAFT flow")
-    a.add_argument("--dtype", default="fp32", choices=("fp32", "bf16", "fp16"))
+    a.add_argument("--dtype", default="fp32", choices=DTYPE_CHOICES[1:])
     a.add_argument("--device", default="auto")
     a.add_argument("--overwrite", action="store_true")
     a.add_argument("--no-progress", action="store_true")
@@ -105,15 +107,14 @@ def _print_summary(summary: dict, output) -> None:
 
 
 def cmd_vae(args: argparse.Namespace) -> int:
-    import torch
-
     from opensora_sdk.data import table
+    from opensora_sdk.dtypes import parse_dtype
     from opensora_sdk.evaluation import metrics, vae_eval
     from opensora_sdk.models.auto import load_vae
 
     try:
         device = _device(args.device)
-        dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
+        dtype = parse_dtype(args.dtype, "--dtype")
         if not Path(args.vae).expanduser().exists():
             raise FileNotFoundError(f"--vae {args.vae!r} not found: give a local VAE folder or file")
         vae = load_vae(args.vae, dtype=dtype, device=device, local_files_only=True).eval()
