@@ -221,7 +221,11 @@ def load_vae(choice: str, dtype: str = "auto") -> LoadedVAE:
 
 
 def load_text_encoder(choice: str, dtype: str = "auto", max_length: int = 300) -> LoadedTextEncoder:
+    """T5 from a folder or one file, checked now and loaded when a prompt first needs it: prompts
+    found in the text cache (`default_cache_folder()`, shared with `opensora generate`) never
+    load it, also after ComfyUI restarts."""
     from opensora_sdk.models import T5TextEncoder
+    from opensora_sdk.models.text_cache import EmbeddingCache, default_cache_folder
 
     device = host.text_encoder_device()
     torch_dtype = resolve_dtype(dtype, device)
@@ -231,14 +235,16 @@ def load_text_encoder(choice: str, dtype: str = "auto", max_length: int = 300) -
         source = f"built-in preset {preset!r}"
     else:
         path = resolve_choice("text_encoder", choice)
+        folder = default_cache_folder()
+        cache = EmbeddingCache(folder=folder) if folder is not None else None
         with explained("text_encoder", choice, path):
             if path.is_dir():
                 encoder = T5TextEncoder.from_pretrained(path, model_max_length=max_length, dtype=torch_dtype,
-                                                        device="cpu")
+                                                        device="cpu", cache=cache, lazy=True)
             else:
                 encoder = T5TextEncoder.from_single_file(
                     path, tokenizer_search=_bundled_t5_tokenizer_folders(), model_max_length=max_length,
-                    dtype=torch_dtype,
+                    dtype=torch_dtype, cache=cache, lazy=True,
                 )
         source = str(path)
     return LoadedTextEncoder(encoder, source)  # placed per use by comfy_nodes.placement

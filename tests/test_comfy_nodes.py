@@ -320,6 +320,11 @@ def test_loaders_read_hf_folders_and_single_files(tmp_path, models, monkeypatch)
     loaded_te = loaders.OpenSoraTextEncoderLoader().load("t5.safetensors", "fp32", te.encoder.model_max_length)[0]
     a, b = text.encode_prompt(loaded_te, "a cat"), text.encode_prompt(te, "a cat")
     assert torch.allclose(a.for_loop(0)[0], b.for_loop(0)[0], atol=1e-6)
+    # another session: the loader checks the file, T5 stays unloaded for a prompt in the text cache
+    again = loaders.OpenSoraTextEncoderLoader().load("t5.safetensors", "fp32", te.encoder.model_max_length)[0]
+    assert not again.encoder.is_loaded
+    c = text.encode_prompt(again, "a cat")
+    assert not again.encoder.is_loaded and torch.equal(c.for_loop(0)[0], a.for_loop(0)[0])
     with pytest.raises(ValueError, match="'stdit.safetensors' is not a T5 v1.1 encoder"):
         loaders.load_text_encoder("stdit.safetensors")
     with pytest.raises(FileNotFoundError, match="missing.safetensors.*not found in the model folders"):

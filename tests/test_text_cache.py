@@ -60,6 +60,20 @@ def test_a_cache_hit_never_loads_t5_and_gives_the_same_rows(t5_folder, tmp_path)
     assert torch.equal(warm.y, cold.y.flip(0)) and torch.equal(warm.mask, cold.mask.flip(0))
 
 
+def test_a_single_file_t5_can_be_deferred_too(t5_folder, tmp_path):
+    weights = t5_folder / "model.safetensors"  # its tokenizer files lie beside it
+    lazy = T5TextEncoder.from_single_file(weights, model_max_length=40, lazy=True, cache=tmp_path / "c")
+    assert not lazy.is_loaded and lazy.output_dim == 64
+    eager = T5TextEncoder.from_single_file(weights, model_max_length=40)
+    assert torch.equal(lazy.encode(PROMPTS).y, eager.encode(PROMPTS).y) and lazy.is_loaded
+    again = T5TextEncoder.from_single_file(weights, model_max_length=40, lazy=True, cache=tmp_path / "c")
+    assert torch.equal(again.encode(PROMPTS[1]).y[0], eager.encode(PROMPTS[1]).y[0]) and not again.is_loaded
+    given = T5TextEncoder.from_single_file(weights, model_max_length=40, lazy=True, tokenizer=eager.tokenizer)
+    assert given.identity != again.identity and torch.equal(given.encode(PROMPTS[0]).y, eager.encode(PROMPTS[0]).y)
+    with pytest.raises(FileNotFoundError, match="neither tokenizer.json nor spiece.model"):
+        T5TextEncoder.from_single_file(weights, lazy=True, tokenizer=tmp_path)
+
+
 def test_the_file_identity_changes_with_the_files_dtype_device_and_fp8(t5_folder):
     a, b = deferred(t5_folder), deferred(t5_folder)
     assert a.cache_key(PROMPTS[0]) == b.cache_key(PROMPTS[0])

@@ -224,7 +224,6 @@ def folder_facts(folder: Path) -> tuple[int, str]:
     and a .safetensors file's embedding is d_model wide. The fingerprint hashes config.json and
     the tokenizer files (their bytes) and each weight file's path, size and modification time:
     a changed or replaced file is another encoder."""
-    import hashlib
     import json
 
     from opensora_sdk.loading import check_weight_files
@@ -238,9 +237,8 @@ def folder_facts(folder: Path) -> tuple[int, str]:
         ) from err
     if isinstance(d_model, bool) or not isinstance(d_model, int) or d_model < 1:
         raise CheckpointError(f"{str(folder)!r}: config.json has d_model={d_model!r}; expected a positive integer")
-    tokenizer_files = sorted(p for p in folder.iterdir() if p.name in (*TOKENIZER_FILES, "tokenizer_config.json",
-                                                                       "special_tokens_map.json"))  # fmt: skip
-    if not any(p.name in TOKENIZER_FILES for p in tokenizer_files):
+    tokenizer = tokenizer_files(folder)
+    if not tokenizer:
         find_tokenizer_folder(folder / "config.json")  # raises: names the files it looked for
     weights = resolve_checkpoint(folder).weight_files
     check_weight_files(weights)
@@ -252,13 +250,28 @@ def folder_facts(folder: Path) -> tuple[int, str]:
                 raise CheckpointError(
                     f"{str(file)!r}: '{SHARED}' is {embed[-1]} wide but config.json says d_model={d_model}"
                 )
+    return d_model, fingerprint(weights, [config_file, *tokenizer])
+
+
+def fingerprint(weight_files, small_files) -> str:
+    """A hash of the small files' names and bytes and of each weight file's resolved path,
+    size and modification time (large files are not read: a replaced file has a new time)."""
+    import hashlib
+
     h = hashlib.sha256()
-    for file in [config_file, *tokenizer_files]:
+    for file in small_files:
         h.update(file.name.encode() + b"\0" + file.read_bytes() + b"\0")
-    for file in weights:
+    for file in weight_files:
         st = file.stat()
         h.update(f"{file.resolve()}\0{st.st_size}\0{st.st_mtime_ns}\0".encode())
-    return d_model, h.hexdigest()
+    return h.hexdigest()
+
+
+def tokenizer_files(folder: Path) -> list[Path]:
+    """The tokenizer files of `folder` (empty when it has neither tokenizer.json nor spiece.model)."""
+    names = (*TOKENIZER_FILES, "tokenizer_config.json", "special_tokens_map.json")
+    files = sorted(p for p in folder.iterdir() if p.name in names)
+    return files if any(p.name in TOKENIZER_FILES for p in files) else []
 
 
 def find_tokenizer_folder(path: Path, search=()) -> Path:

@@ -48,15 +48,18 @@ from typing import NamedTuple
 import torch
 
 from opensora_sdk.dtypes import parse_dtype
+from opensora_sdk.loading import check_weight_files
 from opensora_sdk.models.t5_file import (
     find_t5_folder,
     find_tokenizer_folder,
+    fingerprint,
     folder_facts,
     load_t5_encoder,
     load_t5_folder,
     load_tiny_tokenizer,
     load_tokenizer_folder,
     read_config,
+    tokenizer_files,
 )
 from opensora_sdk.models.t5_offload import HostCopyOffload
 from opensora_sdk.models.text_cache import as_cache
@@ -327,6 +330,7 @@ class T5TextEncoder(HostCopyOffload):
         cache=None,
         offload_after_encode: bool = False,
         offload_device: torch.device | str = "cpu",
+        lazy: bool = False,
     ) -> "T5TextEncoder":
         """T5 from one weight file in the Hugging Face key layout (ComfyUI's t5xxl_fp16.safetensors).
 
@@ -336,6 +340,8 @@ class T5TextEncoder(HostCopyOffload):
         unexpected or mismatched keys are a CheckpointError naming the file and the keys.
         `tokenizer`: a tokenizer object or a folder; None takes the first folder among [the
         file's folder, *tokenizer_search] that holds tokenizer.json or spiece.model.
+        `lazy=True`: the file and the tokenizer folder are checked now, the weights and the
+        tokenizer are loaded when first needed (a tokenizer object: used as it is).
         """
         path = Path(path).expanduser()
         if not path.is_file():
@@ -344,18 +350,28 @@ class T5TextEncoder(HostCopyOffload):
         config = read_config(path)  # a file of another kind fails here, before anything loads
         if tokenizer is None:
             tokenizer = find_tokenizer_folder(path, tokenizer_search)
+        options = dict(model_max_length=model_max_length, device=device, cache=cache,
+                       offload_after_encode=offload_after_encode, offload_device=offload_device,
+                       name=str(path))  # fmt: skip
+        if lazy:
+            check_weight_files([path])
+            if isinstance(tokenizer, (str, os.PathLike)):
+                folder = Path(tokenizer)
+                files = tokenizer_files(folder)
+                if not files:
+                    raise FileNotFoundError(
+                        f"tokenizer folder {str(folder)!r} has neither tokenizer.json nor spiece.model"
+                    )
+                identity = fingerprint([path], files)
+                load = lambda: (load_t5_encoder(path, config, dtype, device),  # noqa: E731
+                                load_tokenizer_folder(folder))
+            else:  # a tokenizer object: identified by its vocabulary
+                identity = fingerprint([path], []) + _sha(sorted(tokenizer.get_vocab().items()))
+                load = lambda: (load_t5_encoder(path, config, dtype, device), tokenizer)  # noqa: E731
+            return cls.deferred(load, output_dim=config.d_model, dtype=dtype, fingerprint=identity, **options)
         if isinstance(tokenizer, (str, os.PathLike)):
             tokenizer = load_tokenizer_folder(Path(tokenizer))
-        return cls(
-            load_t5_encoder(path, config, dtype, device),
-            tokenizer,
-            model_max_length=model_max_length,
-            device=device,
-            cache=cache,
-            offload_after_encode=offload_after_encode,
-            offload_device=offload_device,
-            name=str(path),
-        )
+        return cls(load_t5_encoder(path, config, dtype, device), tokenizer, **options)
 
     # ---- facts -------------------------------------------------------------------------
 
