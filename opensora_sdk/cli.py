@@ -91,7 +91,10 @@ def _register_generate(sub) -> None:
     p = sub.add_parser("generate", help="generate videos from prompts (and references)")
     _add_generation_args(p)
     g = p.add_argument_group("output")
-    g.add_argument("--save-dir", default="./samples/samples/",
+    g.add_argument("-o", "--output", default=None, metavar="FILE",
+                   help="write the video to FILE (.mp4, .webm, .gif, .webp; .png for one frame); several videos get "
+                        "_0000, _0001, ... before the suffix. Instead of --save-dir, --sample-name, --prompt-as-path")
+    g.add_argument("--save-dir", default=None,
                    help="output folder, created if missing (default ./samples/samples/, as the official script)")
     g.add_argument("--sample-name", default=None, help="file name prefix (default 'sample': sample_0000.mp4, ...)")
     g.add_argument("--prompt-as-path", action="store_true",

@@ -71,6 +71,7 @@ def _add_generation_args(p: argparse.ArgumentParser) -> None:
     from opensora_sdk.text import CAMERA_MOTIONS
 
     g = p.add_argument_group("prompts")
+    g.add_argument("text", nargs="*", metavar="PROMPT", help="the prompt(s), as --prompt (put them before the options)")
     g.add_argument("--prompt", nargs="+", help="one or more prompts (loop segments '|0|a|1|b' and inline JSON allowed)")
     g.add_argument("--prompt-path", help="a text file with one prompt per line (blank lines are skipped)")
     g.add_argument("--start-index", type=int, default=0,

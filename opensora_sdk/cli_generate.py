@@ -143,6 +143,9 @@ def _generate(args: argparse.Namespace, proc, device, dtype) -> int:
     if args.save_fps is not None and not args.save_fps > 0:
         raise ValueError(f"--save-fps {args.save_fps}: expected a positive number")
     watermark = None if args.watermark is None else outputs.check_watermark_image(args.watermark)
+    if args.output and (args.save_dir or args.sample_name or args.prompt_as_path):
+        raise ValueError("--output names the file itself: leave out --save-dir, --sample-name and --prompt-as-path")
+    save_dir = args.save_dir or outputs.DEFAULT_SAVE_DIR
     endpoint = cli_refine.endpoint(args) if args.llm_refine else None  # a missing key fails here
     originals = _read_prompts(args)
     # every option is checked before the LLM or a model runs (an empty prompt, which the LLM
@@ -154,7 +157,7 @@ def _generate(args: argparse.Namespace, proc, device, dtype) -> int:
         originals, num_sample=args.num_sample, sample_name=args.sample_name, start_index=args.start_index,
         prompt_as_path=args.prompt_as_path, suffix=".png" if plan.total_frames == 1 else ".mp4",
     )
-    paths = [Path(args.save_dir) / name for name in names]
+    paths = outputs.output_paths(args.output, len(names)) if args.output else [Path(save_dir) / n for n in names]
     keep = [k for k, path in enumerate(paths) if not (args.prompt_as_path and path.exists())]
     say = is_main and args.verbose >= 1
     if say and len(keep) < len(paths):
@@ -163,12 +166,16 @@ def _generate(args: argparse.Namespace, proc, device, dtype) -> int:
     if not keep:
         return 0
     if is_main:
+        flag, folder = ("--output", paths[0].parent) if args.output else ("--save-dir", Path(save_dir))
         try:
-            Path(args.save_dir).mkdir(parents=True, exist_ok=True)
+            folder.mkdir(parents=True, exist_ok=True)
         except OSError as e:
-            raise ValueError(f"--save-dir {args.save_dir!r}: cannot create the folder ({e.strerror})") from e
+            raise ValueError(f"{flag} {str(folder)!r}: cannot create the folder ({e.strerror})") from e
         for k in keep:
-            check_writable(paths[k], num_frames=plan.total_frames)
+            try:
+                check_writable(paths[k], num_frames=plan.total_frames)
+            except (ValueError, OSError) as e:
+                raise type(e)(f"{flag}: {e}") from None
     texts = originals
     if endpoint is not None:
         which = {k // args.num_sample for k in keep}

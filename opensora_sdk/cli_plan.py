@@ -10,12 +10,15 @@ def _read_prompts(args) -> list[str]:
     for flag, value in (("--start-index", args.start_index), ("--end-index", args.end_index)):
         if value is not None and value < 0:
             raise ValueError(f"{flag} {value}: expected an integer >= 0")
-    if args.prompt and args.prompt_path:
-        raise ValueError("give --prompt or --prompt-path, not both")
-    if args.prompt:
-        return list(args.prompt)
+    positional = list(getattr(args, "text", None) or [])
+    if sum(map(bool, (positional, args.prompt, args.prompt_path))) > 1:
+        given = [name for name, v in (("PROMPT", positional), ("--prompt", args.prompt),
+                                      ("--prompt-path", args.prompt_path)) if v]  # fmt: skip
+        raise ValueError(f"prompts given as {' and '.join(given)}: give them one way only")
+    if positional or args.prompt:
+        return positional or list(args.prompt)
     if not args.prompt_path:
-        raise ValueError("no prompt: give --prompt TEXT [TEXT ...] or --prompt-path FILE")
+        raise ValueError("no prompt: give PROMPT, --prompt TEXT [TEXT ...] or --prompt-path FILE")
     path = Path(args.prompt_path)
     if not path.is_file():
         raise FileNotFoundError(f"--prompt-path {args.prompt_path!r}: file not found")

@@ -5,6 +5,8 @@ Names (spec 6.5, 2.3), for prompt number i (counted from `start_index`) and samp
 
     default           {save_dir}/{sample_name or "sample"}_{i:04d}{-k}.mp4
     --prompt-as-path  {save_dir}/{the prompt, sanitised}{-k}.mp4     (existing files are skipped)
+    --output FILE     FILE for one video; {stem}_{n:04d}{suffix} beside it for several (n counts
+                      every video of the run)
 
 The ``-k`` suffix appears only when num_sample != 1; one-frame outputs are ``.png``.
 
@@ -22,6 +24,7 @@ import re
 from pathlib import Path
 from typing import Sequence
 
+DEFAULT_SAVE_DIR = "./samples/samples/"  # the official script's
 # The official logo location (relative to the working directory), used by `--watermark` alone.
 OFFICIAL_WATERMARK = Path("assets/images/watermark/watermark.png")  # = cli_args.OFFICIAL_WATERMARK
 WATERMARK_HEIGHT = 0.1  # of the video height
@@ -67,6 +70,14 @@ def sample_file_names(
         for k in range(num_sample):
             names.append(f"{stem}{f'-{k}' if num_sample != 1 else ''}{suffix}")
     return names
+
+
+def output_paths(output: str | os.PathLike, count: int) -> list[Path]:
+    """`--output FILE`: [FILE] for one video, FILE's stem + _0000, _0001, ... for several."""
+    path = Path(output).expanduser()
+    if count == 1:
+        return [path]
+    return [path.with_name(f"{path.stem}_{n:04d}{path.suffix}") for n in range(count)]
 
 
 # --------------------------------------------------------------------------------------------

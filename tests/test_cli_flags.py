@@ -62,6 +62,33 @@ def test_num_sample_names_and_consecutive_seeds(tmp_path, capsys):
     assert not np.array_equal(videos[0].frames, videos[1].frames)  # different seeds, same prompt
 
 
+def test_a_prompt_without_a_flag_and_output_names_the_file(tmp_path, capsys):
+    rc, out, _ = run(capsys, "a cat on a mat", "-o", str(tmp_path / "cat.webm"), "--seed", "3")
+    assert rc == 0 and out == [str(tmp_path / "cat.webm")]
+    video = Video.from_file(tmp_path / "cat.webm")
+    assert (video.num_frames, video.metadata["title"], video.metadata["seed"]) == (5, "a cat on a mat", "3")
+    rc, out, _ = run(capsys, "a cat", "a dog", "--num-sample", "2", "--output", str(tmp_path / "new" / "pets.gif"))
+    assert rc == 0 and out == [str(tmp_path / "new" / f"pets_{n:04d}.gif") for n in range(4)]
+    assert [Video.from_file(p).metadata["title"] for p in out] == ["a cat", "a cat", "a dog", "a dog"]
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["a cat", "--prompt", "a dog"], "prompts given as PROMPT and --prompt: give them one way only"),
+        (["a cat", "-o", "x.mp4", "--save-dir", "."], "--output names the file itself: leave out --save-dir"),
+        (["a cat", "-o", "x.avi"], "--output: cannot save 'x.avi': extension '.avi' is not supported"),
+        (["a cat", "-o", "x.png"], "--output: cannot save 5 frames to 'x.png'"),
+    ],
+    ids=["twice", "with save-dir", "suffix", "png"],
+)
+def test_prompt_and_output_mistakes_are_one_clear_line(tmp_path, capsys, monkeypatch, argv, message):
+    monkeypatch.chdir(tmp_path)
+    rc, out, err = run(capsys, *argv)
+    assert rc != 0 and out == [] and message in err and "Traceback" not in err
+    assert list(tmp_path.iterdir()) == []  # nothing written
+
+
 def test_prompt_as_path_sanitises_and_resumes(tmp_path, capsys):
     argv = ["--prompt", "a red/blue ball: bouncing?", "a cat", "--num-sample", "2", "--prompt-as-path",
             "--save-dir", str(tmp_path), "--seed", "1"]

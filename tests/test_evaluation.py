@@ -272,6 +272,9 @@ def test_eval_sample_names_files_officially_and_resumes(tmp_path, capsys):
     capsys.readouterr()
     assert main(args) == 0
     assert "3 of 4 samples exist; generating 1" in capsys.readouterr().err
+    one = ["eval", "sample", "a green triangle", "--num-sampling-steps", "1", "--num-frames", "1",
+           "--save-dir", str(tmp_path / "one"), "--no-progress"]  # fmt: skip
+    assert main(one) == 0 and [p.name for p in (tmp_path / "one").iterdir()] == ["sample_0000.png"]
 
 
 def test_sample_names_and_seeds():

@@ -46,7 +46,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
         raise ValueError("--seed random is not allowed here: samples are named and resumed by their seeds")
     prompts = cli_plan._read_prompts(args)
     first = copy.copy(args)
-    first.prompt, first.prompt_path, first.batch_size = [prompts[0]], None, 1
+    first.prompt, first.text, first.prompt_path, first.batch_size = [prompts[0]], [], None, 1
     _, plan = cli_plan._configs_and_plan(first)  # every option checked before any weight is read
     suffix = ".png" if plan.total_frames == 1 else ".mp4"
     save_dir = Path(args.save_dir)
