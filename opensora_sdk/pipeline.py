@@ -38,7 +38,9 @@ class OpenSoraPipeline(MemoryMixin, LoraLoaderMixin):
     * Weights wait on the host and each model moves to `device` only when it is first used:
       T5 to encode, the VAE to encode references or decode, STDiT3 to sample.
     * T5 leaves `device` right after encoding, always, also when encoding fails; all prompts
-      of a call, every loop included, are encoded in one pass before sampling starts.
+      of a call, every loop included, are encoded in one pass before sampling starts. T5 given
+      as a folder or hub id is loaded at the first prompt that needs it; with `text_cache`
+      (`from_pretrained`), prompts found there skip T5, which then never loads.
     * `offload=None` (default): STDiT3 and the VAE stay on `device` once used (fastest).
       `offload="model"`: each goes back to the host after every use, so only one large
       model is on the device at a time, at the cost of host-device copies per loop.
