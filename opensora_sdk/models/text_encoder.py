@@ -39,6 +39,7 @@ own mask; a negative prompt is encoded like any prompt and keeps its own mask.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -90,6 +91,7 @@ def _sha(*parts) -> str:
     return h.hexdigest()
 
 
+@functools.lru_cache(maxsize=1)
 def _library_versions() -> str:
     """torch's and transformers' versions (T5's float results may change with either), read
     without importing transformers."""
