@@ -55,24 +55,31 @@ def lazy(module: str, function: str) -> Callable[[argparse.Namespace], int]:
 
 
 def cmd_info(args: argparse.Namespace) -> int:
+    from opensora_sdk.cli_generate import texts_in_cache
     from opensora_sdk.estimates import estimate_memory
 
     device, dtype = _device_and_dtype(args, available=False)
     configs, plan = _configs_and_plan(args)
     _check_memory_args(args, configs)
+    found = texts_in_cache(args, configs, plan, device)
+    cached = found is not None and found[0] == found[1]
     memory = estimate_memory(
         plan, configs.transformer, configs.vae, configs.text_encoder, dtype=dtype,
         offload=None if args.offload == "none" else args.offload, device_type=device.type,
-        fp8=args.fp8, block_swap=args.block_swap,
+        fp8=args.fp8, block_swap=args.block_swap, text_cached=cached,
     )
     print(plan.summary())
     print(f"device:         {device} ({str(dtype).removeprefix('torch.')} for the transformer and the VAE, T5 float32)")
+    if found is not None:
+        print(f"text cache:     {found[0]} of {found[1]} text(s) in {found[2]}"
+              + ("; T5 will not load" if cached else "; T5 loads to encode the others"))
     for line in memory.lines():
         print(f"memory:         {line}")
     from opensora_sdk.estimates import estimate_modes, gib
 
     swap = args.block_swap or 0
-    modes = estimate_modes(plan, configs.transformer, configs.vae, configs.text_encoder, block_swap=swap)
+    modes = estimate_modes(plan, configs.transformer, configs.vae, configs.text_encoder, block_swap=swap,
+                           text_cached=cached)
     print("memory modes:   estimated peak on a GPU (bf16; T5 bf16): " + ", ".join(
         f"{name}{f' ({swap} blocks on the GPU)' if 'swap' in name else ''} {gib(m.peak)}" for name, m in modes.items()))
     for kind, source in configs.sources.items():

@@ -66,6 +66,28 @@ def _text_cache(args):
     return EmbeddingCache(folder=folder)
 
 
+def texts_in_cache(args, configs, plan, device):
+    """(texts of `plan` in the text cache, distinct texts, its folder) for the T5 these options
+    load, or None when there is no cache or the T5 files are not here (a hub id not yet
+    downloaded). Loads no model: the T5 folder is only checked and fingerprinted."""
+    from opensora_sdk.generation import plan_texts
+    from opensora_sdk.loading import CheckpointError
+    from opensora_sdk.models import T5TextEncoder
+    from opensora_sdk.presets import get_preset
+
+    cache = _text_cache(args)
+    source = args.text_encoder or get_preset(_preset_name(args)).text_encoder
+    if cache is None or not isinstance(source, str):
+        return None
+    try:
+        encoder = T5TextEncoder.from_pretrained(source, model_max_length=configs.transformer.model_max_length,
+                                                local_files_only=True, cache=cache, lazy=True)
+    except (CheckpointError, OSError, ValueError):
+        return None
+    texts = list(dict.fromkeys(plan_texts(plan)))
+    return len(encoder.lookup(texts, device)), len(texts), cache.folder
+
+
 def _fp8_after_loras(args, pipe) -> None:
     """--fp8 with --lora: the adapters are fused into the full-precision weights, then those are
     stored in fp8 (a LoRA cannot wrap an fp8 layer)."""

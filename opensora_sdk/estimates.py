@@ -238,10 +238,12 @@ def estimate_memory(
     parameters: dict[str, int] | None = None,
     fp8: bool = False,
     block_swap: int | None = None,
+    text_cached: bool = False,
 ) -> MemoryEstimate:
     """See the module docstring for the formulas. `plan` is a `GenerationPlan`. `fp8`: the
     transformer's and T5's Linear weights in float8; `block_swap`: transformer blocks kept on
-    the device (the others stream); `offload`: None, "model" or "sequential"."""
+    the device (the others stream); `offload`: None, "model" or "sequential"; `text_cached`:
+    every prompt is in the text cache, so T5 never loads (no weights, no text phase)."""
     p = parameters or {
         "text_encoder": t5_encoder_parameters(t5_config),
         "transformer": stdit3_parameters(transformer_config),
@@ -264,6 +266,8 @@ def estimate_memory(
             kept_transformer = device_weight_bytes(WeightSplit(tr.blocks[:block_swap], tr.rest, tr.float32), nb, fp8=fp8)
         else:
             kept_transformer = weights["transformer"]
+    if text_cached:
+        weights["text_encoder"] = on_device["text_encoder"] = 0
     B = plan.latent_shape[0]
     rows = 2 * B if plan.guidance_scale != 1 else B
     acts = transformer_activation_bytes(transformer_config, rows, plan.video_tokens, dtype)
@@ -282,6 +286,8 @@ def estimate_memory(
             "sampling": on_device["transformer"] + acts + (weights["vae"] if keep and vae_before else 0),
             "decoding": weights["vae"] + decode + clip + (kept_transformer if keep else 0),
         }
+    if text_cached:
+        del phases["text"]
     return MemoryEstimate(weights, acts, scores, decode, clip, max(phases.values()), phases)
 
 
@@ -289,11 +295,13 @@ MODES = ("bf16", "fp8", "fp8 + block swap", "sequential offload")
 
 
 def estimate_modes(plan, transformer_config, vae_config, t5_config: dict, *, block_swap: int = 0,
-                   text_encoder_dtype: torch.dtype = torch.bfloat16) -> dict[str, MemoryEstimate]:
+                   text_encoder_dtype: torch.dtype = torch.bfloat16,
+                   text_cached: bool = False) -> dict[str, MemoryEstimate]:
     """Peak device memory of `plan` on a GPU in each of `MODES`, all bf16: plain (models stay
     after use), fp8 weights (transformer and T5), fp8 with `block_swap` blocks on the device
     and the models leaving after use, and sequential offload (bf16 weights)."""
-    kw = dict(dtype=torch.bfloat16, text_encoder_dtype=text_encoder_dtype, device_type="cuda")
+    kw = dict(dtype=torch.bfloat16, text_encoder_dtype=text_encoder_dtype, device_type="cuda",
+              text_cached=text_cached)  # fmt: skip
     args = (plan, transformer_config, vae_config, t5_config)
     return {
         "bf16": estimate_memory(*args, **kw),

@@ -4,7 +4,8 @@ Every front end (the pipeline and so the CLI and the app, the ComfyUI nodes incl
 long-video node, the headless workflow runner) runs generation through these functions;
 none re-implements a step. Each step of generation is exactly one function here:
 
-    encode_texts        T5 once for every text of the call, then it leaves the device
+    encode_texts        T5 once for every text of the call (`plan_texts`), then it leaves the
+                        device; texts in the encoder's text cache skip T5
     start_batch         one generator per sample (seed + k); references -> VAE latents
     sample_clip         noise -> mask strategy -> the family's sampler with STDiT3 (CFG)
     decode_clip         latents -> pixels (chunked, optionally tiled, split over SP ranks)
@@ -185,6 +186,14 @@ def block_callback(transformer: torch.nn.Module, fn: Callable[[], None] | None):
 # --------------------------------------------------------------------------------------------
 # The steps
 # --------------------------------------------------------------------------------------------
+
+
+def plan_texts(plan: GenerationPlan) -> list[str]:
+    """Every text T5 encodes for `plan`: each sample's loop prompts, then the negative prompt."""
+    texts = [t for s in plan.samples for t in s.loop_prompts]
+    if plan.negative_prompt is not None:
+        texts.append(plan.negative_prompt)
+    return texts
 
 
 def encode_texts(text_encoder, placement: Placement, texts: Sequence[str], timings=None) -> Embeddings:
@@ -411,11 +420,8 @@ def _run(models, placement, plan, embeddings, callback, progress, timings, per_b
     for each batch (its results concatenated), steps counted over the call."""
     timings = Timings() if timings is None else timings
     if embeddings is None:
-        texts = [t for s in plan.samples for t in s.loop_prompts]
-        if plan.negative_prompt is not None:
-            texts.append(plan.negative_prompt)
         with timings.stage("text"):
-            embeddings = encode_texts(models.text_encoder, placement, texts, timings)
+            embeddings = encode_texts(models.text_encoder, placement, plan_texts(plan), timings)
     steps = CallProgress(len(plan.batches()) * plan.loop * plan.num_steps, callback, progress)
     out: list = []
     try:
@@ -524,6 +530,7 @@ __all__ = [
     "guided_model",
     "iter_clips",
     "null_caption",
+    "plan_texts",
     "sample_clip",
     "start_batch",
     "video_metadata",

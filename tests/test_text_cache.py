@@ -212,3 +212,43 @@ def test_the_pipeline_takes_a_text_cache_and_loads_t5_only_for_new_prompts(tmp_p
     assert (second.frames == first.frames).all()
     plain = OpenSoraPipeline.from_preset(device="cpu", progress=False)(PROMPTS[0], seed=3, num_steps=4)
     assert (plain.frames == first.frames).all()  # one prompt: the same with or without the cache
+
+
+def test_info_says_which_prompts_are_cached_and_leaves_t5_out_of_the_peak(tmp_path, capsys, monkeypatch):
+    from opensora_sdk.cli import main
+
+    monkeypatch.setenv("OPENSORA_TEXT_CACHE", str(tmp_path / "cache"))
+
+    def info(*prompts):
+        assert main(["info", *prompts, "--device", "cpu"]) == 0
+        lines = capsys.readouterr().out.splitlines()
+        return {k.strip(): v.strip() for k, _, v in (line.partition(":") for line in lines)}, lines
+
+    before, lines = info(PROMPTS[0])
+    assert before["text cache"].startswith("0 of 1 text(s)") and "T5 loads" in before["text cache"]
+    assert any(line.startswith("memory:         peak by phase: text ") for line in lines)
+    from opensora_sdk.pipeline import OpenSoraPipeline
+
+    pipe = OpenSoraPipeline.from_preset(device="cpu", progress=False, text_cache=tmp_path / "cache")
+    pipe(PROMPTS[0], num_steps=1)
+    after, lines = info(PROMPTS[0])
+    assert after["text cache"] == f"1 of 1 text(s) in {tmp_path / 'cache'}; T5 will not load"
+    assert "memory:         weights text_encoder: 0.0 MiB" in lines
+    assert not any("peak by phase: text" in line for line in lines)
+    partly, _ = info(PROMPTS[0], PROMPTS[1])
+    assert partly["text cache"].startswith("1 of 2 text(s)")
+
+
+def test_the_estimate_without_t5_is_the_estimate_less_its_text_phase():
+    from opensora_sdk.estimates import estimate_memory
+    from opensora_sdk.pipeline import OpenSoraPipeline
+    from opensora_sdk.presets import model_configs
+
+    configs = model_configs("v1.2")
+    plan = OpenSoraPipeline.from_preset(device="cpu").plan("a cat")  # 64x64, 17 frames: T5-XXL outweighs the rest
+    args = (plan, configs.transformer, configs.vae, configs.text_encoder)
+    full = estimate_memory(*args, device_type="cuda", fp8=True)
+    cached = estimate_memory(*args, device_type="cuda", fp8=True, text_cached=True)
+    assert cached.weights["text_encoder"] == 0 and "text" not in cached.phases
+    assert cached.phases == {k: v for k, v in full.phases.items() if k != "text"}
+    assert cached.peak == max(cached.phases.values()) < full.peak
