@@ -475,7 +475,7 @@ class T5TextEncoder(HostCopyOffload):
             for text in todo:  # alone: the stored row does not depend on the other prompts of a call
                 y_new, mask_new = self._run_model([text])
                 rows[text] = (y_new[0], mask_new[0])
-                meta = {"text": text, "encoder": self.identity, "name": self.name, "dtype": self.dtype,
+                meta = {"encoder": self.identity, "name": self.name, "dtype": self.dtype,  # not the prompt itself
                         "max_length": self.model_max_length, "device": self.device.type,
                         "versions": _library_versions()}  # fmt: skip
                 self.cache.put(self.cache_key(text), y_new[0], mask_new[0], meta)
