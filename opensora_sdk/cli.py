@@ -28,7 +28,9 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
+import warnings
 from typing import Callable
 
 from opensora_sdk import cli_refine
@@ -196,6 +198,44 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class _Notes:
+    """The SDK's own UserWarnings during a command (a size rounded, a model used away from its
+    native size, a text cache that cannot be written), as ``opensora COMMAND: note: ...`` lines
+    without the source line; none with `quiet`. `generate` and `info` hold them until
+    `flush_notes()` (before long work starts, and when the command ends well), so a failing
+    command prints its one error line alone; other commands (the app's server) print them at
+    once. Other warnings show as Python shows them."""
+
+    active = None  # the running command's
+    HELD = ("generate", "info")
+
+    def __init__(self, command: str, default, *, debug: bool, quiet: bool):
+        self.command, self.default, self.debug, self.quiet = command, default, debug, quiet
+        self.hold = command in self.HELD
+        self.package = os.path.dirname(os.path.abspath(__file__))
+        self.pending: list[str] = []
+
+    def show(self, message, category, filename, lineno, file=None, line=None):
+        ours = issubclass(category, UserWarning) and os.path.abspath(filename).startswith(self.package)
+        if self.debug or not ours:
+            self.default(message, category, filename, lineno, file, line)
+        elif not self.quiet and str(message) not in self.pending:
+            self.pending.append(str(message))
+            if not self.hold:
+                self.flush()
+
+    def flush(self) -> None:
+        for message in self.pending:
+            print(f"opensora {self.command}: note: {message}", file=sys.stderr)
+        self.pending = []
+
+
+def flush_notes() -> None:
+    """Print the notes the running command has gathered (see `_Notes`)."""
+    if _Notes.active is not None:
+        _Notes.active.flush()
+
+
 def main(argv: list[str] | None = None) -> int:
     from opensora_sdk.loading import CheckpointError
 
@@ -204,7 +244,14 @@ def main(argv: list[str] | None = None) -> int:
     except SystemExit as done:  # --help, or a one-line usage error (already printed)
         return done.code if isinstance(done.code, int) else EXIT_USAGE
     try:
-        return args.func(args)
+        with warnings.catch_warnings():  # the SDK's notes as one line each (restored afterwards)
+            notes = _Notes(args.command, warnings.showwarning, debug=getattr(args, "debug", False),
+                           quiet=getattr(args, "verbose", 1) == 0)
+            warnings.simplefilter("always", UserWarning)  # each note once per command, not once per process
+            warnings.showwarning, _Notes.active = notes.show, notes
+            code = args.func(args)
+            notes.flush()
+            return code
     except KeyboardInterrupt:
         print("opensora: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
@@ -214,6 +261,8 @@ def main(argv: list[str] | None = None) -> int:
         message = " ".join(str(err).split("\n")) or type(err).__name__
         print(f"opensora {args.command}: error: {message}", file=sys.stderr)
         return EXIT_USAGE
+    finally:
+        _Notes.active = None
 
 
 if __name__ == "__main__":

@@ -155,6 +155,7 @@ def _generate(args: argparse.Namespace, proc, device, dtype) -> int:
     from contextlib import nullcontext
 
     from opensora_sdk import outputs
+    from opensora_sdk.cli import flush_notes
     from opensora_sdk.generation import Timings
     from opensora_sdk.video_io import check_writable
 
@@ -223,6 +224,8 @@ def _generate(args: argparse.Namespace, proc, device, dtype) -> int:
     together = nullcontext() if proc is None else fail_together(proc.group)
     with together:  # a failure on any rank (a write error on rank 0 too) ends every rank
         plan = pipe.agree(plan)  # rank 0's seeds when --seed random
+        if is_main:
+            flush_notes()  # before the long part
         if say:
             print(f"generating {plan.num_samples} video(s): {plan.height}x{plan.width}, {plan.total_frames} frames, "
                   f"seeds {plan.seeds}" + (f", {proc.world_size} processes" if proc else ""), file=sys.stderr)

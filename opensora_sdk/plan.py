@@ -32,6 +32,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+import warnings
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
@@ -312,8 +313,11 @@ def plan_generation(
     family: ModelFamily,
     sampler: str | None = None,
     cache=None,
+    native_size: tuple[int, int] | None = None,
 ) -> GenerationPlan:
     """Resolve and check every argument; see `OpenSoraPipeline.__call__` for their meaning.
+    `native_size`: the model's own (height, width), e.g. the built-in model's 64x64, the only
+    size it was trained at; another size gets a note (and a warning).
 
     `prompts` comes from `plan_prompts` (or from a front end that processed the text when it
     encoded it). Raises ValueError / TypeError / FileNotFoundError naming the argument, the
@@ -350,6 +354,11 @@ def plan_generation(
         family, num_steps=num_steps, guidance_scale=guidance_scale, timestep_warp=timestep_warp, height=size.height,
         width=size.width, num_frames=size.num_frames, sampler=sampler,
     )
+    if native_size is not None and (size.height, size.width) != tuple(native_size):
+        note = (f"this model makes {native_size[0]}x{native_size[1]} videos (its native size); at "
+                f"{size.height}x{size.width} they may not look right")  # fmt: skip
+        notes.append(note)
+        warnings.warn(note, stacklevel=2)
     return GenerationPlan(
         samples=samples,
         negative_prompt=prompts.negative,

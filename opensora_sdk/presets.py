@@ -178,7 +178,8 @@ def resolve_defaults(
     out of `given` to get the default. With
     `loop` > 1 a missing num_frames is the model's `loop_num_frames` when it has one (a clip
     long enough to carry a chunk over). A `sampler` other than the family's default brings its
-    own step count (DPM-Solver: 20) when num_steps is missing.
+    own step count (DPM-Solver: 20) when num_steps is missing. `native_size` is the model's
+    own (height, width) or None: the plan notes a size away from it.
     """
     check_defaults(defaults)
     method = family.sampler(sampler)
@@ -198,6 +199,7 @@ def resolve_defaults(
         out["num_steps"] = method.num_steps
     for key in SIZE_KEYS:
         out.setdefault(key, None)
+    out["native_size"] = (defaults["height"], defaults["width"]) if defaults.get("height") is not None else None
     return out
 
 

@@ -211,3 +211,18 @@ def test_llm_refine_failure_is_one_line_without_the_key(tmp_path, capsys, chat, 
     monkeypatch.setenv("OPENAI_BASE_URL", "https://api.openai.com/v1")
     rc, _, err = run(capsys, "--prompt", "a cat", "--llm-refine", "--save-dir", str(tmp_path))
     assert rc == 2 and "needs an API key: set OPENAI_API_KEY" in err
+
+
+def test_notes_are_one_line_each_and_held_back_when_the_command_fails(tmp_path, capsys):
+    rc, out, err = run(capsys, "a cat", "--image-size", "60", "70", "-o", str(tmp_path / "cat.mp4"))
+    notes = [line for line in err.splitlines() if ": note: " in line]
+    assert rc == 0 and out == [str(tmp_path / "cat.mp4")]
+    assert notes == [  # FAST asks for 32x32 first; the later --image-size wins
+        "opensora generate: note: size 60x70 rounded to 64x72 (multiples of 8 for the VAE)",
+        "opensora generate: note: this model makes 64x64 videos (its native size); at 64x72 they may not look right",
+    ]
+    assert "UserWarning" not in err and "plan.py" not in err
+    rc, out, err = run(capsys, "a cat", "--image-size", "60", "70", "-o", str(tmp_path / "cat.avi"))
+    assert rc != 0 and err.count("\n") == 1 and "--output: cannot save" in err  # the error alone
+    rc, out, err = run(capsys, "a cat", "--image-size", "60", "70", "-o", str(tmp_path / "quiet.mp4"), "--quiet")
+    assert rc == 0 and err == ""

@@ -82,6 +82,19 @@ def test_sizes_from_table_and_explicit(pipe):
     assert pipe("a cat", num_frames=5, seed=0, **{**SIZE, "width": 48}).frames.shape == (5, 64, 48, 3)
 
 
+def test_a_size_away_from_the_models_native_size_is_noted():
+    builtin = OpenSoraPipeline.from_preset(device="cpu", progress=False)
+    assert builtin.plan("a cat").notes == [] and builtin.plan("a cat", height=64, width=64).notes == []
+    with pytest.warns(UserWarning, match="makes 64x64 videos"):
+        plan = builtin.plan("a cat", resolution="144p")
+    assert plan.notes == ["this model makes 64x64 videos (its native size); at 144x256 they may not look right"]
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # v1.2-like models have no native size: no note
+        assert OpenSoraPipeline.from_preset("tiny-random", device="cpu").plan("a cat", resolution="144p").notes == []
+
+
 def test_short_clips_are_denoised(pipe):
     """2..16 frames: the official warp gives t = 0 (no denoising); the default must not."""
     plan = pipe.plan("a cat", num_frames=8, height=64, width=64, num_steps=4)
