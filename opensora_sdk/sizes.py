@@ -258,7 +258,8 @@ def resolve_image_size(
     width: int | None = None,
     multiple: int = 8,
 ) -> ImageSize:
-    """The output (H, W): explicit height and width win, else the table entry.
+    """The output (H, W): explicit height and width win, else the table entry (a resolution or
+    aspect ratio given with them must still name a table entry).
 
     Explicit sizes are rounded to the nearest multiple of `multiple` (8: the VAE's spatial
     factor; ties round up); when that changes them a UserWarning is issued and
@@ -267,6 +268,10 @@ def resolve_image_size(
     if (height is None) != (width is None):
         raise ValueError(f"give both height and width or neither, got height={height!r} width={width!r}")
     if height is not None:
+        if resolution is not None:  # the explicit size wins, but a wrong name is still an error
+            _check_resolution(resolution)
+            if aspect_ratio is not None:
+                get_image_size(resolution, aspect_ratio)
         h, w = _round_to(height, multiple, "height"), _round_to(width, multiple, "width")
         note = None
         if (h, w) != (height, width):

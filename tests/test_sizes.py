@@ -152,6 +152,8 @@ def test_resolve_image_size_rounding_is_reported():
         assert resolve_image_size(height=3, width=12).height == 8  # never below one latent row
     explicit_wins = resolve_image_size("720p", "9:16", height=64, width=112)
     assert (explicit_wins.height, explicit_wins.width) == (64, 112)
+    with pytest.raises(ValueError, match="resolution '999p' is not one of"):  # wins, but must still be a name
+        resolve_image_size("999p", "9:16", height=64, width=112)
 
 
 def test_resolve_image_size_errors():
