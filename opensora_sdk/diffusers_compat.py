@@ -44,7 +44,8 @@ DIFFUSERS_NAMES = (
 _HINTS = {
     "return_dict": "results are objects: `.frames` with output_type=..., our Video(s) without",
     "latents": "the starting noise comes from seed / generator",
-    "prompt_embeds": "pass the text as prompt (T5 encodes it once per call)",
+    "prompt_embeds": "pass the text as prompt (T5 encodes it once per call; from_pretrained(..., text_cache=True or "
+                     "a folder) keeps the embeddings between calls)",
     "negative_prompt_embeds": "pass the text as negative_prompt",
     "max_sequence_length": "the text length is the model's (transformer.config.model_max_length)",
     "callback_steps": "use callback_on_step_end (every step) or callback",
