@@ -161,6 +161,13 @@ def test_the_default_folder_follows_the_environment(monkeypatch, tmp_path):
     monkeypatch.delenv("OPENSORA_TEXT_CACHE")
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
     assert default_cache_folder() == tmp_path / "xdg" / "opensora_sdk" / "text"
+    monkeypatch.delenv("XDG_CACHE_HOME")
+
+    def no_home():
+        raise RuntimeError("Could not determine home directory.")
+
+    monkeypatch.setattr(Path, "home", staticmethod(no_home))
+    assert default_cache_folder() is None  # a bare container: no cache, no error
 
 
 # ---- the pipeline and the command -------------------------------------------------------------

@@ -127,11 +127,17 @@ def _touch(path: Path) -> None:
 
 def default_cache_folder() -> Path | None:
     """Where `opensora generate` keeps prompt embeddings: $OPENSORA_TEXT_CACHE ("none" or "off":
-    no folder), else $XDG_CACHE_HOME/opensora_sdk/text, else ~/.cache/opensora_sdk/text."""
+    no folder), else $XDG_CACHE_HOME/opensora_sdk/text, else ~/.cache/opensora_sdk/text (None
+    when there is no home folder)."""
     value = os.environ.get("OPENSORA_TEXT_CACHE")
     if value is not None:
         return None if value.strip().lower() in ("", "none", "off") else Path(value).expanduser()
-    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    base = os.environ.get("XDG_CACHE_HOME")
+    if not base:
+        try:
+            base = Path.home() / ".cache"
+        except RuntimeError:  # no home folder (a bare container): no cache rather than an error
+            return None
     return Path(base) / "opensora_sdk" / "text"
 
 
