@@ -132,10 +132,6 @@ class T5TextEncoder(HostCopyOffload):
         offload_device: torch.device | str = "cpu",
         name: str = "",
     ):
-        self._setup(model_max_length, device, cache, offload_after_encode, offload_device, name)
-        self._attach(model, tokenizer)
-
-    def _setup(self, model_max_length, device, cache, offload_after_encode, offload_device, name) -> None:
         if isinstance(model_max_length, bool) or not isinstance(model_max_length, int) or model_max_length < 2:
             raise ValueError(f"model_max_length={model_max_length!r} is not allowed: expected an integer >= 2")
         self.model_max_length = model_max_length
@@ -154,6 +150,8 @@ class T5TextEncoder(HostCopyOffload):
         self._load = None  # deferred: () -> (model, tokenizer)
         self._deferred_facts: dict | None = None  # deferred: output_dim, dtype, files (fingerprint)
         self._pending_fp8: bool | None = None  # deferred: per_channel, applied when T5 loads
+        if model is not None or tokenizer is not None:  # None, None: `deferred` sets a loader
+            self._attach(model, tokenizer)
 
     def _attach(self, model, tokenizer) -> None:
         if len(tokenizer) > model.config.vocab_size:
@@ -173,18 +171,13 @@ class T5TextEncoder(HostCopyOffload):
         output_dim: int,
         dtype: torch.dtype,
         fingerprint: str,
-        model_max_length: int = 300,
-        device: torch.device | str = "cpu",
-        cache=None,
-        offload_after_encode: bool = False,
-        offload_device: torch.device | str = "cpu",
-        name: str = "",
+        **options,
     ) -> "T5TextEncoder":
         """An encoder whose T5 and tokenizer `load()` -> (model, tokenizer) builds the first time
         they are needed. `output_dim` and `dtype` are what the loaded model will have;
-        `fingerprint` identifies its files (the cache identity)."""
-        self = cls.__new__(cls)
-        self._setup(model_max_length, device, cache, offload_after_encode, offload_device, name)
+        `fingerprint` identifies its files (the cache identity); `options` are the constructor's
+        (model_max_length, device, cache, ...)."""
+        self = cls(None, None, **options)
         self._load = load
         self._deferred_facts = {"output_dim": output_dim, "dtype": dtype, "fingerprint": fingerprint}
         return self
@@ -210,6 +203,9 @@ class T5TextEncoder(HostCopyOffload):
         return self._tokenizer
 
     def _load_now(self) -> None:
+        if self._load is None:
+            raise ValueError("this T5TextEncoder was made without a model or tokenizer: build it with "
+                             "from_pretrained, from_single_file or from_config")
         model, tokenizer = self._load()
         self._attach(model, tokenizer)
         if self._pending_fp8 is not None:
